@@ -1,0 +1,167 @@
+"""Validate Cowrie JSON events against Cowrie's own event catalogue.
+
+The catalogue (``data/cowrie_eventids.json``) is Cowrie's ``core/eventids.py`` ALL set plus the attributes
+documented in ``docs/OUTPUT.rst``. Checking against it, rather than a hand-kept list, is what keeps real
+events (``cowrie.session.params``, IPv6 connects, 12-hex sessions) out of the dead-letter queue.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from decimal import Decimal
+from functools import cache
+from importlib import resources
+from typing import Any
+
+__all__ = ["ValidationResult", "event_ids", "is_session_id", "validate_event"]
+
+# Attributes Cowrie always emits for an event id, per the catalogue: each is documented for that id with no
+# condition ("absent on ...", "(... attempts)", "(known files)", "where ...", "for stdin input ...").
+# Kept to the attributes that define the event and have kept their name across Cowrie versions, so old logs
+# still pass; renamed or later ones (duration -> duration_ms, hassh, key/type, destfile) stay optional.
+# The catalogue makes `password` conditional on login events: public-key and "none" logins carry none.
+# Shared and connection attributes (src_ip, dst_ip, ports, ...) are only checked when present.
+REQUIRED_ATTRIBUTES: dict[str, tuple[str, ...]] = {
+    "cowrie.client.fingerprint": ("username", "fingerprint"),
+    "cowrie.client.size": ("width", "height"),
+    "cowrie.client.var": ("name", "value"),
+    "cowrie.client.version": ("version",),
+    "cowrie.command.failed": ("input",),
+    "cowrie.command.input": ("input",),
+    "cowrie.command.success": ("input",),
+    "cowrie.log.closed": ("ttylog",),
+    "cowrie.log.open": ("ttylog",),
+    "cowrie.login.failed": ("username",),
+    "cowrie.login.success": ("username",),
+    "cowrie.session.file_download": ("shasum",),
+    "cowrie.session.file_download.failed": ("url",),
+    "cowrie.session.file_upload": ("filename", "shasum"),
+    "cowrie.session.input": ("input",),
+    "cowrie.session.params": ("arch",),
+}
+
+# Catalogue note: "cowrie.abuseipdb.* are operational: no session, only in cowrie.log".
+_SESSIONLESS_PREFIX = "cowrie.abuseipdb."
+# In direct-tcpip events dst_ip is the host the client asked for (SSH lets it be a name, e.g. "ya.ru").
+_REQUESTED_HOST_PREFIX = "cowrie.direct-tcpip."
+
+_SESSION_RE = re.compile(r"[0-9a-f]{12}|[0-9a-fA-F]{8}")
+_SHA256_RE = re.compile(r"[0-9a-fA-F]{64}")
+# Cowrie writes %Y-%m-%dT%H:%M:%S.%fZ (or a %z offset); older or hand-made lines may lack the fraction.
+_TIMESTAMP_RE = re.compile(
+    r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}(\.[0-9]{1,6})?(Z|[+-][0-9]{2}:?[0-9]{2})"
+)
+_STRING_FIELDS = ("input", "username", "password")
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    """Outcome of :func:`validate_event`; truthy when the event is valid."""
+
+    valid: bool
+    errors: tuple[str, ...]
+
+    def __bool__(self) -> bool:
+        return self.valid
+
+
+@cache
+def _catalogue() -> dict[str, Any]:
+    text = resources.files("dlq_assets").joinpath("data/cowrie_eventids.json").read_text(encoding="utf-8")
+    return json.loads(text)
+
+
+@cache
+def event_ids() -> frozenset[str]:
+    """The event ids Cowrie can emit (the catalogue's 48)."""
+    return frozenset(_catalogue()["eventids"])
+
+
+def is_session_id(value: object) -> bool:
+    """Cowrie session ids: 12 lowercase hex (``uuid4().hex[:12]``, since 2018) or 8 hex (older logs)."""
+    return isinstance(value, str) and _SESSION_RE.fullmatch(value) is not None
+
+
+def _is_timestamp(value: object) -> bool:
+    if not isinstance(value, str) or _TIMESTAMP_RE.fullmatch(value) is None:
+        return False
+    try:
+        datetime.fromisoformat(value)  # the regex fixes the shape; this rejects month 13, hour 24, ...
+    except ValueError:
+        return False
+    return True
+
+
+def _is_ip(value: object) -> bool:
+    if not isinstance(value, str):  # ipaddress would take an int as an address
+        return False
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        return False
+    return True
+
+
+def _is_host(value: object) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _is_port(value: object) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, Decimal):
+        if not value.is_finite() or value != value.to_integral_value():
+            return False
+        value = int(value)
+    return isinstance(value, int) and 0 <= value <= 65535
+
+
+def _is_sha256(value: object) -> bool:
+    return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
+
+
+def validate_event(event: object) -> ValidationResult:
+    """Check one parsed event against the catalogue, collecting every error; never changes the event."""
+    if not isinstance(event, dict):
+        return ValidationResult(False, ("not_an_object",))
+    errors: list[str] = []
+    eventid = event.get("eventid")
+    known = isinstance(eventid, str) and eventid in event_ids()
+    if "eventid" not in event:
+        errors.append("missing_eventid")
+    elif not known:
+        errors.append(f"unknown_eventid: {eventid}")
+
+    if "timestamp" not in event:
+        errors.append("missing_timestamp")
+    elif not _is_timestamp(event["timestamp"]):
+        errors.append(f"invalid_timestamp_format: {event['timestamp']}")
+
+    if "session" in event:
+        if not is_session_id(event["session"]):
+            errors.append(f"invalid_session_id_format: {event['session']}")
+    elif not (known and eventid.startswith(_SESSIONLESS_PREFIX)):
+        errors.append("missing_session")
+
+    requested_host = known and eventid.startswith(_REQUESTED_HOST_PREFIX)
+    checks: tuple[tuple[str, Callable[[object], bool]], ...] = (
+        ("src_ip", _is_ip),
+        ("src_port", _is_port),
+        ("dst_ip", _is_host if requested_host else _is_ip),
+        ("dst_port", _is_port),
+        *((name, lambda v: isinstance(v, str)) for name in _STRING_FIELDS),
+        ("shasum", _is_sha256),
+        ("sha256", _is_sha256),
+    )
+    for name, check in checks:
+        if name in event and not check(event[name]):
+            errors.append(f"invalid_{name}: {event[name]}")
+
+    required = REQUIRED_ATTRIBUTES.get(eventid, ()) if known else ()
+    errors.extend(f"missing_required_field: {name}" for name in required if name not in event)
+    return ValidationResult(not errors, tuple(errors))

@@ -1,0 +1,74 @@
+"""Database selection and connections: one rule for the library, the CLI, the tests and Dagster.
+
+``DLQ_DATABASE_URL`` (a ``postgresql://`` URL) points at an external server. Without it, the embedded server
+under the local data dir is started or joined and its ``dlq`` database is created on first use.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+
+from dlq_assets.embedded import EmbeddedServer, default_data_dir
+
+URL_ENV = "DLQ_DATABASE_URL"
+EMBEDDED_DATABASE = "dlq"
+
+
+def database_url(url: str | None = None) -> str:
+    """The URL to use: an explicit one, else ``$DLQ_DATABASE_URL``, else the embedded server's ``dlq`` database."""
+    url = url or os.environ.get(URL_ENV)
+    if url:
+        return normalize_url(url)
+    status = EmbeddedServer(default_data_dir()).start()
+    ensure_database(status.url(), EMBEDDED_DATABASE)
+    return status.url(EMBEDDED_DATABASE)
+
+
+def normalize_url(url: str) -> str:
+    """Accept SQLAlchemy-style ``postgresql+driver://`` URLs too; psycopg wants plain ``postgresql://``."""
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    if scheme.startswith(("postgresql+", "postgres+")) or scheme == "postgres":
+        return f"postgresql://{rest}"
+    if scheme != "postgresql":
+        raise ValueError(f"not a PostgreSQL URL: {redact(url)}")
+    return url
+
+
+def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
+    """The same server as a SQLAlchemy URL; Dagster's storage needs ``psycopg2`` (its NOTIFY breaks on psycopg 3)."""
+    return f"postgresql+{driver}://{normalize_url(url).split('://', 1)[1]}"
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(normalize_url(url))
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+def redact(url: str) -> str:
+    """The URL with its password replaced, for anything a person or a log may see."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+def connect(url: str | None = None, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(database_url(url), autocommit=autocommit, **kwargs)
+
+
+def ensure_database(server_url: str, name: str) -> bool:
+    """Create database ``name`` on the server if it is missing; True when it was created."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return False
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            return False  # another process created it between our check and our create
+        return True

@@ -1,0 +1,98 @@
+"""Strict JSON parsing and the canonical payload form shared with PostgreSQL.
+
+The canonical form of a payload is exactly PostgreSQL's ``jsonb::text`` output, so the SHA-256 checksum that
+Python computes before an insert is the one ``dlq_payload_checksum(jsonb)`` computes in SQL: keys sorted by
+UTF-8 length then bytes, duplicate keys resolved last-wins, numbers printed as ``numeric`` prints them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from decimal import Decimal
+from typing import Any
+
+
+class NotStorableJSON(ValueError):
+    """The text is JSON, or almost, but PostgreSQL ``jsonb`` cannot hold it as it is."""
+
+
+def _reject_constant(name: str) -> Any:
+    raise NotStorableJSON(f"{name} is not a JSON number")
+
+
+def _check_string(value: str) -> None:
+    if "\x00" in value:
+        raise NotStorableJSON("string holds a NUL character (\\u0000), which jsonb cannot store")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise NotStorableJSON("string holds a lone UTF-16 surrogate") from exc
+
+
+def _check(value: Any) -> None:
+    if isinstance(value, str):
+        _check_string(value)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_string(key)
+            _check(item)
+    elif isinstance(value, list):
+        for item in value:
+            _check(item)
+
+
+def loads(text: str | bytes) -> Any:
+    """Parse JSON the way jsonb accepts it: exact decimals, no NaN/Infinity, no NUL, no lone surrogates.
+
+    Duplicate keys resolve last-wins, as in jsonb. Raises ``json.JSONDecodeError`` (a ``ValueError``) for
+    text that is not JSON and ``NotStorableJSON`` for JSON that jsonb rejects.
+    """
+    if isinstance(text, bytes):
+        text = text.decode("utf-8")
+    value = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+    _check(value)
+    return value
+
+
+def _number(value: Decimal | int | float) -> str:
+    if isinstance(value, bool):
+        raise TypeError("bool is not a number here")
+    if isinstance(value, float):
+        if value != value or value in (float("inf"), float("-inf")):
+            raise NotStorableJSON("NaN and Infinity are not JSON numbers")
+        value = Decimal(repr(value))
+    elif isinstance(value, int):
+        return str(value)
+    text = format(value, "f")
+    return text[1:] if value == 0 and text.startswith("-") else text
+
+
+def _sort_key(key: str) -> tuple[int, bytes]:
+    raw = key.encode("utf-8")
+    return (len(raw), raw)
+
+
+def canonical_json(value: Any) -> str:
+    """Render a parsed JSON value exactly as PostgreSQL renders the same value as ``jsonb::text``."""
+    if value is None:
+        return "null"
+    if value is True:
+        return "true"
+    if value is False:
+        return "false"
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    if isinstance(value, int | float | Decimal):
+        return _number(value)
+    if isinstance(value, dict):
+        items = sorted(value.items(), key=lambda item: _sort_key(item[0]))
+        return "{" + ", ".join(f"{json.dumps(k, ensure_ascii=False)}: {canonical_json(v)}" for k, v in items) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(canonical_json(v) for v in value) + "]"
+    raise TypeError(f"not a JSON value: {type(value).__name__}")
+
+
+def payload_checksum(value: Any) -> str:
+    """SHA-256 (hex) of the canonical form; equals ``dlq_payload_checksum(payload)`` in SQL."""
+    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()

@@ -1,0 +1,89 @@
+"""Every test runs against a real PostgreSQL server: a throwaway embedded cluster by default, or the server
+``DLQ_TEST_DATABASE_URL`` names. Each test gets its own database, cloned from a migrated template."""
+
+from __future__ import annotations
+
+import os
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from dlq_assets.db import normalize_url, with_database
+from dlq_assets.embedded import EmbeddedServer, remove_cluster
+from dlq_assets.migrations import migrate
+
+TEST_URL_ENV = "DLQ_TEST_DATABASE_URL"
+SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+
+
+def _create_database(server_url: str, name: str, template: str | None = None) -> str:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        statement = sql.SQL("CREATE DATABASE {} ENCODING 'UTF8'").format(sql.Identifier(name))
+        if template:
+            statement += sql.SQL(" TEMPLATE {} STRATEGY FILE_COPY").format(sql.Identifier(template))
+        else:
+            statement += sql.SQL(" TEMPLATE template0")
+        conn.execute(statement)
+    return with_database(server_url, name)
+
+
+def _drop_database(server_url: str, name: str) -> None:
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture(scope="session")
+def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """A URL to a maintenance database on the test server (the one to create databases from)."""
+    external = os.environ.get(TEST_URL_ENV)
+    if external:
+        yield normalize_url(external)
+        return
+    data_dir = tmp_path_factory.mktemp("embedded") / "pgdata"
+    try:
+        yield EmbeddedServer(data_dir).start().url("postgres")
+    finally:
+        remove_cluster(data_dir)
+
+
+@pytest.fixture(scope="session")
+def template_db(server_url: str) -> Iterator[str]:
+    name = f"dlq_tpl_{uuid.uuid4().hex[:12]}"
+    url = _create_database(server_url, name)
+    try:
+        migrate(url)
+        yield name
+    finally:
+        _drop_database(server_url, name)
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh database with every migration applied, dropped after the test."""
+    name = f"dlq_t_{uuid.uuid4().hex[:12]}"
+    url = _create_database(server_url, name, template=template_db)
+    try:
+        yield url
+    finally:
+        _drop_database(server_url, name)
+
+
+@pytest.fixture
+def empty_db_url(server_url: str) -> Iterator[str]:
+    """A fresh database with nothing in it (for migration and legacy-upgrade tests)."""
+    name = f"dlq_e_{uuid.uuid4().hex[:12]}"
+    url = _create_database(server_url, name)
+    try:
+        yield url
+    finally:
+        _drop_database(server_url, name)
+
+
+@pytest.fixture
+def conn(db_url: str) -> Iterator[psycopg.Connection]:
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
