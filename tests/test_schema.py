@@ -198,10 +198,31 @@ def test_new_partitions_inherit_indexes_and_triggers(conn: psycopg.Connection) -
 
 def test_bookkeeping_tables_have_the_seed_columns(conn: psycopg.Connection) -> None:
     metrics = columns(conn, "dlq_processing_metrics")
-    for name in ["processing_session_id", "processing_method", "batch_size", "processed_count", "repaired_count", "failed_count", "skipped_count", "processing_duration_ms", "avg_processing_time_ms", "circuit_breaker_triggered", "started_at", "completed_at"]:
+    for name in [
+        "processing_session_id",
+        "processing_method",
+        "batch_size",
+        "processed_count",
+        "repaired_count",
+        "failed_count",
+        "skipped_count",
+        "processing_duration_ms",
+        "avg_processing_time_ms",
+        "circuit_breaker_triggered",
+        "started_at",
+        "completed_at",
+    ]:
         assert name in metrics, name
     breaker = columns(conn, "dlq_circuit_breaker_state")
-    for name in ["breaker_name", "state", "failure_count", "last_failure_time", "next_attempt_time", "failure_threshold", "timeout_seconds"]:
+    for name in [
+        "breaker_name",
+        "state",
+        "failure_count",
+        "last_failure_time",
+        "next_attempt_time",
+        "failure_threshold",
+        "timeout_seconds",
+    ]:
         assert name in breaker, name
     assert conn.execute(
         "SELECT column_default FROM information_schema.columns "
@@ -241,7 +262,16 @@ def test_health_view_has_every_seed_column_and_counts_right(conn: psycopg.Connec
     health = conn.execute("SELECT * FROM dlq_health").fetchone()
     names = [c.name for c in conn.execute("SELECT * FROM dlq_health LIMIT 0").description]
     row = dict(zip(names, health, strict=True))
-    for seed_column in ["pending_events", "processed_events", "avg_resolution_time_seconds", "oldest_unresolved_event", "high_retry_events", "locked_events", "malicious_events", "high_priority_events"]:
+    for seed_column in [
+        "pending_events",
+        "processed_events",
+        "avg_resolution_time_seconds",
+        "oldest_unresolved_event",
+        "high_retry_events",
+        "locked_events",
+        "malicious_events",
+        "high_priority_events",
+    ]:
         assert seed_column in row
     assert row["pending_events"] == 3
     assert row["processed_events"] == 1
