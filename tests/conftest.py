@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,18 +38,24 @@ def _drop_database(server_url: str, name: str) -> None:
         conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(name)))
 
 
+def cluster_dir() -> Path:
+    """A data dir outside pytest's tmp rotation, which deletes old base dirs while servers still use them."""
+    return Path(tempfile.mkdtemp(prefix="dlq-test-")) / "pgdata"
+
+
 @pytest.fixture(scope="session")
-def server_url(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def server_url() -> Iterator[str]:
     """A URL to a maintenance database on the test server (the one to create databases from)."""
     external = os.environ.get(TEST_URL_ENV)
     if external:
         yield normalize_url(external)
         return
-    data_dir = tmp_path_factory.mktemp("embedded") / "pgdata"
+    data_dir = cluster_dir()
     try:
         yield EmbeddedServer(data_dir).start().url("postgres")
     finally:
         remove_cluster(data_dir)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,15 +19,17 @@ import pytest
 
 from dlq_assets import db
 from dlq_assets.embedded import EmbeddedServer, remove_cluster
+from tests.conftest import cluster_dir
 
 
 @pytest.fixture(scope="module")
-def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedServer]:
-    server = EmbeddedServer(tmp_path_factory.mktemp("lifecycle") / "pgdata")
+def cluster() -> Iterator[EmbeddedServer]:
+    server = EmbeddedServer(cluster_dir())
     try:
         yield server
     finally:
         remove_cluster(server.data_dir)
+        shutil.rmtree(server.data_dir.parent, ignore_errors=True)
 
 
 def query(url: str) -> int:
@@ -76,8 +79,8 @@ def test_a_pid_file_naming_a_live_unrelated_process_is_stale(cluster: EmbeddedSe
     assert query(cluster.start().url())
 
 
-def test_concurrent_starts_share_one_server(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pgdata"
+def test_concurrent_starts_share_one_server() -> None:
+    data_dir = cluster_dir()
     code = f"from dlq_assets.embedded import EmbeddedServer; print(EmbeddedServer({str(data_dir)!r}).start().pid)"
     try:
         procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True) for _ in range(3)]
@@ -86,10 +89,11 @@ def test_concurrent_starts_share_one_server(tmp_path: Path) -> None:
         assert len(pids) == 1 and pids != {""}
     finally:
         remove_cluster(data_dir)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
-def test_sigterm_to_the_owner_stops_the_server_cleanly(tmp_path: Path) -> None:
-    data_dir = tmp_path / "pgdata"
+def test_sigterm_to_the_owner_stops_the_server_cleanly() -> None:
+    data_dir = cluster_dir()
     code = textwrap.dedent(
         f"""
         import time
@@ -111,6 +115,7 @@ def test_sigterm_to_the_owner_stops_the_server_cleanly(tmp_path: Path) -> None:
     finally:
         owner.kill()
         remove_cluster(data_dir)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 def test_without_a_url_the_library_uses_the_embedded_dlq_database(
@@ -134,15 +139,14 @@ def test_a_url_in_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="the whole suite already runs as this normal user")
-def test_runs_as_a_normal_user_too(tmp_path: Path) -> None:
+def test_runs_as_a_normal_user_too() -> None:
     user = "dlq_test_user"
     try:
         entry = pwd.getpwnam(user)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", user], check=True)
         entry = pwd.getpwnam(user)
-    home = tmp_path / "normal"
-    home.mkdir()
+    home = cluster_dir().parent
     os.chown(home, entry.pw_uid, entry.pw_gid)
     # The user must reach this interpreter, the project and the test dir (as the server user must, as root).
     for path in (home, Path(sys.executable).resolve(), Path(__file__).resolve()):
@@ -160,16 +164,20 @@ def test_runs_as_a_normal_user_too(tmp_path: Path) -> None:
         server.stop()
         """
     )
-    result = subprocess.run(
-        [sys.executable, "-c", code],
-        user=entry.pw_uid,
-        group=entry.pw_gid,
-        extra_groups=[],
-        capture_output=True,
-        text=True,
-        timeout=180,
-        cwd=home,
-        env={**os.environ, "HOME": str(home)},
-    )
+    try:
+        result = subprocess.run(
+            [sys.executable, "-c", code],
+            user=entry.pw_uid,
+            group=entry.pw_gid,
+            extra_groups=[],
+            capture_output=True,
+            text=True,
+            timeout=180,
+            cwd=home,
+            env={**os.environ, "HOME": str(home)},
+        )
+    finally:
+        remove_cluster(home / "pgdata")
+        shutil.rmtree(home, ignore_errors=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["postgres", str(entry.pw_uid), str(entry.pw_uid)]

@@ -1,0 +1,85 @@
+"""The dlq CLI driven for real: output and database effects."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+from click.testing import CliRunner
+
+from dlq_assets.cli import main
+from dlq_assets.migrations import discover
+
+
+def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
+    result = CliRunner().invoke(main, list(args), env=env, catch_exceptions=False)
+    return result.exit_code, result.output
+
+
+def test_create_applies_then_reports_nothing_to_do(empty_db_url: str) -> None:
+    code, out = run("--database-url", empty_db_url, "create", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["applied"] == [m.name for m in discover()]
+    code, out = run("--database-url", empty_db_url, "create")
+    assert code == 0 and "applied: nothing" in out
+
+
+def test_ingest_and_health_commit_their_work(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "cowrie.json"
+    log.write_text(
+        '{"eventid": "cowrie.session.connect", "timestamp": "2024-01-15T10:30:00Z", "session": "3f2a9c0b1d4e"}\n'
+        "garbage line\n"
+    )
+    code, out = run("--database-url", db_url, "ingest", str(log), "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert (report["raw_inserted"], report["dlq_inserted"]) == (1, 1)
+    with psycopg.connect(db_url) as conn:  # a new connection sees it: committed
+        assert conn.execute("SELECT count(*) FROM dead_letter_events").fetchone() == (1,)
+    code, out = run("--database-url", db_url, "health", "--json")
+    assert code == 0 and json.loads(out)["pending_events"] == 1
+
+
+def test_demo_generates_ingests_and_accounts_for_every_record(empty_db_url: str, tmp_path: Path) -> None:
+    code, out = run("--database-url", empty_db_url, "demo", "--events", "300", "--out", str(tmp_path), "--json")
+    assert code == 0, out
+    data = json.loads(out)
+    ingest = data["ingest"]
+    assert ingest["records"] == data["records_written"] or ingest["records"] > 0
+    assert ingest["raw_inserted"] + ingest["dlq_inserted"] == ingest["records"]
+    assert sum(data["dlq_by_reason"].values()) == ingest["dlq_inserted"] == data["health"]["total_events"]
+
+
+def test_errors_are_one_clear_line_without_secrets(tmp_path: Path) -> None:
+    result = CliRunner().invoke(
+        main, ["--database-url", "postgresql://dlq:hunter2@127.0.0.1:1/x?connect_timeout=2", "health"]
+    )
+    assert result.exit_code == 1
+    assert result.output.startswith("error: ") and len(result.output.strip().splitlines()) == 1
+    assert "hunter2" not in result.output and "Traceback" not in result.output
+
+
+def test_db_status_start_stop_on_a_private_cluster(tmp_path: Path) -> None:
+    env = {"DLQ_DATA_DIR": str(tmp_path / "pgdata"), "DLQ_DATABASE_URL": ""}
+    try:
+        code, out = run("db", "status", "--json", env=env)
+        assert code == 3 and json.loads(out)["running"] is False
+        code, out = run("db", "start", "--json", env=env)
+        assert code == 0 and json.loads(out)["running"] is True
+        with psycopg.connect(json.loads(out)["url"]) as conn:
+            assert conn.execute("SELECT current_database()").fetchone() == ("dlq",)
+        assert run("db", "status", env=env)[0] == 0
+    finally:
+        assert run("db", "stop", env=env) == (0, "stopped\n")
+    assert run("db", "stop", env=env) == (0, "not running\n")
+
+
+def test_python_m_entry_point_works() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "dlq_assets.cli", "--help"], capture_output=True, text=True, timeout=60
+    )
+    assert result.returncode == 0 and "ingest" in result.stdout and "create" in result.stdout
