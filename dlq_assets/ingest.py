@@ -131,6 +131,7 @@ def _timestamp(event: dict[str, Any]) -> datetime | None:
 def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: list[_RawRow]) -> int:
     if not rows:
         return 0
+    payloads, checksums = zip(*(jsonutil.canonical_with_checksum(r.event) for r in rows), strict=True)
     cur = conn.execute(
         """
         INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
@@ -150,8 +151,8 @@ def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: li
             "sessions": [_session(r.event) for r in rows],
             "ips": [r.event.get("src_ip") for r in rows],
             "timestamps": [_timestamp(r.event) for r in rows],
-            "payloads": [jsonutil.canonical_json(r.event) for r in rows],
-            "checksums": [jsonutil.payload_checksum(r.event) for r in rows],
+            "payloads": list(payloads),
+            "checksums": list(checksums),
             "originals": [r.original_text for r in rows],
         },
     )
@@ -163,6 +164,7 @@ def _insert_dead_letters(
 ) -> int:
     if not rows:
         return 0
+    payloads, checksums = zip(*(jsonutil.canonical_with_checksum(d.payload) for d in rows), strict=True)
     cur = conn.execute(
         """
         INSERT INTO dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload,
@@ -179,8 +181,8 @@ def _insert_dead_letters(
             "inode": inode,
             "offsets": [d.offset for d in rows],
             "reasons": [d.reason for d in rows],
-            "payloads": [jsonutil.canonical_json(d.payload) for d in rows],
-            "checksums": [jsonutil.payload_checksum(d.payload) for d in rows],
+            "payloads": list(payloads),
+            "checksums": list(checksums),
             "metadata": [json.dumps(d.metadata) for d in rows],
             "priorities": [d.priority for d in rows],
             "classifications": [d.classification for d in rows],

@@ -93,6 +93,12 @@ def canonical_json(value: Any) -> str:
     raise TypeError(f"not a JSON value: {type(value).__name__}")
 
 
+def canonical_with_checksum(value: Any) -> tuple[str, str]:
+    """The canonical form and its SHA-256, rendering once (what an insert sends to PostgreSQL)."""
+    text = canonical_json(value)
+    return text, hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
 def payload_checksum(value: Any) -> str:
     """SHA-256 (hex) of the canonical form; equals ``dlq_payload_checksum(payload)`` in SQL."""
-    return hashlib.sha256(canonical_json(value).encode("utf-8")).hexdigest()
+    return canonical_with_checksum(value)[1]

@@ -181,3 +181,18 @@ def test_runs_as_a_normal_user_too() -> None:
         shutil.rmtree(home, ignore_errors=True)
     assert result.returncode == 0, result.stderr
     assert result.stdout.split() == ["postgres", str(entry.pw_uid), str(entry.pw_uid)]
+
+
+def test_a_data_dir_too_long_for_a_unix_socket_puts_the_socket_in_tmp() -> None:
+    base = cluster_dir().parent
+    data_dir = base / ("x" * 60) / ("y" * 60) / "pgdata"
+    data_dir.parent.mkdir(parents=True)
+    server = EmbeddedServer(data_dir)
+    try:
+        status = server.start()
+        assert status.socket_dir is not None and status.socket_dir != server.data_dir
+        assert len(str(status.socket_dir / ".s.PGSQL.5432")) < 100
+        assert query(status.url())
+    finally:
+        remove_cluster(data_dir)
+        shutil.rmtree(base, ignore_errors=True)
