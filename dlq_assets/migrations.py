@@ -19,7 +19,7 @@ import psycopg
 
 from dlq_assets.db import database_url
 
-_LOCK_KEY = 0x646C7131  # "dlq1": the advisory lock every migration runner takes
+MIGRATION_LOCK_KEY = 0x646C7131  # "dlq1": the advisory lock every migration runner takes
 _FILE_NAME = re.compile(r"^(\d{4})_([a-z0-9_]+)\.sql$")
 _LEDGER = """
 CREATE TABLE IF NOT EXISTS dlq_schema_migrations (
@@ -118,7 +118,7 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
 
 def apply_in_transaction(conn: psycopg.Connection[Any], migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply pending migrations inside the caller's open transaction; the caller commits or rolls back."""
-    conn.execute("SELECT pg_advisory_xact_lock(%s)", (_LOCK_KEY,))
+    conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
     conn.execute(_LEDGER)
     pending = _pending(conn, discover() if migrations is None else migrations)
     for migration in pending:
@@ -130,7 +130,7 @@ def migrate(url: str | None = None, *, directory: Path | None = None) -> list[Mi
     """Bring the database up to date, one transaction per migration; returns what was applied."""
     migrations = discover(directory)
     with psycopg.connect(database_url(url), autocommit=True) as conn:
-        conn.execute("SELECT pg_advisory_lock(%s)", (_LOCK_KEY,))
+        conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
             conn.execute(_LEDGER)
             pending = _pending(conn, migrations)
@@ -139,7 +139,7 @@ def migrate(url: str | None = None, *, directory: Path | None = None) -> list[Mi
                     _apply(conn, migration)
             return pending
         finally:
-            conn.execute("SELECT pg_advisory_unlock(%s)", (_LOCK_KEY,))
+            conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
 
 
 def current_version(conn: psycopg.Connection[Any]) -> int:
