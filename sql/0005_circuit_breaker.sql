@@ -1,0 +1,146 @@
+-- 0005: the circuit breaker, per name, its state in dlq_circuit_breaker_state so it holds across processes.
+-- closed --(failure_threshold consecutive failures)--> open --(timeout_seconds)--> half_open: exactly one
+-- probe is let through; its success closes the breaker, its failure opens it again. Workers consult it for
+-- every event (dlq_breaker_acquire) and report every outcome (dlq_breaker_record).
+
+CREATE FUNCTION dlq_breaker_ensure(p_name text, p_threshold integer DEFAULT NULL, p_timeout_seconds integer DEFAULT NULL)
+    RETURNS dlq_circuit_breaker_state
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_row dlq_circuit_breaker_state;
+BEGIN
+    INSERT INTO dlq_circuit_breaker_state (breaker_name, failure_threshold, timeout_seconds)
+    VALUES (p_name, coalesce(p_threshold, 5), coalesce(p_timeout_seconds, 60))
+    ON CONFLICT (breaker_name) DO UPDATE
+        SET failure_threshold = coalesce(p_threshold, dlq_circuit_breaker_state.failure_threshold),
+            timeout_seconds = coalesce(p_timeout_seconds, dlq_circuit_breaker_state.timeout_seconds),
+            updated_at = CASE WHEN p_threshold IS NULL AND p_timeout_seconds IS NULL
+                              THEN dlq_circuit_breaker_state.updated_at ELSE now() END
+    RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+
+-- May one more event go through? 'allow' (closed), 'probe' (this caller is the one half-open probe and must
+-- report its outcome with the probe id), or 'deny'. A probe that never reports back is replaced after
+-- timeout_seconds, so a crashed prober cannot wedge the breaker half-open.
+CREATE FUNCTION dlq_breaker_acquire(p_name text, OUT decision text, OUT probe uuid)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_row dlq_circuit_breaker_state;
+BEGIN
+    PERFORM dlq_breaker_ensure(p_name);
+    SELECT * INTO v_row FROM dlq_circuit_breaker_state WHERE breaker_name = p_name FOR UPDATE;
+    IF v_row.state = 'closed' THEN
+        decision := 'allow';
+    ELSIF (v_row.state = 'open' AND v_row.next_attempt_time <= now())
+       OR (v_row.state = 'half_open' AND v_row.next_attempt_time <= now()) THEN
+        probe := gen_random_uuid();
+        UPDATE dlq_circuit_breaker_state
+           SET state = 'half_open', half_open_probe = probe,
+               next_attempt_time = now() + make_interval(secs => timeout_seconds), updated_at = now()
+         WHERE breaker_name = p_name;
+        decision := 'probe';
+    ELSE
+        decision := 'deny';
+    END IF;
+END
+$$;
+
+-- Report outcomes. p_failures consecutive failures after p_successes successes (a worker reports a batch's
+-- tail run of failures; any success resets the count first). With a probe id, the probe's result decides.
+CREATE FUNCTION dlq_breaker_record(p_name text, p_successes integer, p_failures integer, p_probe uuid DEFAULT NULL)
+    RETURNS dlq_circuit_breaker_state
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_row dlq_circuit_breaker_state;
+BEGIN
+    IF p_successes < 0 OR p_failures < 0 THEN
+        RAISE EXCEPTION 'counts must not be negative' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM dlq_breaker_ensure(p_name);
+    SELECT * INTO v_row FROM dlq_circuit_breaker_state WHERE breaker_name = p_name FOR UPDATE;
+    IF v_row.state = 'half_open' THEN
+        IF p_probe IS NULL OR p_probe IS DISTINCT FROM v_row.half_open_probe THEN
+            RETURN v_row;  -- not the probe: its result does not decide (it should not have run)
+        END IF;
+        IF p_failures > 0 THEN
+            UPDATE dlq_circuit_breaker_state
+               SET state = 'open', failure_count = failure_count + p_failures, last_failure_time = now(),
+                   opened_at = now(), next_attempt_time = now() + make_interval(secs => timeout_seconds),
+                   half_open_probe = NULL, updated_at = now()
+             WHERE breaker_name = p_name RETURNING * INTO v_row;
+        ELSE
+            UPDATE dlq_circuit_breaker_state
+               SET state = 'closed', failure_count = 0, next_attempt_time = NULL, half_open_probe = NULL,
+                   opened_at = NULL, updated_at = now()
+             WHERE breaker_name = p_name RETURNING * INTO v_row;
+        END IF;
+        RETURN v_row;
+    END IF;
+    IF v_row.state = 'open' THEN
+        RETURN v_row;  -- late reports from work started before it opened change nothing
+    END IF;
+    UPDATE dlq_circuit_breaker_state
+       SET failure_count = CASE WHEN p_successes > 0 THEN p_failures ELSE failure_count + p_failures END,
+           last_failure_time = CASE WHEN p_failures > 0 THEN now() ELSE last_failure_time END,
+           updated_at = now()
+     WHERE breaker_name = p_name RETURNING * INTO v_row;
+    IF v_row.failure_count >= v_row.failure_threshold THEN
+        UPDATE dlq_circuit_breaker_state
+           SET state = 'open', opened_at = now(), next_attempt_time = now() + make_interval(secs => timeout_seconds),
+               updated_at = now()
+         WHERE breaker_name = p_name RETURNING * INTO v_row;
+    END IF;
+    RETURN v_row;
+END
+$$;
+
+-- Manual control: open (stays open for timeout_seconds, then half-opens as usual), close, reset (close and
+-- forget the failure count and times).
+CREATE FUNCTION dlq_breaker_set(p_name text, p_action text) RETURNS dlq_circuit_breaker_state
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_row dlq_circuit_breaker_state;
+BEGIN
+    IF p_action NOT IN ('open', 'close', 'reset') THEN
+        RAISE EXCEPTION 'breaker action must be open, close or reset, got %', p_action
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    PERFORM dlq_breaker_ensure(p_name);
+    UPDATE dlq_circuit_breaker_state
+       SET state = CASE p_action WHEN 'open' THEN 'open' ELSE 'closed' END,
+           opened_at = CASE p_action WHEN 'open' THEN now() END,
+           next_attempt_time = CASE p_action WHEN 'open' THEN now() + make_interval(secs => timeout_seconds) END,
+           failure_count = CASE p_action WHEN 'reset' THEN 0 WHEN 'close' THEN 0 ELSE failure_count END,
+           last_failure_time = CASE p_action WHEN 'reset' THEN NULL ELSE last_failure_time END,
+           half_open_probe = NULL,
+           updated_at = now()
+     WHERE breaker_name = p_name RETURNING * INTO v_row;
+    RETURN v_row;
+END
+$$;
+
+-- The design's name: true when work may proceed (closed, or this caller got the half-open probe).
+CREATE FUNCTION check_circuit_breaker(breaker_name text) RETURNS boolean
+    LANGUAGE sql SET search_path = public, pg_temp
+AS $$ SELECT (dlq_breaker_acquire(breaker_name)).decision <> 'deny' $$;
+
+-- The design's name: one failure, reported outside a batch.
+CREATE FUNCTION record_circuit_breaker_failure(p_breaker_name text) RETURNS void
+    LANGUAGE sql SET search_path = public, pg_temp
+AS $$ SELECT dlq_breaker_record(p_breaker_name, 0, 1, (SELECT half_open_probe FROM dlq_circuit_breaker_state
+                                                            WHERE breaker_name = p_breaker_name)) $$;
+
+REVOKE EXECUTE ON FUNCTION dlq_breaker_ensure(text, integer, integer) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION dlq_breaker_acquire(text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION dlq_breaker_record(text, integer, integer, uuid) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION dlq_breaker_set(text, text) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlq_breaker_ensure(text, integer, integer), dlq_breaker_acquire(text),
+    dlq_breaker_record(text, integer, integer, uuid), check_circuit_breaker(text),
+    record_circuit_breaker_failure(text) TO dlq_processor_role;
+GRANT EXECUTE ON FUNCTION dlq_breaker_set(text, text) TO security_admin;
