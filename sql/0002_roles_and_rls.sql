@@ -24,14 +24,15 @@ GRANT USAGE ON SCHEMA public TO dlq_processor_role, dlq_reader, security_admin;
 -- Nobody runs the privileged maintenance functions unless granted.
 REVOKE EXECUTE ON FUNCTION dlq_ensure_partitions(timestamptz, integer) FROM PUBLIC;
 
--- dead_letter_events
-GRANT SELECT, DELETE ON dead_letter_events TO dlq_processor_role;
+-- dead_letter_events. The processor writes only the lease columns directly (claim and heartbeat run with its
+-- rights, so row security applies to them); every outcome (resolve, retry, poison, quarantine) goes through
+-- SECURITY DEFINER functions that touch only the rows its lease holds, so it can neither forge history, nor
+-- lift a quarantine, nor delete a dead letter.
+GRANT SELECT ON dead_letter_events TO dlq_processor_role;
 GRANT INSERT (ingest_id, source, source_offset, source_inode, reason, payload, metadata_json, payload_checksum,
               idempotency_key, priority, created_at)
     ON dead_letter_events TO dlq_processor_role;
-GRANT UPDATE (retry_count, error_history, processing_attempts, resolved, resolved_at, resolution_method,
-              processing_lock, lock_expires_at, priority, quarantined_at, next_attempt_at, last_processed_at,
-              reason, metadata_json)
+GRANT UPDATE (processing_lock, lock_expires_at, last_processed_at, processing_attempts)
     ON dead_letter_events TO dlq_processor_role;
 GRANT USAGE ON SEQUENCE dead_letter_events_id_seq TO dlq_processor_role;
 GRANT SELECT ON dead_letter_events TO dlq_reader;
@@ -47,10 +48,8 @@ CREATE POLICY dlq_security_admin_all ON dead_letter_events
     USING (true)
     WITH CHECK (true);
 
--- The poison table holds the same rows, so the same rules.
-GRANT SELECT, INSERT, DELETE ON dlq_poison_events TO dlq_processor_role;
-GRANT UPDATE (redrive_count, last_error) ON dlq_poison_events TO dlq_processor_role;
-GRANT SELECT ON dlq_poison_events TO dlq_reader;
+-- The poison table holds the same rows, so the same rules; rows move in and out only through functions.
+GRANT SELECT ON dlq_poison_events TO dlq_processor_role, dlq_reader;
 GRANT SELECT, UPDATE (classification) ON dlq_poison_events TO security_admin;
 ALTER TABLE dlq_poison_events ENABLE ROW LEVEL SECURITY;
 CREATE POLICY dlq_poison_hide_malicious ON dlq_poison_events

@@ -275,6 +275,8 @@ GRANT EXECUTE ON FUNCTION dlq_heartbeat(uuid, integer) TO dlq_processor_role;
 GRANT EXECUTE ON FUNCTION dlq_complete_batch(uuid, bigint[], text[], text[], text[], text[]) TO dlq_processor_role;
 GRANT EXECUTE ON FUNCTION dlq_release_stale_leases() TO dlq_processor_role;
 GRANT EXECUTE ON FUNCTION record_dlq_processing_failure(bigint, text, text) TO dlq_processor_role;
+REVOKE EXECUTE ON FUNCTION dlq_claim_events(integer, integer, integer, text, text) FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION dlq_heartbeat(uuid, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dlq_complete_batch(uuid, bigint[], text[], text[], text[], text[]) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dlq_release_stale_leases() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION record_dlq_processing_failure(bigint, text, text) FROM PUBLIC;
