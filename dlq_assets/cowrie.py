@@ -98,7 +98,9 @@ def _is_timestamp(value: object) -> bool:
 
 
 def _is_ip(value: object) -> bool:
-    if not isinstance(value, str):  # ipaddress would take an int as an address
+    # ipaddress would take an int as an address, and a scoped "fe80::1%eth0", which names an interface of
+    # the sensor, not a peer's address (and PostgreSQL's inet refuses it).
+    if not isinstance(value, str) or "%" in value:
         return False
     try:
         ipaddress.ip_address(value)

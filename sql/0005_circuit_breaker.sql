@@ -10,13 +10,17 @@ AS $$
 DECLARE
     v_row dlq_circuit_breaker_state;
 BEGIN
+    IF p_threshold IS NULL AND p_timeout_seconds IS NULL THEN  -- just make sure it exists: no row lock
+        INSERT INTO dlq_circuit_breaker_state (breaker_name) VALUES (p_name) ON CONFLICT (breaker_name) DO NOTHING;
+        SELECT * INTO v_row FROM dlq_circuit_breaker_state WHERE breaker_name = p_name;
+        RETURN v_row;
+    END IF;
     INSERT INTO dlq_circuit_breaker_state (breaker_name, failure_threshold, timeout_seconds)
     VALUES (p_name, coalesce(p_threshold, 5), coalesce(p_timeout_seconds, 60))
     ON CONFLICT (breaker_name) DO UPDATE
         SET failure_threshold = coalesce(p_threshold, dlq_circuit_breaker_state.failure_threshold),
             timeout_seconds = coalesce(p_timeout_seconds, dlq_circuit_breaker_state.timeout_seconds),
-            updated_at = CASE WHEN p_threshold IS NULL AND p_timeout_seconds IS NULL
-                              THEN dlq_circuit_breaker_state.updated_at ELSE now() END
+            updated_at = now()
     RETURNING * INTO v_row;
     RETURN v_row;
 END
@@ -31,21 +35,30 @@ AS $$
 DECLARE
     v_row dlq_circuit_breaker_state;
 BEGIN
-    PERFORM dlq_breaker_ensure(p_name);
-    SELECT * INTO v_row FROM dlq_circuit_breaker_state WHERE breaker_name = p_name FOR UPDATE;
+    -- No row lock on the common paths (closed, or open and waiting): a lock here would be held for the
+    -- caller's whole transaction and serialise every worker on the breaker row.
+    SELECT * INTO v_row FROM dlq_circuit_breaker_state WHERE breaker_name = p_name;
+    IF NOT FOUND THEN
+        v_row := dlq_breaker_ensure(p_name);
+    END IF;
     IF v_row.state = 'closed' THEN
         decision := 'allow';
-    ELSIF (v_row.state = 'open' AND v_row.next_attempt_time <= now())
-       OR (v_row.state = 'half_open' AND v_row.next_attempt_time <= now()) THEN
-        probe := gen_random_uuid();
-        UPDATE dlq_circuit_breaker_state
-           SET state = 'half_open', half_open_probe = probe,
-               next_attempt_time = now() + make_interval(secs => timeout_seconds), updated_at = now()
-         WHERE breaker_name = p_name;
-        decision := 'probe';
-    ELSE
-        decision := 'deny';
+        RETURN;
     END IF;
+    IF v_row.next_attempt_time <= now() THEN
+        -- Due for a probe (or the last probe was lost): the first caller's UPDATE wins; the row lock makes a
+        -- concurrent caller re-check the condition against the new row and find it no longer due.
+        UPDATE dlq_circuit_breaker_state
+           SET state = 'half_open', half_open_probe = gen_random_uuid(),
+               next_attempt_time = now() + make_interval(secs => timeout_seconds), updated_at = now()
+         WHERE breaker_name = p_name AND state IN ('open', 'half_open') AND next_attempt_time <= now()
+        RETURNING half_open_probe INTO probe;
+        IF FOUND THEN
+            decision := 'probe';
+            RETURN;
+        END IF;
+    END IF;
+    decision := 'deny';
 END
 $$;
 
@@ -61,7 +74,13 @@ BEGIN
     IF p_successes < 0 OR p_failures < 0 THEN
         RAISE EXCEPTION 'counts must not be negative' USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    PERFORM dlq_breaker_ensure(p_name);
+    SELECT * INTO v_row FROM dlq_circuit_breaker_state WHERE breaker_name = p_name;
+    IF NOT FOUND THEN
+        v_row := dlq_breaker_ensure(p_name);
+    END IF;
+    IF v_row.state = 'closed' AND p_failures = 0 AND v_row.failure_count = 0 THEN
+        RETURN v_row;  -- the common case changes nothing: take no row lock
+    END IF;
     SELECT * INTO v_row FROM dlq_circuit_breaker_state WHERE breaker_name = p_name FOR UPDATE;
     IF v_row.state = 'half_open' THEN
         IF p_probe IS NULL OR p_probe IS DISTINCT FROM v_row.half_open_probe THEN

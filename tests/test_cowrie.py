@@ -249,13 +249,15 @@ def test_abuseipdb_events_have_no_session(eventid: str) -> None:
 
 
 @pytest.mark.parametrize("field", ["src_ip", "dst_ip"])
-@pytest.mark.parametrize("value", ["192.168.1.100", "0.0.0.0", "2001:db8::1", "::ffff:203.0.113.10", "fe80::1%eth0"])
+@pytest.mark.parametrize("value", ["192.168.1.100", "0.0.0.0", "2001:db8::1", "::ffff:203.0.113.10", "fe80::1"])
 def test_valid_ips(field: str, value: str) -> None:
     assert validate_event(_event("cowrie.session.connect", **{field: value}))
 
 
 @pytest.mark.parametrize("field", ["src_ip", "dst_ip"])
-@pytest.mark.parametrize("value", ["999.999.999.999", "1.2.3", "01.2.3.4", "example.com", "", 16909060, None])
+@pytest.mark.parametrize(
+    "value", ["999.999.999.999", "1.2.3", "01.2.3.4", "example.com", "", 16909060, None, "fe80::1%eth0"]
+)
 def test_invalid_ips(field: str, value: object) -> None:
     result = validate_event(_event("cowrie.session.connect", **{field: value}))
     assert result.errors == (f"invalid_{field}: {value}",)

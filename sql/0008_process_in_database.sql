@@ -1,0 +1,349 @@
+-- 0008: processing inside the database, the design's process_dlq_events_enhanced made to work.
+-- For dead letters whose payload needs no repair (a transient failure: the event was valid, the write
+-- failed): claim, verify the checksum, revalidate against the Cowrie catalogue, write to raw_events
+-- idempotently, and complete the batch (resolve, or fail with backoff), with a metrics row and the breaker
+-- consulted for every event. Callable from psql: SELECT * FROM process_dlq_events_enhanced(1000);
+-- The Cowrie rules mirror dlq_assets/cowrie.py; tests/test_process_in_database.py holds them together.
+
+CREATE TABLE dlq_cowrie_event_ids (
+    eventid             text PRIMARY KEY,
+    required_attributes text[] NOT NULL
+);
+COMMENT ON TABLE dlq_cowrie_event_ids IS
+    'Cowrie''s event catalogue (src/cowrie/core/eventids.py) and the attributes each event always carries.';
+
+INSERT INTO dlq_cowrie_event_ids (eventid, required_attributes) VALUES
+    ('cowrie.abuseipdb.ratelimited', '{}'::text[]),
+    ('cowrie.abuseipdb.reportedip', '{}'::text[]),
+    ('cowrie.abuseipdb.reportfail', '{}'::text[]),
+    ('cowrie.abuseipdb.started', '{}'::text[]),
+    ('cowrie.abuseipdb.wakeup', '{}'::text[]),
+    ('cowrie.client.fingerprint', ARRAY['username', 'fingerprint']::text[]),
+    ('cowrie.client.kex', '{}'::text[]),
+    ('cowrie.client.malformed_packet', '{}'::text[]),
+    ('cowrie.client.size', ARRAY['width', 'height']::text[]),
+    ('cowrie.client.var', ARRAY['name', 'value']::text[]),
+    ('cowrie.client.version', ARRAY['version']::text[]),
+    ('cowrie.command.chpasswd', '{}'::text[]),
+    ('cowrie.command.failed', ARRAY['input']::text[]),
+    ('cowrie.command.input', ARRAY['input']::text[]),
+    ('cowrie.command.success', ARRAY['input']::text[]),
+    ('cowrie.direct-tcpip.data', '{}'::text[]),
+    ('cowrie.direct-tcpip.ja4', '{}'::text[]),
+    ('cowrie.direct-tcpip.ja4h', '{}'::text[]),
+    ('cowrie.direct-tcpip.redirect', '{}'::text[]),
+    ('cowrie.direct-tcpip.request', '{}'::text[]),
+    ('cowrie.direct-tcpip.tunnel', '{}'::text[]),
+    ('cowrie.greynoise.result', '{}'::text[]),
+    ('cowrie.log.closed', ARRAY['ttylog']::text[]),
+    ('cowrie.log.open', ARRAY['ttylog']::text[]),
+    ('cowrie.login.failed', ARRAY['username']::text[]),
+    ('cowrie.login.success', ARRAY['username']::text[]),
+    ('cowrie.proxy.backend_connect_error', '{}'::text[]),
+    ('cowrie.proxy.backend_connected', '{}'::text[]),
+    ('cowrie.proxy.backend_disconnected', '{}'::text[]),
+    ('cowrie.proxy.client_disconnect', '{}'::text[]),
+    ('cowrie.proxy.ssh', '{}'::text[]),
+    ('cowrie.reversedns.connect', '{}'::text[]),
+    ('cowrie.reversedns.forward', '{}'::text[]),
+    ('cowrie.session.closed', '{}'::text[]),
+    ('cowrie.session.connect', '{}'::text[]),
+    ('cowrie.session.file_download', ARRAY['shasum']::text[]),
+    ('cowrie.session.file_download.failed', ARRAY['url']::text[]),
+    ('cowrie.session.file_upload', ARRAY['filename', 'shasum']::text[]),
+    ('cowrie.session.input', ARRAY['input']::text[]),
+    ('cowrie.session.params', ARRAY['arch']::text[]),
+    ('cowrie.telnet.error', '{}'::text[]),
+    ('cowrie.telnet.exploit_attempt', '{}'::text[]),
+    ('cowrie.telnet.exploit_success', '{}'::text[]),
+    ('cowrie.telnet.option', '{}'::text[]),
+    ('cowrie.tunnelproxy-tcpip.data', '{}'::text[]),
+    ('cowrie.urlhaus.submitted', '{}'::text[]),
+    ('cowrie.virustotal.scanfile', '{}'::text[]),
+    ('cowrie.virustotal.scanurl', '{}'::text[])
+;
+
+CREATE FUNCTION dlq_is_cowrie_timestamp(p_value jsonb) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_parts text[];
+BEGIN
+    IF jsonb_typeof(p_value) IS DISTINCT FROM 'string' THEN
+        RETURN false;
+    END IF;
+    v_parts := regexp_match(p_value #>> '{}',
+        '^([0-9]{4})-([0-9]{2})-([0-9]{2})T([0-9]{2}):([0-9]{2}):([0-9]{2})(\.[0-9]{1,6})?(Z|[+-]([0-9]{2}):?([0-9]{2}))$');
+    IF v_parts IS NULL OR v_parts[4]::int > 23 OR v_parts[6]::int > 59  -- PostgreSQL takes 24:00 and :60
+       OR (v_parts[9] IS NOT NULL AND (v_parts[9]::int > 23 OR v_parts[10]::int > 59)) THEN
+        RETURN false;
+    END IF;
+    PERFORM make_timestamp(v_parts[1]::int, v_parts[2]::int, v_parts[3]::int, v_parts[4]::int, v_parts[5]::int,
+                           v_parts[6]::double precision);
+    RETURN true;
+EXCEPTION WHEN datetime_field_overflow THEN
+    RETURN false;  -- month 13, day 31 of a 30-day month, hour 24, ...: not a timestamp
+END
+$$;
+
+CREATE FUNCTION dlq_is_ip(p_value jsonb) RETURNS boolean
+    LANGUAGE plpgsql IMMUTABLE SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_text text;
+    v_inet inet;
+BEGIN
+    IF jsonb_typeof(p_value) IS DISTINCT FROM 'string' THEN
+        RETURN false;
+    END IF;
+    v_text := p_value #>> '{}';
+    IF v_text ~ '^[0-9.]+$' THEN  -- IPv4: four decimal octets without leading zeros, as Python's ipaddress wants
+        RETURN v_text ~ '^((25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])\.){3}(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])$';
+    END IF;
+    IF v_text !~ '^[0-9A-Fa-f:.]+$' THEN
+        RETURN false;
+    END IF;
+    v_inet := v_text::inet;
+    RETURN family(v_inet) = 6 AND masklen(v_inet) = 128;
+EXCEPTION WHEN invalid_text_representation THEN
+    RETURN false;
+END
+$$;
+
+CREATE FUNCTION dlq_is_port(p_value jsonb) RETURNS boolean
+    LANGUAGE sql IMMUTABLE SET search_path = public, pg_temp
+AS $$
+    SELECT jsonb_typeof(p_value) = 'number' AND (p_value #>> '{}')::numeric = trunc((p_value #>> '{}')::numeric)
+           AND (p_value #>> '{}')::numeric BETWEEN 0 AND 65535
+$$;
+
+-- The same rules as dlq_assets.cowrie.validate_event; returns the error codes (empty: valid).
+CREATE FUNCTION dlq_cowrie_validation_errors(p_event jsonb) RETURNS text[]
+    LANGUAGE plpgsql STABLE SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_errors   text[] := '{}';
+    v_eventid  text;
+    v_known    dlq_cowrie_event_ids;
+    v_field    text;
+    v_required text;
+BEGIN
+    IF jsonb_typeof(p_event) IS DISTINCT FROM 'object' THEN
+        RETURN ARRAY['not_an_object'];
+    END IF;
+    IF jsonb_typeof(p_event -> 'eventid') = 'string' THEN
+        v_eventid := p_event ->> 'eventid';
+        SELECT * INTO v_known FROM dlq_cowrie_event_ids WHERE eventid = v_eventid;
+    END IF;
+    IF NOT p_event ? 'eventid' THEN
+        v_errors := v_errors || 'missing_eventid'::text;
+    ELSIF v_known.eventid IS NULL THEN
+        v_errors := v_errors || ('unknown_eventid: ' || coalesce(p_event ->> 'eventid', 'null'));
+    END IF;
+    IF NOT p_event ? 'timestamp' THEN
+        v_errors := v_errors || 'missing_timestamp'::text;
+    ELSIF NOT dlq_is_cowrie_timestamp(p_event -> 'timestamp') THEN
+        v_errors := v_errors || ('invalid_timestamp_format: ' || coalesce(p_event ->> 'timestamp', 'null'));
+    END IF;
+    IF p_event ? 'session' THEN
+        IF jsonb_typeof(p_event -> 'session') IS DISTINCT FROM 'string'
+           OR (p_event ->> 'session') !~ '^([0-9a-f]{12}|[0-9a-fA-F]{8})$' THEN
+            v_errors := v_errors || ('invalid_session_id_format: ' || coalesce(p_event ->> 'session', 'null'));
+        END IF;
+    ELSIF v_known.eventid IS NULL OR v_eventid NOT LIKE 'cowrie.abuseipdb.%' THEN
+        v_errors := v_errors || 'missing_session'::text;
+    END IF;
+    IF p_event ? 'src_ip' AND NOT dlq_is_ip(p_event -> 'src_ip') THEN
+        v_errors := v_errors || ('invalid_src_ip: ' || coalesce(p_event ->> 'src_ip', 'null'));
+    END IF;
+    IF p_event ? 'src_port' AND NOT dlq_is_port(p_event -> 'src_port') THEN
+        v_errors := v_errors || ('invalid_src_port: ' || coalesce(p_event ->> 'src_port', 'null'));
+    END IF;
+    IF p_event ? 'dst_ip' AND NOT (CASE
+            WHEN v_known.eventid IS NOT NULL AND v_eventid LIKE 'cowrie.direct-tcpip.%'
+            THEN jsonb_typeof(p_event -> 'dst_ip') = 'string' AND btrim(p_event ->> 'dst_ip') <> ''
+            ELSE dlq_is_ip(p_event -> 'dst_ip') END) THEN
+        v_errors := v_errors || ('invalid_dst_ip: ' || coalesce(p_event ->> 'dst_ip', 'null'));
+    END IF;
+    IF p_event ? 'dst_port' AND NOT dlq_is_port(p_event -> 'dst_port') THEN
+        v_errors := v_errors || ('invalid_dst_port: ' || coalesce(p_event ->> 'dst_port', 'null'));
+    END IF;
+    FOREACH v_field IN ARRAY ARRAY['input', 'username', 'password'] LOOP
+        IF p_event ? v_field AND jsonb_typeof(p_event -> v_field) <> 'string' THEN
+            v_errors := v_errors || ('invalid_' || v_field || ': ' || coalesce(p_event ->> v_field, 'null'));
+        END IF;
+    END LOOP;
+    FOREACH v_field IN ARRAY ARRAY['shasum', 'sha256'] LOOP
+        IF p_event ? v_field AND (jsonb_typeof(p_event -> v_field) <> 'string'
+                                  OR (p_event ->> v_field) !~ '^[0-9a-fA-F]{64}$') THEN
+            v_errors := v_errors || ('invalid_' || v_field || ': ' || coalesce(p_event ->> v_field, 'null'));
+        END IF;
+    END LOOP;
+    IF v_known.eventid IS NOT NULL THEN
+        FOREACH v_required IN ARRAY v_known.required_attributes LOOP
+            IF NOT p_event ? v_required THEN
+                v_errors := v_errors || ('missing_required_field: ' || v_required);
+            END IF;
+        END LOOP;
+    END IF;
+    RETURN v_errors;
+END
+$$;
+
+CREATE FUNCTION process_dlq_events_enhanced(
+    p_limit                integer DEFAULT 1000,
+    p_reason_filter        text DEFAULT NULL,
+    p_priority_filter      integer DEFAULT NULL,
+    p_circuit_breaker_name text DEFAULT 'dlq_processing',
+    p_pause_every          integer DEFAULT 100,
+    p_pause_seconds        double precision DEFAULT 0.01
+) RETURNS TABLE (processed integer, repaired integer, failed integer, skipped integer, quarantined integer,
+                 poisoned integer, circuit_breaker_triggered boolean, duration_ms integer)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_started     timestamptz := clock_timestamp();
+    v_session     text := 'sql:' || gen_random_uuid();
+    v_lease       uuid := gen_random_uuid();
+    v_decision    text;
+    v_probe       uuid;
+    v_tripped     boolean := false;
+    v_successes   integer := 0;
+    v_count       integer := 0;
+    v_row         record;
+    v_errors      text[];
+    v_claimed     bigint[] := '{}';
+    v_ids         bigint[] := '{}';
+    v_outcomes    text[] := '{}';
+    v_methods     text[] := '{}';
+    v_classes     text[] := '{}';
+    v_messages    text[] := '{}';
+    v_write       bigint[] := '{}';
+    v_states      jsonb;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
+        RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT a.decision, a.probe INTO v_decision, v_probe FROM dlq_breaker_acquire(p_circuit_breaker_name) a;
+    IF v_decision = 'deny' THEN
+        INSERT INTO dlq_processing_metrics (processing_session_id, processing_method, batch_size, processed_count,
+            repaired_count, failed_count, skipped_count, processing_duration_ms, circuit_breaker_name,
+            circuit_breaker_triggered, started_at, completed_at)
+        VALUES (v_session, 'stored_procedure', 0, 0, 0, 0, 0,
+                (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer, p_circuit_breaker_name, true,
+                v_started, clock_timestamp());
+        RETURN QUERY SELECT 0, 0, 0, 0, 0, 0, true, (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer;
+        RETURN;
+    END IF;
+
+    IF EXISTS (SELECT 1 FROM dead_letter_events
+                WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved) THEN
+        PERFORM dlq_release_stale_leases();
+    END IF;
+    -- Claim only dead letters stored as JSON (no repair needed); raw text waits for the Python worker.
+    FOR v_row IN EXECUTE
+        'UPDATE dead_letter_events e
+            SET processing_lock = $1, lock_expires_at = now() + interval ''30 minutes'', last_processed_at = now(),
+                processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
+                    ''lease'', $1, ''claimed_at'', now(), ''worker'', ''process_dlq_events_enhanced'',
+                    ''attempt'', e.retry_count + 1))
+          WHERE e.id = ANY (ARRAY(
+                SELECT c.id FROM dead_letter_events c
+                 WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
+                   AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+                   AND coalesce(c.metadata_json ->> ''payload_form'', ''json'') = ''json''
+                   AND ($2::integer IS NULL OR c.priority <= $2)
+                   AND ($3::text IS NULL OR c.reason = $3)
+                 ORDER BY c.priority, c.created_at, c.id
+                 LIMIT $4
+                   FOR UPDATE SKIP LOCKED))
+        RETURNING e.id, e.priority, e.created_at, e.payload, e.payload_checksum'
+        USING v_lease, p_priority_filter, p_reason_filter, CASE WHEN v_decision = 'probe' THEN 1 ELSE p_limit END
+    LOOP
+        v_claimed := v_claimed || v_row.id;
+    END LOOP;
+
+    FOR v_row IN
+        SELECT e.id, e.payload, e.payload_checksum
+          FROM dead_letter_events e
+         WHERE e.id = ANY (v_claimed) AND e.processing_lock = v_lease
+         ORDER BY e.priority, e.created_at, e.id
+    LOOP
+        v_count := v_count + 1;
+        v_ids := v_ids || v_row.id;
+        IF NOT v_tripped AND v_probe IS NULL THEN  -- consulted per event: another worker may have opened it
+            SELECT b.state = 'open' INTO v_tripped FROM dlq_circuit_breaker_state b
+             WHERE b.breaker_name = p_circuit_breaker_name;
+        END IF;
+        IF v_tripped THEN
+            v_outcomes := v_outcomes || 'released'::text;
+            v_classes := v_classes || NULL::text;
+            v_messages := v_messages || NULL::text;
+        ELSIF dlq_payload_checksum(v_row.payload) IS DISTINCT FROM v_row.payload_checksum THEN
+            v_outcomes := v_outcomes || 'quarantined'::text;
+            v_classes := v_classes || 'checksum_mismatch'::text;
+            v_messages := v_messages || 'payload checksum mismatch'::text;
+        ELSE
+            v_errors := dlq_cowrie_validation_errors(v_row.payload);
+            IF cardinality(v_errors) = 0 THEN
+                v_outcomes := v_outcomes || 'resolved'::text;
+                v_classes := v_classes || NULL::text;
+                v_messages := v_messages || NULL::text;
+                v_write := v_write || v_row.id;
+                v_successes := v_successes + 1;
+            ELSE
+                v_outcomes := v_outcomes || 'failed'::text;
+                v_classes := v_classes || 'invalid_event'::text;
+                v_messages := v_messages || array_to_string(v_errors, '; ');
+            END IF;
+        END IF;
+        v_methods := v_methods || CASE WHEN v_outcomes[v_count] = 'resolved' THEN 'replay:sql' END;
+        IF p_pause_every > 0 AND v_count % p_pause_every = 0 THEN
+            PERFORM pg_sleep(p_pause_seconds);  -- the design's rate limit: a pause every N events
+        END IF;
+    END LOOP;
+
+    INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp, payload,
+                            payload_checksum, dlq_event_id, repair_strategy)
+    SELECT coalesce(e.source, 'dlq-repair'), CASE WHEN e.source IS NULL THEN '' ELSE coalesce(e.source_inode, '') END,
+           CASE WHEN e.source IS NULL OR e.source_offset IS NULL THEN e.id ELSE e.source_offset END,
+           e.payload ->> 'eventid', e.payload ->> 'session', (e.payload ->> 'src_ip')::inet,
+           (e.payload ->> 'timestamp')::timestamptz, e.payload, e.payload_checksum, e.id, 'replay:sql'
+      FROM dead_letter_events e
+     WHERE e.id = ANY (v_write) AND e.processing_lock = v_lease
+    ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING;
+
+    SELECT coalesce(jsonb_object_agg(c.final_state, c.n), '{}') INTO v_states
+      FROM (SELECT final_state, count(*) AS n
+              FROM dlq_complete_batch(v_lease, v_ids, v_outcomes, v_methods, v_classes, v_messages)
+             GROUP BY final_state) c;
+
+    -- Invalid payloads are data faults, not a failing system: they reset nothing and count nothing here. A
+    -- failing system (the target write) raises, aborting the batch; its leases then expire and count.
+    PERFORM dlq_breaker_record(p_circuit_breaker_name, v_successes, 0, v_probe);
+    processed := cardinality(v_ids) - coalesce((v_states ->> 'released')::integer, 0);
+    repaired := coalesce((v_states ->> 'resolved')::integer, 0);
+    poisoned := coalesce((v_states ->> 'poisoned')::integer, 0);
+    failed := coalesce((v_states ->> 'retry_scheduled')::integer, 0) + poisoned;
+    skipped := coalesce((v_states ->> 'released')::integer, 0);
+    quarantined := coalesce((v_states ->> 'quarantined')::integer, 0);
+    circuit_breaker_triggered := v_tripped;
+    duration_ms := (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer;
+    INSERT INTO dlq_processing_metrics (processing_session_id, processing_method, batch_size, processed_count,
+        repaired_count, failed_count, skipped_count, quarantined_count, poisoned_count, processing_duration_ms,
+        avg_processing_time_ms, circuit_breaker_name, circuit_breaker_triggered, started_at, completed_at)
+    VALUES (v_session, 'stored_procedure', cardinality(v_ids), processed, repaired, failed, skipped, quarantined,
+            poisoned, duration_ms, CASE WHEN processed > 0 THEN round(duration_ms::numeric / processed, 3) END,
+            p_circuit_breaker_name, v_tripped, v_started, clock_timestamp());
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION process_dlq_events_enhanced(integer, text, integer, text, integer, double precision) IS
+    'Process one batch of dead letters that need no repair entirely in the database; returns the batch''s counts.';
+
+GRANT SELECT ON dlq_cowrie_event_ids TO dlq_processor_role, dlq_reader, security_admin;
+REVOKE EXECUTE ON FUNCTION process_dlq_events_enhanced(integer, text, integer, text, integer, double precision)
+    FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION process_dlq_events_enhanced(integer, text, integer, text, integer, double precision)
+    TO dlq_processor_role;
