@@ -117,7 +117,8 @@ def _is_port(value: object) -> bool:
     if isinstance(value, bool):
         return False
     if isinstance(value, Decimal):
-        if not value.is_finite() or value != value.to_integral_value():
+        # adjusted() first: int() of a Decimal like 1e999999999 would build a billion-digit integer
+        if not value.is_finite() or value.adjusted() > 5 or value != value.to_integral_value():
             return False
         value = int(value)
     return isinstance(value, int) and 0 <= value <= 65535

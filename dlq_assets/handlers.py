@@ -1,0 +1,208 @@
+"""Handlers turn claimed dead letters into outcomes; they are pluggable per reason.
+
+A handler sees the whole claimed batch (stitching needs neighbours) and returns one ``Outcome`` per event.
+It never writes: the worker writes every ``target`` to ``raw_events`` and completes the batch in one call.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any, Protocol
+
+from dlq_assets import jsonutil
+from dlq_assets.cowrie import validate_event
+from dlq_assets.repair import Fragment, raw_bytes_of, repair_record, stitch_fragments
+
+SYSTEMIC_ERROR_CLASSES = frozenset({"target_write_failed", "handler_error"})
+
+
+@dataclass(frozen=True)
+class ClaimedEvent:
+    id: int
+    created_at: datetime
+    reason: str
+    source: str | None
+    source_inode: str | None
+    source_offset: int | None
+    payload_text: str  # exactly payload::text, the canonical form the checksum covers
+    payload_checksum: str
+    metadata: dict[str, Any]
+    retry_count: int
+    priority: int
+
+    @property
+    def payload(self) -> Any:
+        return jsonutil.loads(self.payload_text)
+
+    def raw_bytes(self) -> bytes:
+        return raw_bytes_of(self.payload, self.metadata.get("payload_form"))
+
+
+@dataclass(frozen=True)
+class Target:
+    """A repaired or replayed event to write to raw_events at its original position."""
+
+    event: dict[str, Any]
+    source: str
+    source_inode: str
+    source_offset: int
+    dlq_event_id: int
+    strategy: str
+
+
+@dataclass(frozen=True)
+class Outcome:
+    event_id: int
+    outcome: str  # resolved | failed | quarantined | released
+    method: str | None = None
+    error_class: str | None = None
+    message: str | None = None
+    target: Target | None = None
+
+    @property
+    def systemic_failure(self) -> bool:
+        return self.outcome == "failed" and self.error_class in SYSTEMIC_ERROR_CLASSES
+
+
+class Claimer(Protocol):
+    """Lets a handler add more events to the batch's lease (neighbouring fragments for stitching)."""
+
+    def claim_neighbours(self, event: ClaimedEvent, window_bytes: int) -> list[ClaimedEvent]: ...
+
+    def unresolved_next_to(self, source: str, inode: str | None, start: int, end: int) -> bool:
+        """Is there an unresolved dead letter outside this lease right before ``start`` or right after ``end``?"""
+        ...
+
+
+class Handler(Protocol):
+    name: str
+
+    def handle(self, events: Sequence[ClaimedEvent], claimer: Claimer) -> list[Outcome]: ...
+
+
+def _target(event: ClaimedEvent, repaired: dict[str, Any], strategy: str, offset: int | None = None) -> Target:
+    """Where the event goes: its original position, or a DLQ-scoped one for dead letters without a source."""
+    if event.source is None or event.source_offset is None:
+        return Target(repaired, "dlq-repair", "", event.id, event.id, strategy)
+    offset = event.source_offset if offset is None else offset
+    return Target(repaired, event.source, event.source_inode or "", offset, event.id, strategy)
+
+
+@dataclass
+class CowrieRepairHandler:
+    """Repairs Cowrie JSON: as-is, tokenizer fix, then stitching fragments of one source back together."""
+
+    name: str = "cowrie_repair"
+    stitch_window_bytes: int = 8 * 1024  # a pretty-printed Cowrie event spans 1-4 KB
+
+    def handle(self, events: Sequence[ClaimedEvent], claimer: Claimer) -> list[Outcome]:
+        outcomes: dict[int, Outcome] = {}
+        unrepaired: list[tuple[ClaimedEvent, str]] = []
+        for event in events:
+            result = repair_record(event.raw_bytes())
+            if result.event is not None and result.strategy is not None:
+                target = _target(event, result.event, result.strategy)
+                outcomes[event.id] = Outcome(event.id, "resolved", f"repair:{result.strategy}", target=target)
+            else:
+                unrepaired.append((event, result.reason or "unrepairable"))
+        outcomes.update(self._stitch(unrepaired, claimer))
+        left = [(event, why) for event, why in unrepaired if event.id not in outcomes]
+        waiting = _waiting_for_fragments([e for e, _ in left], claimer)
+        for event, why in left:
+            if event.id in waiting:
+                # A fragment next to its chain is unresolved outside this lease (another worker holds it, or
+                # just gave it back): hand this one back untouched rather than fail what may still stitch.
+                outcomes[event.id] = Outcome(event.id, "released")
+            else:
+                outcomes[event.id] = Outcome(event.id, "failed", error_class="unrepairable", message=why)
+        return list(outcomes.values())
+
+    def _stitch(self, unrepaired: list[tuple[ClaimedEvent, str]], claimer: Claimer) -> dict[int, Outcome]:
+        by_source: dict[tuple[str, str], dict[int, ClaimedEvent]] = defaultdict(dict)
+        for event, _ in unrepaired:
+            if event.source is not None and event.source_offset is not None:
+                by_source[(event.source, event.source_inode or "")][event.id] = event
+        outcomes: dict[int, Outcome] = {}
+        for members in by_source.values():
+            for event in list(members.values()):
+                for neighbour in claimer.claim_neighbours(event, self.stitch_window_bytes):
+                    members.setdefault(neighbour.id, neighbour)
+            fragments = [Fragment(e.id, e.source_offset or 0, e.raw_bytes()) for e in members.values()]
+            for stitched in stitch_fragments(fragments):
+                first = min((members[k] for k in stitched.keys), key=lambda e: e.source_offset or 0)
+                target = _target(first, stitched.event, stitched.strategy)
+                for key in stitched.keys:
+                    outcomes[key] = Outcome(
+                        key, "resolved", f"repair:{stitched.strategy}", target=target if key == first.id else None
+                    )
+            extra = {e.id for e in members.values()} - {e.id for e, _ in unrepaired}
+            for key in extra - set(outcomes):  # neighbours we leased but could not use go back untouched
+                outcomes[key] = Outcome(key, "released")
+        return outcomes
+
+
+def _waiting_for_fragments(events: list[ClaimedEvent], claimer: Claimer) -> set[int]:
+    """Ids of events whose chain of adjacent records (within this batch) borders an unresolved record elsewhere."""
+    spans = {
+        e.id: (e.source_offset, e.source_offset + e.metadata["record_bytes"])
+        for e in events
+        if e.source is not None and e.source_offset is not None and isinstance(e.metadata.get("record_bytes"), int)
+    }
+    by_source: dict[tuple[str, str | None], list[ClaimedEvent]] = defaultdict(list)
+    for event in events:
+        if event.id in spans:
+            by_source[(event.source or "", event.source_inode)].append(event)
+    waiting: set[int] = set()
+    for (source, inode), members in by_source.items():
+        members.sort(key=lambda e: spans[e.id][0])
+        chain = [members[0]]
+        for event in [*members[1:], None]:
+            if event is not None and spans[event.id][0] - spans[chain[-1].id][1] in (1, 2):
+                chain.append(event)  # the next record in the file: same chain
+                continue
+            if claimer.unresolved_next_to(source, inode, spans[chain[0].id][0], spans[chain[-1].id][1]):
+                waiting.update(e.id for e in chain)
+            chain = [event] if event is not None else []
+    return waiting
+
+
+@dataclass
+class ReplayHandler:
+    """Replays a payload that was valid all along (the failure was transient): validate and write."""
+
+    name: str = "replay"
+
+    def handle(self, events: Sequence[ClaimedEvent], claimer: Claimer) -> list[Outcome]:
+        outcomes = []
+        for event in events:
+            payload = event.payload
+            result = validate_event(payload)
+            if result.valid:
+                outcomes.append(Outcome(event.id, "resolved", "replay", target=_target(event, payload, "replay")))
+            else:
+                outcomes.append(
+                    Outcome(event.id, "failed", error_class="invalid_event", message="; ".join(result.errors))
+                )
+        return outcomes
+
+
+TRANSIENT_REASONS = ("transient_failure", "target_unavailable", "timeout", "connection_error")
+
+
+@dataclass
+class HandlerRegistry:
+    """Which handler takes which reason; ``default`` takes every reason not listed (None: poison them)."""
+
+    by_reason: dict[str, Handler] = field(default_factory=dict)
+    default: Handler | None = None
+
+    def handler_for(self, reason: str) -> Handler | None:
+        return self.by_reason.get(reason, self.default)
+
+
+def default_registry() -> HandlerRegistry:
+    replay = ReplayHandler()
+    return HandlerRegistry(by_reason=dict.fromkeys(TRANSIENT_REASONS, replay), default=CowrieRepairHandler())

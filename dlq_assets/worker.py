@@ -1,0 +1,591 @@
+"""The processing worker: claim a batch under a lease, verify, repair, write, complete — in that order.
+
+Per batch: claim (committed, so the lease is visible); verify each checksum (a mismatch is quarantined, never
+processed); hand the rest to the reason's handler, consulting the circuit breaker for every event; then one
+transaction writes the targets to ``raw_events`` (idempotent), completes the whole batch in one fenced call,
+and records its metrics row. A crash anywhere before that commit leaves the lease to expire: the events are
+claimed again and nothing is applied twice. SIGTERM finishes the event at hand, releases the rest and exits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import queue
+import signal
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from types import FrameType
+from typing import Any
+
+import psycopg
+
+from dlq_assets import jsonutil
+from dlq_assets.db import database_url
+from dlq_assets.handlers import ClaimedEvent, Handler, HandlerRegistry, Outcome, Target, default_registry
+
+PROCESSING_METHOD = "python_worker"
+_CLAIM_COLUMNS = (
+    "id, created_at, reason, source, source_inode, source_offset, payload::text, payload_checksum, "
+    "coalesce(metadata_json, '{}'::jsonb)::text, retry_count, priority"
+)
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    batch_size: int = 1000
+    min_batch_size: int = 1000
+    max_batch_size: int = 5000
+    target_batch_seconds: float = 2.0  # adaptive sizing aims each batch at this duration
+    lease_seconds: int = 1800
+    priority_max: int | None = None
+    reason: str | None = None
+    limit: int | None = None  # stop after claiming this many events
+    time_budget_seconds: float | None = None
+    breaker_name: str = "dlq_processing"
+    breaker_threshold: int | None = None  # None: keep what the breaker row says (default 5)
+    breaker_timeout_seconds: int | None = None
+    max_events_per_second: float | None = None
+    pause_every: int | None = None  # the design's rate limit: pause_seconds every N events
+    pause_seconds: float = 0.01
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.min_batch_size <= self.batch_size <= self.max_batch_size <= 100_000:
+            raise ValueError("need 1 <= min_batch_size <= batch_size <= max_batch_size <= 100000")
+        if self.lease_seconds < 1:
+            raise ValueError("lease_seconds must be positive")
+        if self.priority_max is not None and not 1 <= self.priority_max <= 10:
+            raise ValueError("priority_max must be between 1 and 10")
+        if self.limit is not None and self.limit < 0:
+            raise ValueError("limit must not be negative")
+
+
+@dataclass
+class ProcessReport:
+    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
+    batches: int = 0
+    claimed: int = 0
+    resolved: int = 0
+    retried: int = 0
+    poisoned: int = 0
+    quarantined: int = 0
+    released: int = 0
+    not_owned: int = 0
+    breaker_denied: bool = False
+    stopped_by_signal: bool = False
+    seconds: float = 0.0
+    strategies: Counter[str] = field(default_factory=Counter)
+    batch_seconds: list[float] = field(default_factory=list)
+
+    @property
+    def failed(self) -> int:
+        return self.retried + self.poisoned
+
+    @property
+    def processed(self) -> int:
+        """Events that got an outcome (released ones were handed back untouched)."""
+        return self.claimed - self.released - self.not_owned
+
+    @property
+    def events_per_second(self) -> float:
+        return (self.claimed - self.released) / self.seconds if self.seconds > 0 else 0.0
+
+    def merge(self, other: ProcessReport) -> None:
+        for name in ("batches", "claimed", "resolved", "retried", "poisoned", "quarantined", "released", "not_owned"):
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+        self.breaker_denied |= other.breaker_denied
+        self.stopped_by_signal |= other.stopped_by_signal
+        self.strategies.update(other.strategies)
+        self.batch_seconds.extend(other.batch_seconds)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = asdict(self)
+        data.update(failed=self.failed, processed=self.processed, events_per_second=round(self.events_per_second, 1))
+        data["strategies"] = dict(self.strategies)
+        return data
+
+
+class RateLimiter:
+    """At most ``max_per_second`` events, and a pause every ``pause_every`` events (the design's rule)."""
+
+    def __init__(self, max_per_second: float | None, pause_every: int | None, pause_seconds: float) -> None:
+        self.max_per_second, self.pause_every, self.pause_seconds = max_per_second, pause_every, pause_seconds
+        self.count = 0
+        self.started = time.monotonic()
+
+    def tick(self) -> None:
+        self.count += 1
+        if self.pause_every and self.count % self.pause_every == 0:
+            time.sleep(self.pause_seconds)
+        if self.max_per_second:
+            ahead = self.count / self.max_per_second - (time.monotonic() - self.started)
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def next_batch_size(current: int, seconds: float, config: WorkerConfig) -> int:
+    """Move the batch size toward the one that takes ``target_batch_seconds``, halfway each time, in bounds."""
+    if seconds <= 0:
+        return current
+    wanted = current * config.target_batch_seconds / seconds
+    return max(config.min_batch_size, min(config.max_batch_size, round((current + wanted) / 2)))
+
+
+class _Stop:
+    """Set by SIGTERM/SIGINT (main thread only) or by a caller; checked between events."""
+
+    def __init__(self) -> None:
+        self.event = threading.Event()
+        self.by_signal = False
+
+    def install(self) -> Callable[[], None]:
+        if threading.current_thread() is not threading.main_thread():
+            return lambda: None
+
+        def handler(signum: int, frame: FrameType | None) -> None:
+            self.by_signal = True
+            self.event.set()
+
+        previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGINT)}
+
+        def restore() -> None:
+            for sig, prev in previous.items():
+                signal.signal(sig, prev)
+
+        return restore
+
+
+def _claimed(row: Sequence[Any]) -> ClaimedEvent:
+    return ClaimedEvent(
+        id=row[0],
+        created_at=row[1],
+        reason=row[2],
+        source=row[3],
+        source_inode=row[4],
+        source_offset=row[5],
+        payload_text=row[6],
+        payload_checksum=row[7],
+        metadata=json.loads(row[8]) if row[8] else {},
+        retry_count=row[9],
+        priority=row[10],
+    )
+
+
+def _checksum_ok(event: ClaimedEvent) -> bool:
+    # payload::text is the canonical form, so its SHA-256 is the checksum taken at insert, unless tampered.
+    return hashlib.sha256(event.payload_text.encode("utf-8")).hexdigest() == event.payload_checksum
+
+
+class Worker:
+    """One worker process's loop over the backlog."""
+
+    def __init__(
+        self, url: str | None = None, config: WorkerConfig | None = None, registry: HandlerRegistry | None = None
+    ) -> None:
+        self.url = database_url(url)
+        self.config = config or WorkerConfig()
+        self.registry = registry or default_registry()
+        self.stop = _Stop()
+        self.worker_name = f"{os.uname().nodename}:{os.getpid()}"
+
+    # -- the loop --------------------------------------------------------------------------------------
+    def run(self) -> ProcessReport:
+        report = ProcessReport()
+        restore = self.stop.install()
+        started = time.monotonic()
+        limiter = RateLimiter(self.config.max_events_per_second, self.config.pause_every, self.config.pause_seconds)
+        batch_size = self.config.batch_size
+        try:
+            with psycopg.connect(self.url, autocommit=True) as conn:
+                conn.execute(
+                    "SELECT dlq_breaker_ensure(%s, %s, %s)",
+                    (self.config.breaker_name, self.config.breaker_threshold, self.config.breaker_timeout_seconds),
+                )
+                while not self.stop.event.is_set():
+                    if (
+                        self.config.time_budget_seconds
+                        and time.monotonic() - started >= self.config.time_budget_seconds
+                    ):
+                        break
+                    remaining = None if self.config.limit is None else self.config.limit - report.claimed
+                    if remaining is not None and remaining <= 0:
+                        break
+                    size = batch_size if remaining is None else min(batch_size, remaining)
+                    batch_started = time.monotonic()
+                    claimed = self._run_batch(conn, size, report, limiter)
+                    if claimed == 0:
+                        break
+                    elapsed = time.monotonic() - batch_started
+                    report.batch_seconds.append(elapsed)
+                    batch_size = next_batch_size(batch_size, elapsed, self.config) if claimed >= size else batch_size
+        finally:
+            restore()
+            report.seconds = time.monotonic() - started
+            report.stopped_by_signal = self.stop.by_signal
+        return report
+
+    def _run_batch(self, conn: psycopg.Connection[Any], size: int, report: ProcessReport, limiter: RateLimiter) -> int:
+        started_at = datetime.now(UTC)
+        t0 = time.monotonic()
+        decision, probe = conn.execute(
+            "SELECT decision, probe FROM dlq_breaker_acquire(%s)", (self.config.breaker_name,)
+        ).fetchone()
+        if decision == "deny":
+            report.breaker_denied = True
+            self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=True)
+            return 0
+        if decision == "probe":
+            size = 1  # exactly one event goes through a half-open breaker
+        rows = conn.execute(
+            f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_events(%s, %s, %s, %s, %s)",
+            (size, self.config.lease_seconds, self.config.priority_max, self.config.reason, self.worker_name),
+        ).fetchall()
+        if not rows:
+            if probe is not None:  # nothing to probe with: give the probe back by closing on an empty success
+                conn.execute("SELECT dlq_breaker_record(%s, 1, 0, %s)", (self.config.breaker_name, probe))
+            return 0
+        events = sorted((_claimed(r) for r in rows), key=lambda e: (e.priority, e.created_at, e.id))
+        lease = self._lease_of(conn, events[0].id)
+        session = _BatchSession(conn, lease, self.config.lease_seconds)
+        outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
+        neighbours = {e.id for e in session.neighbours}
+        unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
+        write_failures = self._write_and_complete(
+            conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
+        )
+        if write_failures:
+            successes, tail_failures = 0, tail_failures + write_failures
+        conn.execute(
+            "SELECT dlq_breaker_record(%s, %s, %s, %s)", (self.config.breaker_name, successes, tail_failures, probe)
+        )
+        report.batches += 1
+        report.claimed += len(events) + len(neighbours) - len(unused)
+        return len(events)
+
+    def _lease_of(self, conn: psycopg.Connection[Any], event_id: int) -> uuid.UUID:
+        (lease,) = conn.execute("SELECT processing_lock FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
+        return lease
+
+    def _decide(
+        self, events: list[ClaimedEvent], session: _BatchSession, limiter: RateLimiter
+    ) -> tuple[list[Outcome], bool, int, int]:
+        """Outcomes for a batch, the breaker consulted per event: it stops the batch at the threshold."""
+        (failure_count, threshold) = session.conn.execute(
+            "SELECT failure_count, failure_threshold FROM dlq_circuit_breaker_state WHERE breaker_name = %s",
+            (self.config.breaker_name,),
+        ).fetchone()
+        outcomes: list[Outcome] = []
+        successes = tail_failures = 0
+        tripped = False
+        ordered: list[ClaimedEvent] = []
+        for event in events:
+            if _checksum_ok(event):
+                ordered.append(event)
+            else:
+                outcomes.append(Outcome(event.id, "quarantined", message="payload checksum mismatch"))
+        handled = self._handle(ordered, session)
+        consecutive = failure_count if failure_count else 0
+        for event in ordered + session.neighbours:
+            outcome = handled.get(event.id) or Outcome(event.id, "released")
+            if tripped or self.stop.event.is_set():
+                outcomes.append(Outcome(event.id, "released"))
+                continue
+            outcomes.append(outcome)
+            if outcome.systemic_failure:
+                consecutive += 1
+                tail_failures += 1
+                tripped = consecutive >= threshold
+            elif outcome.outcome == "resolved":
+                consecutive = tail_failures = 0
+                successes += 1
+            limiter.tick()
+            session.maybe_heartbeat()
+        return outcomes, tripped, successes, tail_failures
+
+    def _handle(self, events: list[ClaimedEvent], session: _BatchSession) -> dict[int, Outcome]:
+        """Each handler gets all of its events at once (stitching must see fragments of every reason)."""
+        groups: dict[int, tuple[Handler, list[ClaimedEvent]]] = {}
+        handled: dict[int, Outcome] = {}
+        for event in events:
+            handler = self.registry.handler_for(event.reason)
+            if handler is None:
+                handled[event.id] = Outcome(event.id, "failed", error_class="handler_missing")
+            else:
+                groups.setdefault(id(handler), (handler, []))[1].append(event)
+        for handler, group in groups.values():
+            try:
+                results = handler.handle(group, session)
+            except Exception as exc:  # a handler bug fails its events (recorded), it does not kill the worker
+                message = f"{type(exc).__name__}: {exc}"
+                results = [Outcome(e.id, "failed", error_class="handler_error", message=message) for e in group]
+            handled.update({o.event_id: o for o in results})
+        return handled
+
+    def _write_and_complete(
+        self,
+        conn: psycopg.Connection[Any],
+        lease: uuid.UUID,
+        outcomes: list[Outcome],
+        report: ProcessReport,
+        started_at: datetime,
+        t0: float,
+        breaker_tripped: bool,
+        uncounted: set[int] = frozenset(),  # type: ignore[assignment]
+    ) -> int:
+        """Write targets, complete, record metrics in one transaction; returns how many target writes failed."""
+        write_failures = 0
+        targets = [o.target for o in outcomes if o.target is not None and o.outcome == "resolved"]
+        try:
+            with conn.transaction():
+                _write_targets(conn, targets)
+                states = self._complete(conn, lease, outcomes)
+                self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
+                                     states=_counted(states, uncounted))  # fmt: skip
+        except psycopg.errors.DataError as exc:
+            # The target refused the batch: fail the events that needed it (systemic), keep the rest.
+            message = f"target write failed: {exc}"
+            write_failures = len(targets)
+            outcomes = [
+                Outcome(o.event_id, "failed", error_class="target_write_failed", message=message)
+                if o.target is not None
+                else o
+                for o in outcomes
+            ]
+            with conn.transaction():
+                states = self._complete(conn, lease, outcomes)
+                self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=True,
+                                     states=_counted(states, uncounted))  # fmt: skip
+        # Neighbours leased for stitching but not used go back untouched: they were never this batch's work.
+        counts = Counter(_counted(states, uncounted).values())
+        report.resolved += counts["resolved"]
+        report.retried += counts["retry_scheduled"]
+        report.poisoned += counts["poisoned"]
+        report.quarantined += counts["quarantined"]
+        report.released += counts["released"]
+        report.not_owned += counts["not_owned"]
+        report.strategies.update(o.method for o in outcomes if o.method and states.get(o.event_id) == "resolved")
+        return write_failures
+
+    def _complete(self, conn: psycopg.Connection[Any], lease: uuid.UUID, outcomes: list[Outcome]) -> dict[int, str]:
+        rows = conn.execute(
+            "SELECT event_id, final_state FROM dlq_complete_batch(%s, %s, %s, %s, %s, %s)",
+            (
+                lease,
+                [o.event_id for o in outcomes],
+                [o.outcome for o in outcomes],
+                [o.method for o in outcomes],
+                [o.error_class for o in outcomes],
+                [o.message for o in outcomes],
+            ),
+        ).fetchall()
+        return dict(rows)
+
+    def _record_metrics(
+        self,
+        conn: psycopg.Connection[Any],
+        session_id: str,
+        started_at: datetime,
+        t0: float,
+        *,
+        breaker_triggered: bool,
+        states: dict[int, str] | None = None,
+    ) -> None:
+        states = states or {}
+        counts = Counter(states.values())
+        batch_size = len(states)
+        processed = batch_size - counts["released"] - counts["not_owned"]
+        duration_ms = round((time.monotonic() - t0) * 1000)
+        conn.execute(
+            """
+            INSERT INTO dlq_processing_metrics (
+                processing_session_id, processing_method, batch_size, processed_count, repaired_count, failed_count,
+                skipped_count, quarantined_count, poisoned_count, processing_duration_ms, avg_processing_time_ms,
+                circuit_breaker_name, circuit_breaker_triggered, started_at, completed_at)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+            """,
+            (
+                session_id,
+                PROCESSING_METHOD,
+                batch_size,
+                processed,
+                counts["resolved"],
+                counts["retry_scheduled"] + counts["poisoned"],
+                counts["released"] + counts["not_owned"],
+                counts["quarantined"],
+                counts["poisoned"],
+                duration_ms,
+                round(duration_ms / processed, 3) if processed else None,
+                self.config.breaker_name,
+                breaker_triggered,
+                started_at,
+                max(datetime.now(UTC), started_at),
+            ),
+        )
+
+
+def _record_bytes(event: ClaimedEvent) -> int:
+    length = event.metadata.get("record_bytes")
+    return length if isinstance(length, int) else 0
+
+
+def _counted(states: dict[int, str], uncounted: set[int]) -> dict[int, str]:
+    """Final states without the neighbours leased for stitching and given back unused: not this batch's work."""
+    return {event_id: state for event_id, state in states.items() if event_id not in uncounted}
+
+
+class _BatchSession:
+    """What a handler may do with the batch's lease: take neighbours; the worker heartbeats through it."""
+
+    def __init__(self, conn: psycopg.Connection[Any], lease: uuid.UUID, lease_seconds: int) -> None:
+        self.conn, self.lease, self.lease_seconds = conn, lease, lease_seconds
+        self.neighbours: list[ClaimedEvent] = []
+        self.last_beat = time.monotonic()
+
+    def claim_neighbours(self, event: ClaimedEvent, window_bytes: int) -> list[ClaimedEvent]:
+        if event.source is None or event.source_offset is None:
+            return []
+        rows = self.conn.execute(
+            f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_neighbours(%s, %s, %s, %s, %s, %s)",
+            (
+                self.lease,
+                event.source,
+                event.source_inode,
+                event.source_offset - window_bytes,
+                event.source_offset + _record_bytes(event) + window_bytes,
+                self.lease_seconds,
+            ),
+        ).fetchall()
+        found = [_claimed(r) for r in rows]
+        self.neighbours.extend(found)
+        return found
+
+    def unresolved_next_to(self, source: str, inode: str | None, start: int, end: int) -> bool:
+        (found,) = self.conn.execute(
+            """
+            SELECT EXISTS (
+                SELECT 1 FROM dead_letter_events
+                 WHERE source = %(source)s AND source_inode IS NOT DISTINCT FROM %(inode)s
+                   AND source_offset BETWEEN %(start)s - %(window)s AND %(end)s + 2
+                   AND (source_offset IN (%(end)s + 1, %(end)s + 2)
+                        OR source_offset + (metadata_json ->> 'record_bytes')::bigint + 1 IN (%(start)s, %(start)s - 1))
+                   AND NOT resolved AND quarantined_at IS NULL AND processing_lock IS DISTINCT FROM %(lease)s)
+            """,
+            {"source": source, "inode": inode, "start": start, "end": end, "window": 64 * 1024, "lease": self.lease},
+        ).fetchone()
+        return bool(found)
+
+    def maybe_heartbeat(self) -> None:
+        if time.monotonic() - self.last_beat >= self.lease_seconds / 3:
+            self.conn.execute("SELECT dlq_heartbeat(%s, %s)", (self.lease, self.lease_seconds))
+            self.last_beat = time.monotonic()
+
+
+def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
+    if not targets:
+        return 0
+    rendered = [jsonutil.canonical_with_checksum(t.event) for t in targets]
+    cur = conn.execute(
+        """
+        INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
+                                payload, payload_checksum, dlq_event_id, repair_strategy)
+        SELECT t.source, t.inode, t.off, t.payload->>'eventid', t.payload->>'session',
+               (t.payload->>'src_ip')::inet, (t.payload->>'timestamp')::timestamptz, t.payload, t.checksum,
+               t.dlq_id, t.strategy
+          FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::jsonb[], %s::text[], %s::bigint[], %s::text[])
+               AS t(source, inode, off, payload, checksum, dlq_id, strategy)
+        ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
+        """,
+        (
+            [t.source for t in targets],
+            [t.source_inode for t in targets],
+            [t.source_offset for t in targets],
+            [text for text, _ in rendered],
+            [checksum for _, checksum in rendered],
+            [t.dlq_event_id for t in targets],
+            [t.strategy for t in targets],
+        ),
+    )
+    return cur.rowcount
+
+
+# -- several workers ------------------------------------------------------------------------------------------
+def _worker_main(url: str, config: WorkerConfig, results: Any) -> None:
+    try:
+        results.put(Worker(url, config).run().as_dict())
+    except BaseException as exc:
+        results.put({"error": f"{type(exc).__name__}: {exc}"})
+        raise
+
+
+def process(url: str | None = None, config: WorkerConfig | None = None, *, workers: int = 1) -> ProcessReport:
+    """Process the backlog with ``workers`` processes (one in-process when 1); returns the combined report."""
+    config = config or WorkerConfig()
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
+    if workers == 1:
+        return Worker(url, config).run()
+    url = database_url(url)
+    share = None if config.limit is None else math.ceil(config.limit / workers)
+    context = multiprocessing.get_context("spawn")
+    results = context.Queue()
+    procs = [
+        context.Process(target=_worker_main, args=(url, _with_limit(config, share), results), daemon=True)
+        for _ in range(workers)
+    ]
+    started = time.monotonic()
+    for proc in procs:
+        proc.start()
+
+    def forward(signum: int, frame: FrameType | None) -> None:
+        for proc in procs:
+            if proc.is_alive() and proc.pid:
+                os.kill(proc.pid, signal.SIGTERM)
+
+    in_main = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, forward) if in_main else None
+    reports: list[dict[str, Any]] = []
+    try:
+        while len(reports) < len(procs):
+            try:
+                reports.append(results.get(timeout=1))
+            except queue.Empty:
+                if not any(p.is_alive() for p in procs) and results.empty():
+                    break  # a worker died without a report (killed): the others' reports still count
+        for proc in procs:
+            proc.join()
+    finally:
+        if in_main:
+            signal.signal(signal.SIGTERM, previous)
+    if errors := [r["error"] for r in reports if "error" in r]:
+        raise RuntimeError(f"a worker failed: {errors[0]}")
+    combined = ProcessReport()
+    for data in reports:
+        combined.merge(_report_from(data))
+    combined.seconds = time.monotonic() - started
+    if any(p.exitcode not in (0, None) for p in procs):
+        raise RuntimeError(f"a worker exited with {[p.exitcode for p in procs]}")
+    return combined
+
+
+def _with_limit(config: WorkerConfig, limit: int | None) -> WorkerConfig:
+    return config if limit is None else WorkerConfig(**{**asdict(config), "limit": limit})
+
+
+def _report_from(data: dict[str, Any]) -> ProcessReport:
+    report = ProcessReport(session_id=data["session_id"])
+    for name in ("batches", "claimed", "resolved", "retried", "poisoned", "quarantined", "released", "not_owned"):
+        setattr(report, name, data[name])
+    report.breaker_denied = data["breaker_denied"]
+    report.stopped_by_signal = data["stopped_by_signal"]
+    report.strategies = Counter(data["strategies"])
+    report.batch_seconds = list(data["batch_seconds"])
+    report.seconds = data["seconds"]
+    return report
