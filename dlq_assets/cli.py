@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Callable
-from datetime import date, datetime
+from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -115,6 +116,123 @@ def health(ctx: click.Context, as_json: bool) -> None:
 
 
 @main.command()
+@click.option("--priority", type=click.IntRange(1, 10), help="Only events of this priority or higher (1 is highest).")
+@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--reason", help="Only dead letters with this reason.")
+@click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--lease-seconds", default=1800, show_default=True, type=click.IntRange(1))
+@click.option("--time-budget", type=click.FloatRange(min=0), help="Stop claiming after this many seconds.")
+@click.option("--max-events-per-second", type=click.FloatRange(min=0, min_open=True), help="Rate limit.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def process(
+    ctx: click.Context,
+    priority: int | None,
+    limit: int | None,
+    reason: str | None,
+    workers: int,
+    batch_size: int,
+    lease_seconds: int,
+    time_budget: float | None,
+    max_events_per_second: float | None,
+    as_json: bool,
+) -> None:
+    """Repair, replay or retire the backlog: claim with a lease, verify, repair, write, complete."""
+    from dlq_assets.worker import WorkerConfig
+    from dlq_assets.worker import process as run_workers
+
+    config = WorkerConfig(
+        batch_size=batch_size, min_batch_size=min(batch_size, 1000), max_batch_size=max(batch_size, 5000),
+        lease_seconds=lease_seconds, priority_max=priority, reason=reason, limit=limit,
+        time_budget_seconds=time_budget, max_events_per_second=max_events_per_second,
+    )  # fmt: skip
+    report = run_workers(_url(ctx), config, workers=workers)
+    _emit(report.as_dict() | {"batch_seconds": None}, as_json, _process_summary)
+    if report.breaker_denied:
+        sys.exit(4)
+
+
+def _process_summary(d: dict[str, Any]) -> None:
+    click.echo(
+        f"processed {d['processed']} dead letters in {d['batches']} batches ({d['events_per_second']} events/s): "
+        f"{d['resolved']} resolved, {d['retried']} to retry, {d['poisoned']} poisoned, "
+        f"{d['quarantined']} quarantined, {d['released']} handed back"
+    )
+    for method, count in sorted(d["strategies"].items(), key=lambda kv: -kv[1]):
+        click.echo(f"  {method:<24} {count}")
+    if d["breaker_denied"]:
+        click.echo("the circuit breaker is open: nothing more was processed (dlq breaker status)")
+
+
+@main.command()
+@click.option("--id", "ids", multiple=True, type=int, help="A poisoned event id (repeatable).")
+@click.option("--reason", help="Poisoned events with this reason.")
+@click.option("--since", type=click.DateTime(), help="Poisoned at or after this time (UTC).")
+@click.option("--until", type=click.DateTime(), help="Poisoned before this time (UTC).")
+@click.option("--max-redrives", default=3, show_default=True, type=click.IntRange(0), help="Cycle protection.")
+@click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--max-per-second", type=click.FloatRange(min=0, min_open=True), help="Pace the redrive.")
+@click.option("--limit", type=click.IntRange(min=1))
+@click.option("--dry-run", is_flag=True, help="Show what would be redriven; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def redrive(
+    ctx: click.Context,
+    ids: tuple[int, ...],
+    reason: str | None,
+    since: datetime | None,
+    until: datetime | None,
+    max_redrives: int,
+    batch_size: int,
+    max_per_second: float | None,
+    limit: int | None,
+    dry_run: bool,
+    as_json: bool,
+) -> None:
+    """Move poisoned events back to processing (by id, reason or time range)."""
+    from dlq_assets.redrive import redrive as run_redrive
+
+    report = run_redrive(
+        _url(ctx), ids=list(ids) or None, reason=reason, since=_utc(since), until=_utc(until),
+        max_redrives=max_redrives, batch_size=batch_size, max_per_second=max_per_second, limit=limit,
+        dry_run=dry_run,
+    )  # fmt: skip
+    verb = "would redrive" if dry_run else "redrove"
+    _emit(report.as_dict(), as_json, lambda d: click.echo(
+        f"{verb} {d['redriven_count']} events; kept {d['kept_count']} (redriven {max_redrives} times already)"
+    ))  # fmt: skip
+
+
+def _utc(moment: datetime | None) -> datetime | None:
+    return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
+
+
+@main.command()
+@click.option("--older-than-days", default=90, show_default=True, type=click.IntRange(0))
+@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000))
+@click.option("--keep-partitions", is_flag=True, help="Delete rows only; never drop whole partitions.")
+@click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def cleanup(
+    ctx: click.Context, older_than_days: int, batch_size: int, keep_partitions: bool, dry_run: bool, as_json: bool
+) -> None:
+    """Retention: delete resolved events older than N days in batches, drop expired partitions."""
+    from dlq_assets.retention import run_retention
+
+    report = run_retention(
+        _url(ctx), older_than_days=older_than_days, batch_size=batch_size, dry_run=dry_run,
+        drop_partitions=not keep_partitions,
+    )  # fmt: skip
+    verb = "would delete" if dry_run else "deleted"
+    _emit(dataclasses.asdict(report), as_json, lambda d: click.echo(
+        f"{verb} {d['rows_deleted']} resolved events older than {older_than_days} days in {d['batches']} batches; "
+        f"partitions {'to drop' if dry_run else 'dropped'}: {', '.join(d['partitions_dropped']) or 'none'}"
+    ))  # fmt: skip
+
+
+@main.command()
 @click.option("--events", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--seed", default=1, show_default=True)
 @click.option("--corruption-rate", default=0.3, show_default=True, type=click.FloatRange(0, 1))
@@ -126,6 +244,8 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
     from dlq_assets.generator import write_corrupted_log
     from dlq_assets.ingest import ingest_paths
     from dlq_assets.migrations import migrate
+    from dlq_assets.worker import WorkerConfig
+    from dlq_assets.worker import process as run_workers
 
     out = out or default_data_dir().parent / "demo"
     out.mkdir(parents=True, exist_ok=True)
@@ -135,12 +255,14 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
     url = _url(ctx)
     migrate(url)
     report = ingest_paths([log], url=url)
+    processed = run_workers(url, WorkerConfig(batch_size=1000))
     with psycopg.connect(url) as conn:
         cur = conn.execute("SELECT * FROM dlq_health")
         health_row = dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
         reasons = dict(conn.execute("SELECT reason, count(*) FROM dead_letter_events GROUP BY 1 ORDER BY 2 DESC"))
     data = {"log": str(log), "records_written": len(truth), "ingest": report.as_dict(), "dlq_by_reason": reasons,
-            "health": health_row, "database": db.redact(url)}  # fmt: skip
+            "process": processed.as_dict() | {"batch_seconds": None}, "health": health_row,
+            "database": db.redact(url)}  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
         click.echo(f"wrote {d['records_written']} records to {d['log']}")
@@ -149,6 +271,7 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
         click.echo("dead letters by reason:")
         for reason, count in reasons.items():
             click.echo(f"  {reason:<20} {count}")
+        _process_summary(d["process"])
         click.echo("health:")
         for key, value in health_row.items():
             click.echo(f"  {key:<28} {value}")

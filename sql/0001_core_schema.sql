@@ -99,6 +99,12 @@ BEGIN
     VALUES (NEW.idempotency_key, NEW.id, NEW.created_at)
     ON CONFLICT (idempotency_key) DO NOTHING;
     IF NOT FOUND THEN
+        -- The key is known. The same event coming back (redriven from the poison table) keeps its key;
+        -- anything else with that key is a second copy of a known event: skipped.
+        IF EXISTS (SELECT 1 FROM dlq_idempotency_keys
+                    WHERE idempotency_key = NEW.idempotency_key AND event_id = NEW.id) THEN
+            RETURN NEW;
+        END IF;
         RETURN NULL;
     END IF;
     RETURN NEW;

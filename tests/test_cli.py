@@ -83,3 +83,52 @@ def test_python_m_entry_point_works() -> None:
         [sys.executable, "-m", "dlq_assets.cli", "--help"], capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and "ingest" in result.stdout and "create" in result.stdout
+
+
+def snapshot(url: str) -> dict[str, list]:
+    tables = ("dead_letter_events", "dlq_poison_events", "raw_events", "dlq_idempotency_keys", "dlq_processing_metrics")
+    with psycopg.connect(url) as conn:
+        return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1").fetchall() for t in tables}
+
+
+def test_process_redrive_and_cleanup_write_and_their_dry_runs_do_not(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "cowrie.json"
+    code, _ = run("--database-url", db_url, "demo", "--events", "200", "--out", str(tmp_path), "--json")
+    assert code == 0
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE dlq_retry_policies SET max_attempts = 1 WHERE error_class = 'unrepairable'")
+        conn.execute("UPDATE dead_letter_events SET next_attempt_at = now() WHERE NOT resolved")
+    code, out = run("--database-url", db_url, "process", "--json", "--batch-size", "50")
+    assert code == 0
+    processed = json.loads(out)
+    assert processed["poisoned"] > 0 and processed["processed"] == processed["poisoned"]
+
+    before = snapshot(db_url)
+    code, out = run("--database-url", db_url, "redrive", "--reason", "truncated", "--dry-run", "--json")
+    assert code == 0 and json.loads(out)["redriven_count"] > 0
+    assert snapshot(db_url) == before  # the dry run wrote nothing
+    code, out = run("--database-url", db_url, "redrive", "--reason", "truncated", "--json")
+    assert code == 0
+    with psycopg.connect(db_url) as conn:
+        back = conn.execute("SELECT count(*) FROM dead_letter_events WHERE reason = 'truncated' AND NOT resolved")
+        assert back.fetchone()[0] == json.loads(out)["redriven_count"]
+
+    with psycopg.connect(db_url, autocommit=True) as conn:  # age the resolved events past the retention period
+        conn.execute("UPDATE dead_letter_events SET resolved_at = now() - interval '100 days' WHERE resolved")
+    before = snapshot(db_url)
+    code, out = run("--database-url", db_url, "cleanup", "--older-than-days", "90", "--dry-run", "--json")
+    would = json.loads(out)["rows_deleted"]
+    assert code == 0 and would > 0
+    assert snapshot(db_url) == before
+    code, out = run("--database-url", db_url, "cleanup", "--older-than-days", "90", "--json")
+    assert code == 0 and json.loads(out)["rows_deleted"] == would
+    with psycopg.connect(db_url) as conn:  # committed: another connection sees it
+        assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE resolved").fetchone() == (0,)
+    assert log.parent.exists()
+
+
+def test_process_exits_4_when_the_breaker_is_open(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("SELECT dlq_breaker_set('dlq_processing', 'open')")
+    code, out = run("--database-url", db_url, "process")
+    assert code == 4 and "circuit breaker is open" in out
