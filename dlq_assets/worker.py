@@ -20,7 +20,8 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
@@ -35,7 +36,7 @@ from dlq_assets.handlers import ClaimedEvent, Handler, HandlerRegistry, Outcome,
 PROCESSING_METHOD = "python_worker"
 _CLAIM_COLUMNS = (
     "id, created_at, reason, source, source_inode, source_offset, payload::text, payload_checksum, "
-    "coalesce(metadata_json, '{}'::jsonb)::text, retry_count, priority"
+    "coalesce(metadata_json, '{}'::jsonb)::text, retry_count, priority, processing_lock"
 )
 
 
@@ -204,7 +205,7 @@ class Worker:
         limiter = RateLimiter(self.config.max_events_per_second, self.config.pause_every, self.config.pause_seconds)
         batch_size = self.config.batch_size
         try:
-            with psycopg.connect(self.url, autocommit=True) as conn:
+            with psycopg.connect(self.url, autocommit=True) as conn, _Heartbeat(self.url, self.config) as heartbeat:
                 conn.execute(
                     "SELECT dlq_breaker_ensure(%s, %s, %s)",
                     (self.config.breaker_name, self.config.breaker_threshold, self.config.breaker_timeout_seconds),
@@ -220,7 +221,7 @@ class Worker:
                         break
                     size = batch_size if remaining is None else min(batch_size, remaining)
                     batch_started = time.monotonic()
-                    claimed = self._run_batch(conn, size, report, limiter)
+                    claimed = self._run_batch(conn, size, report, limiter, heartbeat)
                     if claimed == 0:
                         break
                     elapsed = time.monotonic() - batch_started
@@ -232,7 +233,14 @@ class Worker:
             report.stopped_by_signal = self.stop.by_signal
         return report
 
-    def _run_batch(self, conn: psycopg.Connection[Any], size: int, report: ProcessReport, limiter: RateLimiter) -> int:
+    def _run_batch(
+        self,
+        conn: psycopg.Connection[Any],
+        size: int,
+        report: ProcessReport,
+        limiter: RateLimiter,
+        heartbeat: _Heartbeat,
+    ) -> int:
         started_at = datetime.now(UTC)
         t0 = time.monotonic()
         decision, probe = conn.execute(
@@ -253,14 +261,15 @@ class Worker:
                 conn.execute("SELECT dlq_breaker_record(%s, 1, 0, %s)", (self.config.breaker_name, probe))
             return 0
         events = sorted((_claimed(r) for r in rows), key=lambda e: (e.priority, e.created_at, e.id))
-        lease = self._lease_of(conn, events[0].id)
+        lease = rows[0][-1]
         session = _BatchSession(conn, lease, self.config.lease_seconds)
-        outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
-        neighbours = {e.id for e in session.neighbours}
-        unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
-        write_failures = self._write_and_complete(
-            conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
-        )
+        with heartbeat.holding(lease):
+            outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
+            neighbours = {e.id for e in session.neighbours}
+            unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
+            write_failures = self._write_and_complete(
+                conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
+            )
         if write_failures:
             successes, tail_failures = 0, tail_failures + write_failures
         conn.execute(
@@ -269,10 +278,6 @@ class Worker:
         report.batches += 1
         report.claimed += len(events) + len(neighbours) - len(unused)
         return len(events)
-
-    def _lease_of(self, conn: psycopg.Connection[Any], event_id: int) -> uuid.UUID:
-        (lease,) = conn.execute("SELECT processing_lock FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
-        return lease
 
     def _decide(
         self, events: list[ClaimedEvent], session: _BatchSession, limiter: RateLimiter
@@ -307,7 +312,6 @@ class Worker:
                 consecutive = tail_failures = 0
                 successes += 1
             limiter.tick()
-            session.maybe_heartbeat()
         return outcomes, tripped, successes, tail_failures
 
     def _handle(self, events: list[ClaimedEvent], session: _BatchSession) -> dict[int, Outcome]:
@@ -447,7 +451,6 @@ class _BatchSession:
     def __init__(self, conn: psycopg.Connection[Any], lease: uuid.UUID, lease_seconds: int) -> None:
         self.conn, self.lease, self.lease_seconds = conn, lease, lease_seconds
         self.neighbours: list[ClaimedEvent] = []
-        self.last_beat = time.monotonic()
 
     def claim_neighbours(self, event: ClaimedEvent, window_bytes: int) -> list[ClaimedEvent]:
         if event.source is None or event.source_offset is None:
@@ -482,10 +485,51 @@ class _BatchSession:
         ).fetchone()
         return bool(found)
 
-    def maybe_heartbeat(self) -> None:
-        if time.monotonic() - self.last_beat >= self.lease_seconds / 3:
-            self.conn.execute("SELECT dlq_heartbeat(%s, %s)", (self.lease, self.lease_seconds))
-            self.last_beat = time.monotonic()
+
+class _Heartbeat:
+    """Extends the current batch's lease from its own thread every lease/3 seconds, however long a handler
+    or a write takes; its connection is opened only when a batch first runs that long."""
+
+    def __init__(self, url: str, config: WorkerConfig) -> None:
+        self.url, self.lease_seconds = url, config.lease_seconds
+        self.lease: uuid.UUID | None = None
+        self.beats = 0
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="dlq-heartbeat", daemon=True)
+
+    def __enter__(self) -> _Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    @contextmanager
+    def holding(self, lease: uuid.UUID) -> Iterator[None]:
+        with self._lock:
+            self.lease = lease
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.lease = None
+
+    def _run(self) -> None:
+        conn: psycopg.Connection[Any] | None = None
+        try:
+            while not self._stop.wait(self.lease_seconds / 3):
+                with self._lock:
+                    lease = self.lease
+                    if lease is None:
+                        continue
+                    conn = conn or psycopg.connect(self.url, autocommit=True)
+                    conn.execute("SELECT dlq_heartbeat(%s, %s)", (lease, self.lease_seconds))
+                    self.beats += 1
+        finally:
+            if conn is not None:
+                conn.close()
 
 
 def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:

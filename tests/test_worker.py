@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -180,6 +181,37 @@ def test_sigterm_finishes_cleanly_and_releases_the_rest(db_url: str, conn: psyco
     after = states(conn)
     assert after["leased"] == 0  # nothing half-done: the claimed batch was completed or released
     assert after["resolved"] + after["pending"] + after["poisoned"] + after["quarantined"] == backlog
+
+
+class Slow:
+    """Replays, but takes longer than the lease: only the heartbeat keeps the batch its own."""
+
+    name = "slow"
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def handle(self, events: Sequence[ClaimedEvent], claimer: Claimer) -> list[Outcome]:
+        time.sleep(self.seconds)
+        return ReplayHandler().handle(events, claimer)
+
+
+def test_the_heartbeat_keeps_a_long_batch_leased(db_url: str, conn: psycopg.Connection) -> None:
+    for i in range(5):
+        insert_dead_letter(conn, {**VALID, "n": i})
+    config = WorkerConfig(**SMALL, lease_seconds=2)
+    result: list[Any] = []
+    slow = threading.Thread(
+        target=lambda: result.append(Worker(db_url, config, HandlerRegistry(default=Slow(5))).run())
+    )
+    slow.start()
+    time.sleep(3.5)  # past the original lease: without heartbeats the events would be claimable again
+    stolen = conn.execute("SELECT count(*) FROM dlq_claim_events(100, 60)").fetchone()[0]
+    slow.join(30)
+    assert stolen == 0
+    (report,) = result
+    assert (report.resolved, report.not_owned) == (5, 0)
+    assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE error_history <> '[]'").fetchone() == (0,)
 
 
 def test_a_tampered_payload_is_quarantined_not_processed(db_url: str, conn: psycopg.Connection) -> None:
