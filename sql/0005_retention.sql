@@ -1,4 +1,4 @@
--- 0006: retention. Resolved events older than the retention period leave in small batches (one per call,
+-- 0005: retention. Resolved events older than the retention period leave in small batches (one per call,
 -- committed by the caller between calls, so no transaction holds row locks for long), and whole monthly
 -- partitions whose every row has expired are detached and dropped.
 -- Retention never touches unresolved, quarantined (kept for investigation) or poisoned events, and keeps

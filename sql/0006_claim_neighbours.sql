@@ -1,4 +1,4 @@
--- 0007: add a source's neighbouring dead letters to a live lease, for stitching fragments back together.
+-- 0006: add a source's neighbouring dead letters to a live lease, for stitching fragments back together.
 -- A pretty-printed or split event leaves fragments in consecutive offsets of one source; the worker that
 -- holds one of them takes the free neighbours within a byte window into the same lease (ignoring their
 -- backoff: waiting for neighbours is what their backoff was for), so one completion resolves them together.

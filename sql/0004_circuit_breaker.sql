@@ -1,4 +1,4 @@
--- 0005: the circuit breaker, per name, its state in dlq_circuit_breaker_state so it holds across processes.
+-- 0004: the circuit breaker, per name, its state in dlq_circuit_breaker_state so it holds across processes.
 -- closed --(failure_threshold consecutive failures)--> open --(timeout_seconds)--> half_open: exactly one
 -- probe is let through; its success closes the breaker, its failure opens it again. Workers consult it for
 -- every event (dlq_breaker_acquire) and report every outcome (dlq_breaker_record).

@@ -1,5 +1,5 @@
--- 0004: the processing state machine every client shares.
--- claim (0003) -> heartbeat* -> complete (resolved | failed -> retry with backoff or poison | quarantined |
+-- 0003: the processing state machine every client shares.
+-- claim -> heartbeat* -> complete (resolved | failed -> retry with backoff or poison | quarantined |
 -- released). Completion is one set-based statement fenced by the lease: a worker whose lease expired and was
 -- claimed again by another worker changes nothing. Expired leases count as a failed attempt
 -- (error class lease_expired, retried at once by default), so an event that kills its worker every time ends
@@ -223,8 +223,14 @@ BEGIN
 END
 $$;
 
--- Claim now releases stale leases first (counted as failed attempts), then claims.
-CREATE OR REPLACE FUNCTION dlq_claim_events(
+-- Claiming a batch with a lease.
+-- Claimable: unresolved, not quarantined, due (next_attempt_at), and no live lease (an expired lease is
+-- claimable again, so a crashed worker loses nothing). Highest priority (1) first, then oldest.
+-- The ids are picked by an index scan in a sub-select that locks with SKIP LOCKED, so concurrent workers
+-- never wait for or take each other's rows. The query runs through EXECUTE so it is planned with the real
+-- LIMIT every time: a cached generic plan with a parameter LIMIT degrades to a full scan on large tables.
+-- Stale leases are released first (each counted as a failed attempt), then the batch is claimed.
+CREATE FUNCTION dlq_claim_events(
     p_limit          integer,
     p_lease_seconds  integer DEFAULT 1800,
     p_priority_max   integer DEFAULT NULL,
@@ -269,6 +275,11 @@ BEGIN
     USING v_lease, p_lease_seconds, p_priority_max, p_reason, p_worker, p_limit;
 END
 $$;
+
+COMMENT ON FUNCTION dlq_claim_events(integer, integer, integer, text, text) IS
+    'Claim up to p_limit claimable dead letters under one fresh lease (processing_lock); returns the claimed rows.';
+
+GRANT EXECUTE ON FUNCTION dlq_claim_events(integer, integer, integer, text, text) TO dlq_processor_role;
 
 GRANT SELECT ON dlq_retry_policies TO dlq_processor_role, dlq_reader, security_admin;
 GRANT EXECUTE ON FUNCTION dlq_heartbeat(uuid, integer) TO dlq_processor_role;

@@ -1,4 +1,4 @@
--- 0008: processing inside the database, the design's process_dlq_events_enhanced made to work.
+-- 0007: processing inside the database, the design's process_dlq_events_enhanced made to work.
 -- For dead letters whose payload needs no repair (a transient failure: the event was valid, the write
 -- failed): claim, verify the checksum, revalidate against the Cowrie catalogue, write to raw_events
 -- idempotently, and complete the batch (resolve, or fail with backoff), with a metrics row and the breaker
