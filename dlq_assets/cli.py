@@ -279,6 +279,18 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
     _emit(data, as_json, human)
 
 
+@main.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", default=3000, show_default=True, type=click.IntRange(1, 65535))
+@click.pass_context
+def dev(ctx: click.Context, host: str, port: int) -> None:
+    """Run the Dagster webserver and daemon on the DLQ's PostgreSQL (embedded by default)."""
+    from dlq_assets.dev import run
+
+    click.echo(f"Dagster UI: http://{host}:{port}  (Ctrl-C stops it)", err=True)
+    sys.exit(run(ctx.obj["url"], host=host, port=port))
+
+
 @main.group(name="db")
 def db_group() -> None:
     """The embedded PostgreSQL server (used when no database URL is configured)."""

@@ -1,26 +1,49 @@
-"""The Dagster layer loads and its schema asset materializes against real PostgreSQL."""
+"""The Dagster code location loads, validates, and holds what the operator expects."""
 
 from __future__ import annotations
 
+import subprocess
+import sys
+import warnings
+
 import dagster as dg
-import psycopg
 
-from dlq_assets.assets import dlq_schema
 from dlq_assets.definitions import defs
-from dlq_assets.migrations import discover
-from dlq_assets.resources import DLQDatabase
+
+ASSETS = {"dlq_schema", "dlq_partitions", "dlq_processed_batches", "dlq_failure_patterns", "dlq_retention_state"}
+CHECKS = {"high_retry_events", "stale_locks", "backlog_age", "breaker_open", "tampered_events", "malicious_events",
+          "success_rate"}  # fmt: skip
 
 
-def test_definitions_load_and_validate() -> None:
-    dg.Definitions.validate_loadable(defs)
-    assert defs.resolve_asset_graph().get_all_asset_keys() == {dg.AssetKey("dlq_schema")}
+def test_definitions_load_and_validate_without_deprecation_warnings() -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        dg.Definitions.validate_loadable(defs)
+    graph = defs.resolve_asset_graph()
+    assert {k.to_user_string() for k in graph.get_all_asset_keys()} == ASSETS
+    assert {k.name for k in graph.asset_check_keys} == CHECKS
 
 
-def test_schema_asset_materializes_and_reports_versions(empty_db_url: str) -> None:
-    result = dg.materialize([dlq_schema], resources={"database": DLQDatabase(url=empty_db_url)})
-    assert result.success
-    (materialization,) = result.asset_materializations_for_node("dlq_schema")
-    assert materialization.metadata["schema_version"].value == discover()[-1].version
-    assert materialization.metadata["applied_this_run"].value == len(discover())
-    with psycopg.connect(empty_db_url) as conn:
-        assert conn.execute("SELECT to_regclass('dead_letter_events')").fetchone() == ("dead_letter_events",)
+def test_jobs_schedules_and_sensors_with_their_default_state() -> None:
+    schedules = {s.name: s for s in defs.schedules}
+    assert {s.cron_schedule for s in schedules.values()} >= {"*/5 * * * *", "7 * * * *", "30 3 * * *"}
+    assert all(s.default_status == dg.DefaultScheduleStatus.RUNNING for s in schedules.values())
+    sensors = {s.name for s in defs.sensors}
+    assert sensors == {"backlog_sensor", "check_failure_alert_sensor", "run_failure_alert_sensor"}
+    for job in ("dlq_processing_job", "dlq_analysis_job", "dlq_retention_job", "dlq_partitions_job",
+                "dlq_health_checks_job", "dlq_schema_job"):  # fmt: skip
+        assert defs.resolve_job_def(job).tags["dlq/job"] == job
+
+
+def test_importing_the_code_location_does_no_io() -> None:
+    """No database, no environment: importing the definitions must not connect or read settings."""
+    code = (
+        "import os, socket\n"
+        "os.environ['DLQ_DATABASE_URL'] = 'postgresql://nobody@127.0.0.1:1/none'\n"
+        "def refuse(*a, **k): raise AssertionError('I/O at import time')\n"
+        "socket.socket.connect = refuse\n"
+        "import dlq_assets.definitions\n"
+        "print('ok')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
