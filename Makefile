@@ -1,10 +1,11 @@
-# The front door: `make run` sets everything up and runs the demo on the embedded PostgreSQL;
-# `make test` runs the test suite (against a throwaway embedded server, or $DLQ_TEST_DATABASE_URL).
+# The front door: `make run` sets everything up, loads and processes a demo backlog on the embedded
+# PostgreSQL, then serves the Dagster UI on http://127.0.0.1:3000 (Ctrl-C stops it);
+# `make demo` does the first part only; `make test` runs the test suite.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: install run test lint stop clean
+.PHONY: install run demo dev test lint stop clean
 
 $(BIN)/dlq: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,8 +15,13 @@ $(BIN)/dlq: pyproject.toml
 
 install: $(BIN)/dlq
 
-run: install
+run: demo dev
+
+demo: install
 	$(BIN)/dlq demo
+
+dev: install
+	$(BIN)/dlq dev
 
 test: install
 	$(BIN)/pytest

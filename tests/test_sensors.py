@@ -240,3 +240,31 @@ def test_a_failed_run_is_reported(instance: dg.DagsterInstance, webhook: Webhook
 
     webhook.status = 500
     run_failure_alert_sensor(context)  # a failing webhook is logged, not raised
+
+
+def test_the_backlog_sensor_launches_processing_past_the_threshold_once(
+    db_url: str, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from dlq_assets.definitions import defs
+    from dlq_assets.sensors import backlog_sensor
+
+    monkeypatch.setenv(sensors.BACKLOG_THRESHOLD_ENV, "5")
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        for i in range(4):
+            conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', %s)", (json.dumps({"n": i}),))
+
+        def evaluate() -> Any:
+            with dg.build_sensor_context(
+                instance=instance, resources={"database": DLQDatabase(url=db_url)}, definitions=defs
+            ) as context:
+                return backlog_sensor(context)
+
+        assert isinstance(evaluate(), dg.SkipReason)  # 4 pending, threshold 5
+        for i in range(4, 8):
+            conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', %s)", (json.dumps({"n": i}),))
+    request = evaluate()
+    assert isinstance(request, dg.RunRequest) and request.tags["dlq/pending"] == "8"
+    # A processing run already running: no second one.
+    instance.add_run(dg.DagsterRun(job_name="dlq_processing_job", run_id="r1", status=dg.DagsterRunStatus.STARTED))
+    skipped = evaluate()
+    assert isinstance(skipped, dg.SkipReason) and "already active" in skipped.skip_message
