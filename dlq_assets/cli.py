@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import time
 from collections.abc import Callable
 from datetime import UTC, date, datetime
 from decimal import Decimal
@@ -13,6 +14,10 @@ from typing import Any, NoReturn
 
 import click
 import psycopg
+from rich import box
+from rich.console import Console
+from rich.live import Live
+from rich.table import Table
 
 from dlq_assets import db
 from dlq_assets.embedded import EmbeddedServer, EmbeddedServerError, default_data_dir
@@ -51,6 +56,8 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise  # click's own control flow (--help, Ctrl-C, usage errors); Exit is a RuntimeError
         except (psycopg.Error, MigrationError, EmbeddedServerError, RuntimeError, OSError, ValueError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -104,13 +111,253 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, as_json
     _emit(report.as_dict(), as_json, _table)
 
 
+EXIT_UNHEALTHY = 5
+
+
+def _health_data(conn: psycopg.Connection[Any], limits: Any) -> dict[str, Any]:
+    from dlq_assets.health import breaches, snapshot
+
+    current = snapshot(conn, success_window_minutes=limits.success_window_minutes)
+    return {**current.as_dict(), "breaches": breaches(current, limits)}
+
+
+def _health_table(d: dict[str, Any]) -> None:
+    table = Table("metric", "value", box=box.SIMPLE, show_header=False)
+    for key, value in d.items():
+        if key != "breaches":
+            table.add_row(key, "" if value is None else str(value))
+    Console().print(table)
+    for name, why in d["breaches"].items():
+        click.echo(f"BREACHED {name}: {why}")
+    if not d["breaches"]:
+        click.echo("healthy: no threshold breached")
+
+
 @main.command()
+@click.option("--max-high-retry", default=0, show_default=True, type=click.IntRange(0), help="retry_count > 5.")
+@click.option("--max-stale-locks", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--max-backlog-age-hours", default=6.0, show_default=True, type=click.FloatRange(0))
+@click.option("--max-tampered", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--max-malicious", default=0, show_default=True, type=click.IntRange(0))
+@click.option("--min-success-rate", default=0.2, show_default=True, type=click.FloatRange(0, 1))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def health(ctx: click.Context, as_json: bool) -> None:
-    """Show the dlq_health view."""
+def health(
+    ctx: click.Context,
+    max_high_retry: int,
+    max_stale_locks: int,
+    max_backlog_age_hours: float,
+    max_tampered: int,
+    max_malicious: int,
+    min_success_rate: float,
+    as_json: bool,
+) -> None:
+    """The DLQ's health; exits 5 when a threshold is breached (for cron and scripts)."""
+    from dlq_assets.health import Thresholds
+
+    limits = Thresholds(
+        high_retry_events=max_high_retry, stale_locks=max_stale_locks, backlog_age_seconds=max_backlog_age_hours * 3600,
+        tampered_events=max_tampered, malicious_events=max_malicious, min_success_rate=min_success_rate,
+    )  # fmt: skip
     with psycopg.connect(_url(ctx)) as conn:
-        cur = conn.execute("SELECT * FROM dlq_health")
+        data = _health_data(conn, limits)
+    _emit(data, as_json, _health_table)
+    if data["breaches"]:
+        sys.exit(EXIT_UNHEALTHY)
+
+
+@main.command()
+@click.option("--duration", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+              help="Minutes to watch.")  # fmt: skip
+@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds.")
+@click.option("--json", "as_json", is_flag=True, help="One JSON line per refresh.")
+@click.pass_context
+def monitor(ctx: click.Context, duration: float, interval: float, as_json: bool) -> None:
+    """Watch health, throughput and breakers live."""
+    from dlq_assets.health import Thresholds
+
+    limits = Thresholds()
+    deadline = time.monotonic() + duration * 60
+    with psycopg.connect(_url(ctx), autocommit=True) as conn:
+        if as_json:
+            while True:
+                click.echo(json.dumps(_monitor_data(conn, limits), default=_json_default, sort_keys=True))
+                if time.monotonic() + interval > deadline:
+                    return
+                time.sleep(interval)
+        with Live(_monitor_view(_monitor_data(conn, limits)), refresh_per_second=4, transient=False) as live:
+            while time.monotonic() + interval <= deadline:
+                time.sleep(interval)
+                live.update(_monitor_view(_monitor_data(conn, limits)))
+
+
+def _monitor_data(conn: psycopg.Connection[Any], limits: Any) -> dict[str, Any]:
+    data = _health_data(conn, limits)
+    rate = conn.execute(
+        "SELECT coalesce(sum(processed_count), 0), coalesce(sum(repaired_count), 0), "
+        "coalesce(sum(processing_duration_ms), 0) FROM dlq_processing_metrics "
+        "WHERE completed_at > now() - interval '1 minute'"
+    ).fetchone()
+    data["last_minute"] = {"processed": int(rate[0]), "resolved": int(rate[1]), "busy_ms": int(rate[2])}
+    data["at"] = datetime.now(UTC)
+    return data
+
+
+def _monitor_view(d: dict[str, Any]) -> Table:
+    table = Table(title=f"dlq monitor  {d['at']:%H:%M:%S} UTC", box=box.ROUNDED)
+    table.add_column("metric")
+    table.add_column("value", justify="right")
+    for key in ("pending_events", "processed_events", "quarantined_events", "poisoned_events", "locked_events",
+                "stale_locks", "high_retry_events", "backlog_age_seconds", "recent_success_rate"):  # fmt: skip
+        value = d.get(key)
+        table.add_row(key, "-" if value is None else f"{value:.2f}" if isinstance(value, float) else str(value))
+    minute = d["last_minute"]
+    table.add_row("processed / min", str(minute["processed"]))
+    table.add_row("resolved / min", str(minute["resolved"]))
+    table.add_row("open breakers", ", ".join(f"{k}={v}" for k, v in d["open_breakers"].items()) or "none")
+    for name, why in d["breaches"].items():
+        table.add_row(f"[red]{name}[/red]", f"[red]{why}[/red]")
+    return table
+
+
+@main.command()
+@click.option("--since-hours", type=click.FloatRange(min=0, min_open=True), help="Only recent dead letters.")
+@click.option("--top", default=10, show_default=True, type=click.IntRange(1, 100))
+@click.option("--chart", "chart_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def analyze(ctx: click.Context, since_hours: float | None, top: int, chart_path: Path | None, as_json: bool) -> None:
+    """Failure patterns: by reason, source, error class, repair strategy and hour."""
+    from datetime import timedelta
+
+    from dlq_assets.analysis import analyze as run_analysis
+    from dlq_assets.analysis import chart_png
+
+    since = datetime.now(UTC) - timedelta(hours=since_hours) if since_hours else None
+    with psycopg.connect(_url(ctx)) as conn:
+        patterns = run_analysis(conn, since=since, top=top)
+    if chart_path:
+        chart_path.write_bytes(chart_png(patterns))
+    data = {
+        "summary": patterns.summary(),
+        "top_patterns": patterns.top_patterns.head(top).to_dict(orient="records"),
+        "by_reason": patterns.by_reason.to_dict(orient="records"),
+        "by_error_class": patterns.by_error_class.head(top).to_dict(orient="records"),
+        "by_strategy": patterns.by_strategy.to_dict(orient="records"),
+        "chart": str(chart_path) if chart_path else None,
+    }
+    _emit(
+        data,
+        as_json,
+        lambda d: click.echo(patterns.as_markdown(limit=top) + (f"\nchart: {chart_path}" if chart_path else "")),
+    )
+
+
+@main.command()
+@click.argument("event_id", type=int)
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def inspect(ctx: click.Context, event_id: int, as_json: bool) -> None:
+    """One dead letter (or poisoned event): payload, checksum status, error and attempt history."""
+    columns = (
+        "id, reason, source, source_inode, source_offset, priority, classification, retry_count, resolved, "
+        "resolved_at, resolution_method, quarantined_at, next_attempt_at, processing_lock, lock_expires_at, "
+        "created_at, idempotency_key, payload_checksum, "
+        "dlq_payload_checksum(payload) = payload_checksum AS checksum_ok, "
+        "payload, metadata_json, error_history, processing_attempts"
+    )
+    with psycopg.connect(_url(ctx)) as conn:
+        cur = conn.execute(
+            f"SELECT 'dead_letter' AS table_name, {columns} FROM dead_letter_events WHERE id = %s", (event_id,)
+        )
+        row = cur.fetchone()
+        if row is None:
+            cur = conn.execute(
+                f"SELECT 'poison' AS table_name, {columns}, poisoned_at, poison_reason, redrive_count "
+                "FROM dlq_poison_events WHERE id = %s",
+                (event_id,),
+            )
+            row = cur.fetchone()
+        if row is None:
+            _fail(f"no dead letter or poisoned event with id {event_id}", 6)
+        data = dict(zip([c.name for c in cur.description], row, strict=True))
+    _emit(data, as_json, _inspect_view)
+
+
+def _inspect_view(d: dict[str, Any]) -> None:
+    console = Console()
+    if d["table_name"] == "poison":
+        state = "poisoned"
+    elif d["resolved"]:
+        state = "resolved"
+    else:
+        state = "quarantined" if d["quarantined_at"] else "leased" if d["processing_lock"] else "pending"
+    head = Table(box=box.SIMPLE, show_header=False)
+    for key in ("id", "reason", "source", "source_offset", "priority", "classification", "retry_count",
+                "resolution_method", "next_attempt_at", "created_at", "idempotency_key"):  # fmt: skip
+        head.add_row(key, str(d[key]))
+    head.add_row("state", state)
+    head.add_row("checksum", "[green]ok[/green]" if d["checksum_ok"] else "[red]MISMATCH: tampered[/red]")
+    console.print(head)
+    console.print("payload:", json.dumps(d["payload"], ensure_ascii=False)[:2000])
+    for title, entries in (("errors", d["error_history"]), ("attempts", d["processing_attempts"])):
+        table = Table(title=title, box=box.SIMPLE)
+        keys = sorted({k for e in entries for k in e}) or ["-"]
+        for key in keys:
+            table.add_column(key)
+        for entry in entries:
+            table.add_row(*(str(entry.get(k, "")) for k in keys))
+        console.print(table)
+
+
+@main.command()
+@click.option("--release-stale", is_flag=True, help="Release expired leases (each counts as a failed attempt).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def locks(ctx: click.Context, release_stale: bool, as_json: bool) -> None:
+    """Leases held now: by lease, with their events, expiry and whether they are stale."""
+    with psycopg.connect(_url(ctx), autocommit=True) as conn:
+        released = conn.execute("SELECT dlq_release_stale_leases()").fetchone()[0] if release_stale else 0
+        cur = conn.execute(
+            """
+            SELECT processing_lock::text AS lease, count(*) AS events, min(lock_expires_at) AS expires_at,
+                   bool_or(lock_expires_at <= now()) AS stale,
+                   max(processing_attempts -> -1 ->> 'worker') AS worker
+              FROM dead_letter_events WHERE processing_lock IS NOT NULL AND NOT resolved
+             GROUP BY processing_lock ORDER BY min(lock_expires_at)
+            """
+        )
+        leases = [dict(zip([c.name for c in cur.description], r, strict=True)) for r in cur.fetchall()]
+    data = {"released": released, "leases": leases}
+
+    def human(d: dict[str, Any]) -> None:
+        table = Table("lease", "events", "expires_at", "stale", "worker", box=box.SIMPLE)
+        for lease in d["leases"]:
+            table.add_row(lease["lease"], str(lease["events"]), str(lease["expires_at"]),
+                          "[red]yes[/red]" if lease["stale"] else "no", str(lease["worker"]))  # fmt: skip
+        Console().print(table if d["leases"] else "no leases held")
+        if release_stale:
+            click.echo(f"released {d['released']} events from stale leases")
+
+    _emit(data, as_json, human)
+
+
+@main.command()
+@click.argument("action", type=click.Choice(["status", "open", "close", "reset"]))
+@click.option("--name", default="dlq_processing", show_default=True, help="Breaker name.")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON.")
+@click.pass_context
+def breaker(ctx: click.Context, action: str, name: str, as_json: bool) -> None:
+    """Circuit breaker: status, or open / close / reset it by hand."""
+    with psycopg.connect(_url(ctx), autocommit=True) as conn:
+        if action != "status":
+            conn.execute("SELECT dlq_breaker_set(%s, %s)", (name, action))
+        conn.execute("SELECT dlq_breaker_ensure(%s)", (name,))
+        cur = conn.execute(
+            "SELECT breaker_name, state, failure_count, failure_threshold, timeout_seconds, last_failure_time, "
+            "opened_at, next_attempt_time FROM dlq_circuit_breaker_state WHERE breaker_name = %s",
+            (name,),
+        )
         data = dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
     _emit(data, as_json, _table)
 

@@ -132,3 +132,90 @@ def test_process_exits_4_when_the_breaker_is_open(db_url: str) -> None:
         conn.execute("SELECT dlq_breaker_set('dlq_processing', 'open')")
     code, out = run("--database-url", db_url, "process")
     assert code == 4 and "circuit breaker is open" in out
+
+
+def demo_db(db_url: str, tmp_path: Path) -> None:
+    code, out = run("--database-url", db_url, "demo", "--events", "200", "--out", str(tmp_path), "--json")
+    assert code == 0, out
+
+
+def test_health_exits_5_when_a_threshold_is_breached(db_url: str, tmp_path: Path) -> None:
+    demo_db(db_url, tmp_path)
+    code, out = run("--database-url", db_url, "health", "--json")
+    assert code == 0 and json.loads(out)["breaches"] == {}
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(
+            "UPDATE dead_letter_events SET processing_lock = gen_random_uuid(), "
+            "lock_expires_at = now() - interval '1 m' WHERE id = (SELECT min(id) FROM dead_letter_events WHERE NOT resolved)"
+        )
+    code, out = run("--database-url", db_url, "health")
+    assert code == 5 and "BREACHED stale_locks: 1 expired leases still held" in out
+    assert run("--database-url", db_url, "health", "--max-stale-locks", "1")[0] == 0
+
+
+def test_analyze_prints_patterns_and_writes_a_chart(db_url: str, tmp_path: Path) -> None:
+    demo_db(db_url, tmp_path)
+    chart = tmp_path / "chart.png"
+    code, out = run("--database-url", db_url, "analyze", "--chart", str(chart), "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert data["summary"]["total_events"] > 0 and data["by_reason"] and data["chart"] == str(chart)
+    assert chart.read_bytes().startswith(b"\x89PNG")
+    code, out = run("--database-url", db_url, "analyze", "--top", "3")
+    assert code == 0 and "| reason |" in out
+
+
+def test_inspect_shows_history_checksum_and_poisoned_events(db_url: str, tmp_path: Path) -> None:
+    demo_db(db_url, tmp_path)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        (pending,) = conn.execute("SELECT min(id) FROM dead_letter_events WHERE NOT resolved").fetchone()
+    code, out = run("--database-url", db_url, "inspect", str(pending), "--json")
+    data = json.loads(out)
+    assert code == 0 and data["checksum_ok"] and data["error_history"] and data["processing_attempts"]
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE dead_letter_events SET payload = '{\"x\": 1}' WHERE id = %s", (pending,))
+    code, out = run("--database-url", db_url, "inspect", str(pending))
+    assert code == 0 and "MISMATCH" in out
+    assert run("--database-url", db_url, "inspect", "999999")[0] == 6
+
+
+def test_locks_lists_leases_and_releases_stale_ones(db_url: str, tmp_path: Path) -> None:
+    demo_db(db_url, tmp_path)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE dead_letter_events SET next_attempt_at = now() WHERE NOT resolved")
+        conn.execute("SELECT * FROM dlq_claim_events(3, 1)")
+        conn.execute(
+            "UPDATE dead_letter_events SET lock_expires_at = now() - interval '1 s' WHERE processing_lock IS NOT NULL"
+        )
+    code, out = run("--database-url", db_url, "locks", "--json")
+    (lease,) = json.loads(out)["leases"]
+    assert code == 0 and lease["events"] == 3 and lease["stale"]
+    code, out = run("--database-url", db_url, "locks", "--release-stale", "--json")
+    assert code == 0 and json.loads(out) == {"released": 3, "leases": []}
+
+
+def test_breaker_commands_change_the_shared_state(db_url: str) -> None:
+    code, out = run("--database-url", db_url, "breaker", "open", "--name", "target", "--json")
+    assert code == 0 and json.loads(out)["state"] == "open"
+    assert (
+        json.loads(run("--database-url", db_url, "breaker", "status", "--name", "target", "--json")[1])["state"]
+        == "open"
+    )
+    assert (
+        json.loads(run("--database-url", db_url, "breaker", "reset", "--name", "target", "--json")[1])["state"]
+        == "closed"
+    )
+
+
+def test_monitor_json_emits_a_line_per_refresh(db_url: str) -> None:
+    code, out = run("--database-url", db_url, "monitor", "--duration", "0.02", "--interval", "0.5", "--json")
+    lines = [json.loads(line) for line in out.strip().splitlines()]
+    assert code == 0 and len(lines) >= 2 and {"pending_events", "last_minute", "breaches"} <= set(lines[0])
+
+
+def test_every_command_has_help() -> None:
+    commands = ["create", "ingest", "process", "redrive", "cleanup", "health", "monitor", "analyze", "inspect",
+                "locks", "breaker", "demo", "dev", "db"]  # fmt: skip
+    for command in commands:
+        code, out = run(command, "--help")
+        assert code == 0 and "Usage:" in out, command
