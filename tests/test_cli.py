@@ -146,7 +146,8 @@ def test_health_exits_5_when_a_threshold_is_breached(db_url: str, tmp_path: Path
     with psycopg.connect(db_url, autocommit=True) as conn:
         conn.execute(
             "UPDATE dead_letter_events SET processing_lock = gen_random_uuid(), "
-            "lock_expires_at = now() - interval '1 m' WHERE id = (SELECT min(id) FROM dead_letter_events WHERE NOT resolved)"
+            "lock_expires_at = now() - interval '1 m' "
+            "WHERE id = (SELECT min(id) FROM dead_letter_events WHERE NOT resolved)"
         )
     code, out = run("--database-url", db_url, "health")
     assert code == 5 and "BREACHED stale_locks: 1 expired leases still held" in out
