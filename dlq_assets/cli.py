@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import json
 import sys
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -17,6 +19,7 @@ import psycopg
 from rich import box
 from rich.console import Console
 from rich.live import Live
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from dlq_assets import db
@@ -394,7 +397,18 @@ def process(
         lease_seconds=lease_seconds, priority_max=priority, reason=reason, limit=limit,
         time_budget_seconds=time_budget, max_events_per_second=max_events_per_second,
     )  # fmt: skip
-    report = run_workers(_url(ctx), config, workers=workers)
+    url = _url(ctx)
+    with psycopg.connect(url) as conn:
+        (due,) = conn.execute(
+            "SELECT count(*) FROM dead_letter_events WHERE NOT resolved AND quarantined_at IS NULL "
+            "AND next_attempt_at <= now() AND (%(p)s::int IS NULL OR priority <= %(p)s) "
+            "AND (%(r)s::text IS NULL OR reason = %(r)s)",
+            {"p": priority, "r": reason},
+        ).fetchone()
+    total = min(due, limit) if limit else due
+    done_sql = "SELECT coalesce(sum(batch_size), 0) FROM dlq_processing_metrics WHERE started_at >= %(started)s"
+    with _polled_progress(url, "process", total, done_sql, {}, hidden=as_json):
+        report = run_workers(url, config, workers=workers)
     _emit(report.as_dict() | {"batch_seconds": None}, as_json, _process_summary)
     if report.breaker_denied:
         sys.exit(4)
@@ -451,6 +465,44 @@ def redrive(
     ))  # fmt: skip
 
 
+_EXPIRED = (
+    "SELECT count(*) FROM dead_letter_events WHERE resolved AND quarantined_at IS NULL "
+    "AND resolved_at < %(started)s - make_interval(days => %(days)s)"
+)
+
+
+@contextmanager
+def _polled_progress(
+    url: str, label: str, total: int, done_sql: str, params: dict[str, Any], *, hidden: bool
+) -> Iterator[None]:
+    """A progress bar on stderr fed by a thread that asks the database how much is done (``done_sql`` gets
+    ``params`` and the start time as ``started``), so the work needs no hooks and several workers add up."""
+    if hidden or total <= 0:
+        yield
+        return
+    started = datetime.now(UTC)
+    stop = threading.Event()
+    with Progress(
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+        transient=True,
+    ) as progress:  # fmt: skip
+        task = progress.add_task(label, total=total)
+
+        def poll() -> None:
+            with psycopg.connect(url, autocommit=True) as conn:
+                while not stop.wait(0.5):
+                    (done,) = conn.execute(done_sql, {**params, "started": started}).fetchone()
+                    progress.update(task, completed=min(int(done), total))
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+
+
 def _utc(moment: datetime | None) -> datetime | None:
     return moment.replace(tzinfo=UTC) if moment is not None and moment.tzinfo is None else moment
 
@@ -468,10 +520,16 @@ def cleanup(
     """Retention: delete resolved events older than N days in batches, drop expired partitions."""
     from dlq_assets.retention import run_retention
 
-    report = run_retention(
-        _url(ctx), older_than_days=older_than_days, batch_size=batch_size, dry_run=dry_run,
-        drop_partitions=not keep_partitions,
-    )  # fmt: skip
+    url = _url(ctx)
+    with psycopg.connect(url) as conn:
+        (eligible,) = conn.execute(_EXPIRED, {"started": datetime.now(UTC), "days": older_than_days}).fetchone()
+    done_sql = f"SELECT %(eligible)s - ({_EXPIRED})"
+    params = {"eligible": eligible, "days": older_than_days}
+    with _polled_progress(url, "cleanup", eligible, done_sql, params, hidden=as_json or dry_run):
+        report = run_retention(
+            url, older_than_days=older_than_days, batch_size=batch_size, dry_run=dry_run,
+            drop_partitions=not keep_partitions,
+        )  # fmt: skip
     verb = "would delete" if dry_run else "deleted"
     _emit(dataclasses.asdict(report), as_json, lambda d: click.echo(
         f"{verb} {d['rows_deleted']} resolved events older than {older_than_days} days in {d['batches']} batches; "
