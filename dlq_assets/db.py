@@ -7,11 +7,13 @@ under the local data dir is started or joined and its ``dlq`` database is create
 from __future__ import annotations
 
 import os
+import re
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
 
 from dlq_assets.embedded import EmbeddedServer, default_data_dir
 
@@ -36,6 +38,10 @@ def normalize_url(url: str) -> str:
         return f"postgresql://{rest}"
     if scheme != "postgresql":
         raise ValueError(f"not a PostgreSQL URL: {redact(url)}")
+    try:
+        conninfo_to_dict(url)  # libpq's own parse: its errors quote the whole URL, password and all
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(redact(str(exc))) from None
     return url
 
 
@@ -49,13 +55,14 @@ def with_database(url: str, database: str) -> str:
     return urlunsplit(parts._replace(path=f"/{database}"))
 
 
+# A password in a URL's userinfo (up to its last "@"), or in a password= parameter (URL query, key=value conninfo),
+# wherever it appears: a URL, a conninfo string, an error message quoting either.
+_PASSWORDS = re.compile(r"(://[^/:@\s]*:)[^\s'\"]*(?=@)|(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&]*)", re.I)
+
+
 def redact(url: str) -> str:
-    """The URL with its password replaced, for anything a person or a log may see."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return urlunsplit(parts._replace(netloc=netloc))
+    """The URL (or conninfo, or a message holding one) with every password replaced, for what a person or log sees."""
+    return _PASSWORDS.sub(lambda m: f"{m[1] or m[2]}***", url)
 
 
 def connect(url: str | None = None, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:

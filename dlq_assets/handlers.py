@@ -6,10 +6,12 @@ It never writes: the worker writes every ``target`` to ``raw_events`` and comple
 
 from __future__ import annotations
 
+import json
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any, Protocol
 
 from dlq_assets import jsonutil
@@ -33,12 +35,18 @@ class ClaimedEvent:
     retry_count: int
     priority: int
 
-    @property
+    @cached_property
     def payload(self) -> Any:
         return jsonutil.loads(self.payload_text)
 
     def raw_bytes(self) -> bytes:
         return raw_bytes_of(self.payload, self.metadata.get("payload_form"))
+
+    def raw_record(self) -> bytes | str:
+        """What ``repair_record`` takes: raw text as text (no parse of the wrapper with Decimals, no encoding)."""
+        if self.metadata.get("payload_form") == "raw_text":
+            return json.loads(self.payload_text)["raw_text"]
+        return self.raw_bytes()
 
 
 @dataclass(frozen=True)
@@ -51,6 +59,8 @@ class Target:
     source_offset: int
     dlq_event_id: int
     strategy: str
+    text: str | None = None  # JSON text of ``event`` when at hand: written as it is, not rendered again
+    checksum: str | None = None  # of the canonical form, when known (else the database computes it)
 
 
 @dataclass(frozen=True)
@@ -72,8 +82,16 @@ class Claimer(Protocol):
 
     def claim_neighbours(self, event: ClaimedEvent, window_bytes: int) -> list[ClaimedEvent]: ...
 
+    def claim_neighbours_of(self, events: Sequence[ClaimedEvent], window_bytes: int) -> list[ClaimedEvent]:
+        """Free dead letters contiguous with ``events`` in their files (within the window), in one round trip."""
+        ...
+
     def unresolved_next_to(self, source: str, inode: str | None, start: int, end: int) -> bool:
         """Is there an unresolved dead letter outside this lease right before ``start`` or right after ``end``?"""
+        ...
+
+    def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
+        """Indexes of the ``(source, inode, start, end)`` spans for which ``unresolved_next_to`` holds."""
         ...
 
 
@@ -83,12 +101,14 @@ class Handler(Protocol):
     def handle(self, events: Sequence[ClaimedEvent], claimer: Claimer) -> list[Outcome]: ...
 
 
-def _target(event: ClaimedEvent, repaired: dict[str, Any], strategy: str, offset: int | None = None) -> Target:
+def _target(
+    event: ClaimedEvent, repaired: dict[str, Any], strategy: str, text: str | None = None, checksum: str | None = None
+) -> Target:
     """Where the event goes: its original position, or a DLQ-scoped one for dead letters without a source."""
     if event.source is None or event.source_offset is None:
-        return Target(repaired, "dlq-repair", "", event.id, event.id, strategy)
-    offset = event.source_offset if offset is None else offset
-    return Target(repaired, event.source, event.source_inode or "", offset, event.id, strategy)
+        return Target(repaired, "dlq-repair", "", event.id, event.id, strategy, text, checksum)
+    return Target(repaired, event.source, event.source_inode or "", event.source_offset, event.id, strategy, text,
+                  checksum)  # fmt: skip
 
 
 @dataclass
@@ -102,9 +122,9 @@ class CowrieRepairHandler:
         outcomes: dict[int, Outcome] = {}
         unrepaired: list[tuple[ClaimedEvent, str]] = []
         for event in events:
-            result = repair_record(event.raw_bytes())
+            result = repair_record(event.raw_record())
             if result.event is not None and result.strategy is not None:
-                target = _target(event, result.event, result.strategy)
+                target = _target(event, result.event, result.strategy, result.text)
                 outcomes[event.id] = Outcome(event.id, "resolved", f"repair:{result.strategy}", target=target)
             else:
                 unrepaired.append((event, result.reason or "unrepairable"))
@@ -125,15 +145,16 @@ class CowrieRepairHandler:
         for event, _ in unrepaired:
             if event.source is not None and event.source_offset is not None:
                 by_source[(event.source, event.source_inode or "")][event.id] = event
+        if by_source:
+            seeds = [event for members in by_source.values() for event in members.values()]
+            for neighbour in claimer.claim_neighbours_of(seeds, self.stitch_window_bytes):
+                by_source[(neighbour.source or "", neighbour.source_inode or "")].setdefault(neighbour.id, neighbour)
         outcomes: dict[int, Outcome] = {}
         for members in by_source.values():
-            for event in list(members.values()):
-                for neighbour in claimer.claim_neighbours(event, self.stitch_window_bytes):
-                    members.setdefault(neighbour.id, neighbour)
             fragments = [Fragment(e.id, e.source_offset or 0, e.raw_bytes()) for e in members.values()]
             for stitched in stitch_fragments(fragments):
                 first = min((members[k] for k in stitched.keys), key=lambda e: e.source_offset or 0)
-                target = _target(first, stitched.event, stitched.strategy)
+                target = _target(first, stitched.event, stitched.strategy, stitched.text)
                 for key in stitched.keys:
                     outcomes[key] = Outcome(
                         key, "resolved", f"repair:{stitched.strategy}", target=target if key == first.id else None
@@ -155,18 +176,17 @@ def _waiting_for_fragments(events: list[ClaimedEvent], claimer: Claimer) -> set[
     for event in events:
         if event.id in spans:
             by_source[(event.source or "", event.source_inode)].append(event)
-    waiting: set[int] = set()
-    for (source, inode), members in by_source.items():
+    chains: list[list[ClaimedEvent]] = []
+    for members in by_source.values():
         members.sort(key=lambda e: spans[e.id][0])
-        chain = [members[0]]
-        for event in [*members[1:], None]:
-            if event is not None and spans[event.id][0] - spans[chain[-1].id][1] in (1, 2):
-                chain.append(event)  # the next record in the file: same chain
-                continue
-            if claimer.unresolved_next_to(source, inode, spans[chain[0].id][0], spans[chain[-1].id][1]):
-                waiting.update(e.id for e in chain)
-            chain = [event] if event is not None else []
-    return waiting
+        chains.append([members[0]])
+        for event in members[1:]:
+            if spans[event.id][0] - spans[chains[-1][-1].id][1] in (1, 2):
+                chains[-1].append(event)  # the next record in the file: same chain
+            else:
+                chains.append([event])
+    edges = [(c[0].source or "", c[0].source_inode, spans[c[0].id][0], spans[c[-1].id][1]) for c in chains]
+    return {e.id for n in claimer.unresolved_next_to_any(edges) for e in chains[n]}
 
 
 @dataclass
@@ -181,7 +201,8 @@ class ReplayHandler:
             payload = event.payload
             result = validate_event(payload)
             if result.valid:
-                outcomes.append(Outcome(event.id, "resolved", "replay", target=_target(event, payload, "replay")))
+                target = _target(event, payload, "replay", event.payload_text, event.payload_checksum)  # verified
+                outcomes.append(Outcome(event.id, "resolved", "replay", target=target))
             else:
                 outcomes.append(
                     Outcome(event.id, "failed", error_class="invalid_event", message="; ".join(result.errors))

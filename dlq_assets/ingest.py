@@ -213,6 +213,10 @@ def ingest_file(
     """Ingest one file into the database ``conn`` points at, committing batch by batch."""
     path = Path(path).resolve()
     source, inode = str(path), str(path.stat().st_ino)
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:  # a file name in another encoding: no text column can name it
+        raise ValueError(f"cannot ingest {source!r}: its path is not valid UTF-8") from None
     for batch in _batches(read_file(path), batch_size):
         routed = [route(record) for record in batch]
         raw = [r for r in routed if isinstance(r, _RawRow)]

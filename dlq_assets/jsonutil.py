@@ -21,6 +21,10 @@ def _reject_constant(name: str) -> Any:
     raise NotStorableJSON(f"{name} is not a JSON number")
 
 
+# One decoder for every call: json.loads with hooks builds a new one each time, a third of a small parse.
+_DECODER = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+
+
 def _check_string(value: str) -> None:
     if "\x00" in value:
         raise NotStorableJSON("string holds a NUL character (\\u0000), which jsonb cannot store")
@@ -50,7 +54,9 @@ def loads(text: str | bytes) -> Any:
     """
     if isinstance(text, bytes):
         text = text.decode("utf-8")
-    value = json.loads(text, parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+    if text.startswith("\ufeff"):  # as json.loads says it (the decoder itself would not)
+        raise json.JSONDecodeError("Unexpected UTF-8 BOM (decode using utf-8-sig)", text, 0)
+    value = _DECODER.decode(text)
     _check(value)
     return value
 

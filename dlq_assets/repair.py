@@ -9,9 +9,10 @@ Cowrie's catalogue (:func:`validate_event`) or it is refused, with the reason wh
 from __future__ import annotations
 
 import base64
+import json
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
 
@@ -76,6 +77,9 @@ class RepairResult:
     event: dict[str, Any] | None
     strategy: str | None
     reason: str | None
+    # The JSON text the event was parsed from (not canonical): a writer can hand it to jsonb as it is instead of
+    # rendering the event again.
+    text: str | None = field(default=None, compare=False, repr=False)
 
     @property
     def repaired(self) -> bool:
@@ -98,6 +102,7 @@ class Stitched:
     keys: tuple[Any, ...]
     event: dict[str, Any]
     strategy: str = STITCH
+    text: str | None = field(default=None, compare=False, repr=False)  # as RepairResult.text
 
 
 class _Refused(Exception):
@@ -328,29 +333,68 @@ def _load(text: str) -> Any:
     return value
 
 
-def _checked(value: Any, strategy: str) -> RepairResult:
+def _checked(value: Any, strategy: str, text: str) -> RepairResult:
     if not isinstance(value, dict):
         return _refused(NOT_AN_OBJECT)
     result = validate_event(value)
     if not result.valid:  # errors quote the bad values: keep the reason readable
         return _refused(f"{VALIDATION_FAILED}: {'; '.join(result.errors)}"[:_MAX_REASON])
-    return RepairResult(value, strategy, None)
+    return RepairResult(value, strategy, None, text)
+
+
+_COMMA_ERRORS = ("Expecting property name enclosed in double quotes", "Expecting value")
+_ENDS_A_VALUE = ('"', "}", "]", "e", "l")  # a string, a bracket, true/false, null: never a number (may be cut)
+_QUICK_STEPS = 4
+
+
+def _quick_fix(text: str, error: ValueError, close: bool) -> tuple[str, bool, Any] | None:
+    """The tokenizer's result for the faults most dead letters have, found where the parser stopped; else None.
+
+    The parser reports its first error, so the text before it is valid: a comma it met right before a closer is a
+    trailing comma (which the tokenizer drops), and, with ``close``, an object that ended after a complete value
+    needs the one brace the tokenizer would add. Each fix is re-parsed; anything else (or more) goes to the
+    tokenizer. Returns ``(fixed, closed, value)``.
+    """
+    closed = False
+    for _ in range(_QUICK_STEPS):
+        if not isinstance(error, json.JSONDecodeError):
+            return None
+        at, before = error.pos, text[: error.pos].rstrip(_BLANKS)
+        if error.msg in _COMMA_ERRORS and text[at : at + 1] in ("}", "]") and before.endswith(","):
+            text = before[:-1] + text[len(before) :]
+        elif close and not closed and error.msg == "Expecting ',' delimiter" and at == len(text):
+            if not before.endswith(_ENDS_A_VALUE):
+                return None
+            text, closed = text + "}", True
+        else:
+            return None
+        try:
+            return text, closed, _load(text)
+        except _Refused:
+            return None
+        except ValueError as exc:
+            error = exc
+    return None
 
 
 def _repair_text(text: str, *, close: bool) -> RepairResult:
     try:
         try:
-            value, strategy, closed = _load(text), AS_IS, False
-        except ValueError:
-            fixed, closed = _fix(text, close)
+            fixed, strategy, closed = text, AS_IS, False
+            value = _load(text)
+        except ValueError as error:
             strategy = TOKENIZER_FIX
-            try:
-                value = _load(fixed)
-            except ValueError:  # the tokenizer let through what the parser refuses: refuse, never raise
-                return _refused(NOT_JSON)
+            if quick := _quick_fix(text, error, close):
+                fixed, closed, value = quick
+            else:
+                fixed, closed = _fix(text, close)
+                try:
+                    value = _load(fixed)
+                except ValueError:  # the tokenizer let through what the parser refuses: refuse, never raise
+                    return _refused(NOT_JSON)
     except _Refused as exc:
         return _refused(exc.reason)
-    result = _checked(value, strategy)
+    result = _checked(value, strategy, fixed)
     if closed and result.event is not None and (absent := [k for k in _APPENDED_LAST if k not in value]):
         return _refused(f"{UNCLOSED}: lacks {', '.join(absent)}")
     return result
@@ -417,8 +461,8 @@ def _fragment_text(raw: bytes) -> str | None:
         return None
 
 
-def _group(ordered: Sequence[Fragment], texts: list[str | None], start: int) -> tuple[int, dict[str, Any]] | None:
-    """The shortest group from ``start`` that closes its object, if it validates: (size, event)."""
+def _group(ordered: Sequence[Fragment], texts: list[str | None], start: int) -> tuple[int, RepairResult] | None:
+    """The shortest group from ``start`` that closes its object, if it validates: (size, its repair)."""
     lexer, pieces, size = _Lexer(), [], 0
     for k in range(start, min(start + MAX_GROUP, len(ordered))):
         text = texts[k]
@@ -443,7 +487,7 @@ def _group(ordered: Sequence[Fragment], texts: list[str | None], start: int) -> 
         if state == _BROKEN or k == start:  # a whole record on its own is repair_record's business
             return None
         result = _repair_text("".join(pieces), close=False)
-        return (k - start + 1, result.event) if result.event is not None else None
+        return (k - start + 1, result) if result.event is not None else None
     return None
 
 
@@ -464,9 +508,10 @@ def stitch_fragments(fragments: Sequence[Fragment]) -> list[Stitched]:
             candidates.append((found[0], start, found[1]))
     used: set[int] = set()
     chosen = []
-    for size, start, event in sorted(candidates, key=lambda c: (c[0], c[1])):
+    for size, start, result in sorted(candidates, key=lambda c: (c[0], c[1])):
         members = range(start, start + size)
         if used.isdisjoint(members):
             used.update(members)
-            chosen.append((start, Stitched(tuple(ordered[k].key for k in members), event)))
+            keys = tuple(ordered[k].key for k in members)
+            chosen.append((start, Stitched(keys, result.event, text=result.text)))
     return [stitched for _, stitched in sorted(chosen, key=lambda c: c[0])]

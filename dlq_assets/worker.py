@@ -380,7 +380,7 @@ class Worker:
 
     def _complete(self, conn: psycopg.Connection[Any], lease: uuid.UUID, outcomes: list[Outcome]) -> dict[int, str]:
         rows = conn.execute(
-            "SELECT event_id, final_state FROM dlq_complete_batch(%s, %s, %s, %s, %s, %s)",
+            "SELECT event_id, final_state FROM dlq_complete_batch(%s, %b, %b, %b, %b, %b)",
             (
                 lease,
                 [o.event_id for o in outcomes],
@@ -435,11 +435,6 @@ class Worker:
         )
 
 
-def _record_bytes(event: ClaimedEvent) -> int:
-    length = event.metadata.get("record_bytes")
-    return length if isinstance(length, int) else 0
-
-
 def _counted(states: dict[int, str], uncounted: set[int]) -> dict[int, str]:
     """Final states without the neighbours leased for stitching and given back unused: not this batch's work."""
     return {event_id: state for event_id, state in states.items() if event_id not in uncounted}
@@ -453,37 +448,46 @@ class _BatchSession:
         self.neighbours: list[ClaimedEvent] = []
 
     def claim_neighbours(self, event: ClaimedEvent, window_bytes: int) -> list[ClaimedEvent]:
-        if event.source is None or event.source_offset is None:
+        return self.claim_neighbours_of([event], window_bytes)
+
+    def claim_neighbours_of(self, events: Sequence[ClaimedEvent], window_bytes: int) -> list[ClaimedEvent]:
+        """One statement for the whole batch (one per event cost more than the batch), contiguous records only."""
+        ids = [e.id for e in events if e.source is not None and e.source_offset is not None]
+        if not ids:
             return []
         rows = self.conn.execute(
-            f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_neighbours(%s, %s, %s, %s, %s, %s)",
-            (
-                self.lease,
-                event.source,
-                event.source_inode,
-                event.source_offset - window_bytes,
-                event.source_offset + _record_bytes(event) + window_bytes,
-                self.lease_seconds,
-            ),
+            f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_fragment_chains(%s, %s, %s, %s)",
+            (self.lease, ids, window_bytes, self.lease_seconds),
         ).fetchall()
         found = [_claimed(r) for r in rows]
         self.neighbours.extend(found)
         return found
 
     def unresolved_next_to(self, source: str, inode: str | None, start: int, end: int) -> bool:
-        (found,) = self.conn.execute(
+        return bool(self.unresolved_next_to_any([(source, inode, start, end)]))
+
+    def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
+        """Indexes of the spans with an unresolved dead letter outside this lease right before or after them."""
+        if not spans:
+            return set()
+        sources, inodes, starts, ends = (list(column) for column in zip(*spans, strict=True))
+        rows = self.conn.execute(
             """
-            SELECT EXISTS (
-                SELECT 1 FROM dead_letter_events
-                 WHERE source = %(source)s AND source_inode IS NOT DISTINCT FROM %(inode)s
-                   AND source_offset BETWEEN %(start)s - %(window)s AND %(end)s + 2
-                   AND (source_offset IN (%(end)s + 1, %(end)s + 2)
-                        OR source_offset + (metadata_json ->> 'record_bytes')::bigint + 1 IN (%(start)s, %(start)s - 1))
-                   AND NOT resolved AND quarantined_at IS NULL AND processing_lock IS DISTINCT FROM %(lease)s)
+            SELECT s.n - 1 FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
+                   WITH ORDINALITY AS s(source, inode, start_at, end_at, n)
+             CROSS JOIN LATERAL (  -- per span, on the (source, source_offset) index
+                   SELECT 1 FROM dead_letter_events d
+                    WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
+                      AND d.source_offset BETWEEN s.start_at - %s AND s.end_at + 2
+                      AND (d.source_offset IN (s.end_at + 1, s.end_at + 2)
+                           OR d.source_offset + (d.metadata_json ->> 'record_bytes')::bigint + 1
+                              IN (s.start_at, s.start_at - 1))
+                      AND NOT d.resolved AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
+                    LIMIT 1) found
             """,
-            {"source": source, "inode": inode, "start": start, "end": end, "window": 64 * 1024, "lease": self.lease},
-        ).fetchone()
-        return bool(found)
+            (sources, inodes, starts, ends, 64 * 1024, self.lease),
+        ).fetchall()
+        return {n for (n,) in rows}
 
 
 class _Heartbeat:
@@ -533,17 +537,18 @@ class _Heartbeat:
 
 
 def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
+    """Payloads go as the JSON text at hand (jsonb canonicalises it), arrays in binary (no per-item escaping);
+    a checksum not known yet is taken from the stored payload, which is what the checksum covers."""
     if not targets:
         return 0
-    rendered = [jsonutil.canonical_with_checksum(t.event) for t in targets]
     cur = conn.execute(
         """
         INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
                                 payload, payload_checksum, dlq_event_id, repair_strategy)
         SELECT t.source, t.inode, t.off, t.payload->>'eventid', t.payload->>'session',
-               (t.payload->>'src_ip')::inet, (t.payload->>'timestamp')::timestamptz, t.payload, t.checksum,
-               t.dlq_id, t.strategy
-          FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::jsonb[], %s::text[], %s::bigint[], %s::text[])
+               (t.payload->>'src_ip')::inet, (t.payload->>'timestamp')::timestamptz, t.payload,
+               coalesce(t.checksum, dlq_payload_checksum(t.payload)), t.dlq_id, t.strategy
+          FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[]::jsonb[], %b::text[], %b::bigint[], %b::text[])
                AS t(source, inode, off, payload, checksum, dlq_id, strategy)
         ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
         """,
@@ -551,8 +556,8 @@ def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
             [t.source for t in targets],
             [t.source_inode for t in targets],
             [t.source_offset for t in targets],
-            [text for text, _ in rendered],
-            [checksum for _, checksum in rendered],
+            [jsonutil.canonical_json(t.event) if t.text is None else t.text for t in targets],
+            [t.checksum for t in targets],
             [t.dlq_event_id for t in targets],
             [t.strategy for t in targets],
         ),

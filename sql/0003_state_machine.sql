@@ -99,6 +99,7 @@ BEGIN
           FROM dead_letter_events e
           JOIN input i ON i.id = e.id
          WHERE e.processing_lock = p_lease AND NOT e.resolved
+           AND e.quarantined_at IS NULL  -- a quarantine is never lifted by a lease, however it was taken
            FOR UPDATE OF e
     ), decided AS (
         SELECT o.*, o.retry_count + 1 AS attempt, pol.max_attempts, pol.backoff_base_seconds,
@@ -132,7 +133,8 @@ BEGIN
                                                                           d.backoff_cap_seconds, d.jitter)::double precision)
                    ELSE e.next_attempt_at END,
                quarantined_at = CASE WHEN d.state = 'quarantined' THEN now() ELSE e.quarantined_at END,
-               classification = CASE WHEN d.state = 'quarantined' THEN 'tampered' ELSE e.classification END,
+               classification = CASE WHEN d.state = 'quarantined' AND e.classification IS DISTINCT FROM 'malicious'
+                                     THEN 'tampered' ELSE e.classification END,  -- malicious stays hidden
                reason = CASE WHEN d.state = 'quarantined' THEN 'checksum_mismatch' ELSE e.reason END,
                metadata_json = CASE WHEN d.state = 'quarantined'
                    THEN coalesce(e.metadata_json, '{}'::jsonb) || jsonb_build_object('original_reason', e.reason)
@@ -198,7 +200,8 @@ END
 $$;
 
 -- The design's "dead letter for dead letter": record that processing an event failed, outside any lease
--- (for example a handler crash reported by a supervisor). Counts as one failed attempt with backoff, or moves
+-- (for example a handler crash reported by a supervisor). It reaches any row by id, so only the owner
+-- (operators) may call it: a processor would reach rows that row security hides from it. Counts as one failed attempt with backoff, or moves
 -- the event to the poison table when the policy says so. Returns the event's final state.
 CREATE FUNCTION record_dlq_processing_failure(p_dlq_id bigint, p_error_type text, p_error_message text)
     RETURNS text
@@ -285,7 +288,6 @@ GRANT SELECT ON dlq_retry_policies TO dlq_processor_role, dlq_reader, security_a
 GRANT EXECUTE ON FUNCTION dlq_heartbeat(uuid, integer) TO dlq_processor_role;
 GRANT EXECUTE ON FUNCTION dlq_complete_batch(uuid, bigint[], text[], text[], text[], text[]) TO dlq_processor_role;
 GRANT EXECUTE ON FUNCTION dlq_release_stale_leases() TO dlq_processor_role;
-GRANT EXECUTE ON FUNCTION record_dlq_processing_failure(bigint, text, text) TO dlq_processor_role;
 REVOKE EXECUTE ON FUNCTION dlq_claim_events(integer, integer, integer, text, text) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dlq_heartbeat(uuid, integer) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dlq_complete_batch(uuid, bigint[], text[], text[], text[], text[]) FROM PUBLIC;

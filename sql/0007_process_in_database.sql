@@ -241,6 +241,8 @@ BEGIN
         PERFORM dlq_release_stale_leases();
     END IF;
     -- Claim only dead letters stored as JSON (no repair needed); raw text waits for the Python worker.
+    -- Never malicious ones: this function runs as its owner, and their payloads would reach raw_events,
+    -- which processors read.
     FOR v_row IN EXECUTE
         'UPDATE dead_letter_events e
             SET processing_lock = $1, lock_expires_at = now() + interval ''30 minutes'', last_processed_at = now(),
@@ -252,6 +254,7 @@ BEGIN
                  WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
                    AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
                    AND coalesce(c.metadata_json ->> ''payload_form'', ''json'') = ''json''
+                   AND c.classification IS DISTINCT FROM ''malicious''
                    AND ($2::integer IS NULL OR c.priority <= $2)
                    AND ($3::text IS NULL OR c.reason = $3)
                  ORDER BY c.priority, c.created_at, c.id

@@ -35,6 +35,7 @@ BEGIN
                AND (p_from IS NULL OR p.poisoned_at >= p_from)
                AND (p_to IS NULL OR p.poisoned_at < p_to)
                AND p.redrive_count < p_max_redrives
+               AND dlq_payload_checksum(p.payload) = p.payload_checksum  -- tampered ones stay, never work again
              ORDER BY p.poisoned_at, p.id
              LIMIT p_limit
                FOR UPDATE SKIP LOCKED) s;
@@ -79,7 +80,9 @@ CREATE FUNCTION dlq_redrive_candidates(
 ) RETURNS TABLE (event_id bigint, action text)
     LANGUAGE sql STABLE SECURITY DEFINER SET search_path = public, pg_temp
 AS $$
-    SELECT p.id, CASE WHEN p.redrive_count < p_max_redrives THEN 'would redrive'
+    SELECT p.id, CASE WHEN dlq_payload_checksum(p.payload) IS DISTINCT FROM p.payload_checksum
+                      THEN 'kept: payload checksum mismatch (tampered)'
+                      WHEN p.redrive_count < p_max_redrives THEN 'would redrive'
                       ELSE format('kept: redriven %s times (max %s)', p.redrive_count, p_max_redrives) END
       FROM dlq_poison_events p
      WHERE (p_ids IS NULL OR p.id = ANY (p_ids))

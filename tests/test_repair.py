@@ -12,12 +12,13 @@ from collections.abc import Callable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from unittest import mock
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlq_assets import jsonutil
+from dlq_assets import jsonutil, repair
 from dlq_assets.cowrie import REQUIRED_ATTRIBUTES, validate_event
 from dlq_assets.generator import generate_events, write_corrupted_log
 from dlq_assets.reader import read_records
@@ -796,3 +797,52 @@ def test_repair_never_raises_and_never_invents(raw: str | bytes) -> None:
             assert leaf in strings, leaf
         elif isinstance(leaf, Decimal):
             assert leaf in numbers, leaf
+
+
+def _the_tokenizer_alone(raw: str | bytes) -> RepairResult:
+    with mock.patch.object(repair, "_quick_fix", lambda *args: None):
+        return repair_record(raw)
+
+
+def _same(raw: str | bytes) -> None:
+    quick, slow = repair_record(raw), _the_tokenizer_alone(raw)
+    assert (quick.strategy, quick.reason) == (slow.strategy, slow.reason), raw
+    assert quick.event is None or canonical(quick.event) == canonical(slow.event), raw
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        line(LOGIN)[:-1] + ",}",
+        line(LOGIN)[:-1] + " ,\n }",
+        line(LOGIN)[:-1],
+        line(LOGIN)[:-1] + "\n",
+        line({**LOGIN, "kexAlgs": ["a", "b"]}).replace('"b"]', '"b",]')[:-1] + ",",
+        line({**LOGIN, "kexAlgs": ["a", "b"]}).replace('"b"]', '"b",]')[:-1],
+        line({**LOGIN, "width": 80})[:-1].replace('"session": "3f2a9c0b1d4e"', '"session": "3f2a9c0b1d4e", "n": 5'),
+        line({**LOGIN, "kexAlgs": ["a"]})[:-1].replace(
+            '"session": "3f2a9c0b1d4e"', '"session": "3f2a9c0b1d4e", "k": ["a"'
+        ),
+        line(LOGIN)[:-1] + ",}}",
+        line(LOGIN)[:-1] + ",,}",
+        "{",
+        "{,}",
+        '{"a": }',
+        line(LOGIN).replace('"hp1"', '"hp1",,'),
+    ],
+)
+def test_the_quick_path_gives_what_the_tokenizer_gives(text: str) -> None:
+    _same(text)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_damaged())
+def test_the_quick_path_agrees_with_the_tokenizer_on_damaged_events(text: str) -> None:
+    _same(text)
+
+
+def test_the_quick_path_agrees_with_the_tokenizer_on_generated_corpora(tmp_path: Path) -> None:
+    log = tmp_path / "cowrie.json"
+    write_corrupted_log(log, n_events=1500, seed=8, corruption_rate=0.6)
+    for record in read_records(log.open("rb")):
+        _same(record.raw)

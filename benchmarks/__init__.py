@@ -1,0 +1,1 @@
+"""Benchmarks of the DLQ engine against real PostgreSQL (see benchmarks/README.md)."""

@@ -1,0 +1,724 @@
+"""End-to-end throughput of the Python worker, against the raw set-based ceiling on the same server.
+
+    python -m benchmarks.throughput --events 100000 --workers 2 --json
+    python -m benchmarks.throughput --health --events 1000000
+
+It writes N dead letters straight into the database (set-based, from ~2,000 templates built by the real
+reader and ingest routing, so each row is stored exactly as ingest would store it), keeps the ground truth of
+every row in side tables, runs ``dlq_assets.worker.process`` over the whole backlog, checks that every event
+ended where it must, then reloads the same backlog and times the ceiling: one set-based claim-and-resolve
+``UPDATE`` per batch and nothing else, with as many connections as workers. See benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import math
+import os
+import random
+import resource
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import psutil
+import psycopg
+from psycopg import sql
+
+from dlq_assets.worker import WorkerConfig, process
+
+# Per 100 dead letters. Resolvable: repairable raw text (a trailing comma, a lost closing brace) and valid events
+# after a transient failure. Not resolvable: cut values and binary junk (retried later, nothing invented),
+# malicious records (fail validation). Tampered: payload changed after insert, so quarantined.
+MIX = {
+    "trailing_comma": 30,
+    "missing_brace": 30,
+    "transient": 25,
+    "cut_value": 5,
+    "binary_junk": 5,
+    "tampered": 4,
+    "malicious": 1,
+}
+RESOLVED_KINDS = ("trailing_comma", "missing_brace", "transient")
+VARIANTS = 20  # templates per mix slot: 2,000 distinct Cowrie events
+SOURCES = 7  # log files the dead letters come from (coprime with 100: every file gets the whole mix)
+VALID_RECORD_BYTES = 460  # a dead letter is followed by 0-3 valid records of about this size in its file
+SLOT_STRIDE = 37  # row i uses mix slot (i * 37) % 100: the kinds interleave
+TAMPERED_IP = "198.51.100.66"
+_SIDE_TABLES = ("bench_truth", "bench_templates")
+_DLQ_TABLES = (
+    "dead_letter_events",
+    "dlq_idempotency_keys",
+    "raw_events",
+    "dlq_poison_events",
+    "dlq_processing_metrics",
+    "dlq_circuit_breaker_state",
+)
+
+
+@dataclass(frozen=True)
+class Template:
+    id: int
+    kind: str
+    reason: str
+    payload: str  # canonical JSON, as ingest stores it
+    metadata: str
+    priority: int
+    classification: str | None
+    record_bytes: int
+    expected: str | None  # the event raw_events must hold afterwards (None: must not be there)
+    tampered: str | None = None  # the payload after tampering (the checksum stays the original's)
+
+
+# --- the backlog -------------------------------------------------------------------------------------------
+
+
+def _routed(template_id: int, kind: str, data: bytes, expected: str | None) -> Template | None:
+    """The dead letter ingest makes of one record's bytes, or None when the bytes are not one dead letter."""
+    from dlq_assets import jsonutil
+    from dlq_assets.ingest import _DeadLetter, route
+    from dlq_assets.reader import read_records
+
+    records = list(read_records(io.BytesIO(data)))
+    dead = route(records[0]) if len(records) == 1 else None
+    if not isinstance(dead, _DeadLetter):
+        return None
+    metadata = {"payload_form": dead.metadata["payload_form"], "record_bytes": dead.metadata["record_bytes"]}
+    return Template(
+        template_id,
+        kind,
+        dead.reason,
+        jsonutil.canonical_json(dead.payload),
+        json.dumps(metadata),
+        dead.priority,
+        dead.classification,
+        len(data),
+        expected,
+    )
+
+
+def _template(template_id: int, kind: str, event: dict[str, Any], rng: random.Random) -> Template:
+    from dlq_assets import jsonutil
+    from dlq_assets.generator import _binary_junk, _line
+
+    line = _line(event)  # the generator's one-line layout, as Cowrie writes it
+    expected = jsonutil.canonical_json(jsonutil.loads(line))
+    found: Template | None = None
+    if kind == "transient" or (kind == "tampered" and template_id % 2 == 0):
+        # A valid event whose write failed: stored as parsed JSON, default priority, no classification.
+        metadata = json.dumps({"payload_form": "json", "record_bytes": len(line.encode())})
+        found = Template(template_id, kind, "target_unavailable", expected, metadata, 5, None, len(line.encode()),
+                         expected)  # fmt: skip
+        if kind == "tampered":
+            tampered = {**jsonutil.loads(expected), "src_ip": TAMPERED_IP}
+            found = replace(found, tampered=jsonutil.canonical_json(tampered))
+    elif kind in ("trailing_comma", "tampered"):
+        found = _routed(template_id, kind, (line[:-1] + ",}").encode(), expected)
+        if found is not None and kind == "tampered":
+            text = jsonutil.loads(found.payload)["raw_text"].replace(event["src_ip"], TAMPERED_IP, 1)
+            found = replace(found, tampered=jsonutil.canonical_json({"raw_text": text}))
+    elif kind == "missing_brace":
+        found = _routed(template_id, kind, line[:-1].encode(), expected)
+    elif kind == "cut_value":  # cut inside the timestamp: a value is gone, nothing may be invented
+        cut = line.index('"timestamp": "') + len('"timestamp": "') + 7
+        found = _routed(template_id, kind, line[:cut].encode(), None)
+    elif kind == "malicious":  # injection in a structural field: ingest classifies it malicious
+        found = _routed(template_id, kind, _line({**event, "session": "x'; DROP TABLE raw_events; --"}).encode(), None)
+    elif kind == "binary_junk":
+        for _ in range(100):
+            found = _routed(template_id, kind, _binary_junk(event, rng)[0], None)
+            if found is not None and found.reason in ("invalid_utf8", "nul_byte"):
+                break
+    if found is None or (kind == "tampered") != (found.tampered is not None):
+        raise RuntimeError(f"could not build a {kind} dead letter from event {template_id}")
+    return found if kind in RESOLVED_KINDS else replace(found, expected=None)
+
+
+def build_templates(seed: int = 7) -> list[Template]:
+    """100 mix slots x VARIANTS templates, each from its own generated Cowrie event, deterministic by seed."""
+    from dlq_assets.generator import generate_events
+
+    slots = [kind for kind, share in MIX.items() for _ in range(share)]
+    events = generate_events(len(slots) * VARIANTS, seed=seed)
+    rng = random.Random(seed)
+    return [
+        _template(slot * VARIANTS + v, kind, events[slot * VARIANTS + v], rng)
+        for slot, kind in enumerate(slots)
+        for v in range(VARIANTS)
+    ]
+
+
+def create_side_tables(conn: psycopg.Connection[Any], templates: list[Template], events: int) -> None:
+    """bench_templates (what each kind looks like, what it must become) and bench_truth (one row per event)."""
+    conn.execute("DROP TABLE IF EXISTS bench_truth, bench_templates")
+    conn.execute(
+        """
+        CREATE TABLE bench_templates (
+            id int PRIMARY KEY, kind text NOT NULL, reason text NOT NULL, payload jsonb NOT NULL,
+            checksum text, metadata jsonb NOT NULL, priority int NOT NULL, classification text,
+            record_bytes int NOT NULL, expected jsonb, tampered jsonb)
+        """
+    )
+    columns = "id, kind, reason, payload, metadata, priority, classification, record_bytes, expected, tampered"
+    with conn.cursor().copy(f"COPY bench_templates ({columns}) FROM STDIN") as copy:
+        for t in templates:
+            copy.write_row(
+                (t.id, t.kind, t.reason, t.payload, t.metadata, t.priority, t.classification, t.record_bytes,
+                 t.expected, t.tampered)
+            )  # fmt: skip
+    conn.execute("UPDATE bench_templates SET checksum = dlq_payload_checksum(payload)")
+    # Row i: mix slot (i * 37) % 100, a variant of it, a source file, and an offset that advances by its record,
+    # its newline and 0-3 valid records (which went to raw_events at ingest and are not in the DLQ).
+    conn.execute(
+        sql.SQL(
+            """
+            CREATE TABLE bench_truth AS
+            SELECT g.i, t.id AS template_id, t.kind,
+                   '/var/log/cowrie/hp-' || (g.i % {sources}) || '/cowrie.json' AS source,
+                   (7000 + g.i % {sources})::text AS source_inode,
+                   sum(t.record_bytes + 1 + {valid} * (abs(hashint8(g.i)) % 4)) OVER w
+                       - (t.record_bytes + 1 + {valid} * (abs(hashint8(g.i)) % 4)) AS source_offset
+              FROM generate_series(0, {last}) AS g(i)
+              JOIN bench_templates t ON t.id = ((g.i * {stride}) % 100) * {variants} + (g.i / 100) % {variants}
+            WINDOW w AS (PARTITION BY g.i % {sources} ORDER BY g.i)
+            """
+        ).format(
+            sources=sql.Literal(SOURCES),
+            valid=sql.Literal(VALID_RECORD_BYTES),
+            last=sql.Literal(events - 1),
+            stride=sql.Literal(SLOT_STRIDE),
+            variants=sql.Literal(VARIANTS),
+        )
+    )
+    conn.execute("CREATE UNIQUE INDEX ON bench_truth (source, source_offset)")
+    conn.execute("ANALYZE bench_templates, bench_truth")
+
+
+def _superuser(conn: psycopg.Connection[Any]) -> bool:
+    return bool(conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0])
+
+
+def load_backlog(conn: psycopg.Connection[Any]) -> float:
+    """Empty the DLQ tables and insert the whole backlog (then tamper with some rows); returns seconds."""
+    started = time.perf_counter()
+    conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(sql.SQL(", ").join(map(sql.Identifier, _DLQ_TABLES))))
+    superuser = _superuser(conn)
+    with conn.transaction():
+        if superuser:  # skip the per-row insert trigger: the checksum and key it would set are set here, set-based
+            conn.execute("SET LOCAL session_replication_role = replica")
+        conn.execute(
+            """
+            INSERT INTO dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload,
+                                            metadata_json, payload_checksum, idempotency_key, priority,
+                                            classification, created_at, next_attempt_at)
+            SELECT 'benchmark', b.source, b.source_inode, b.source_offset, t.reason, t.payload, t.metadata,
+                   t.checksum,
+                   'sha256:' || encode(sha256(convert_to(
+                       concat_ws('|', b.source, b.source_inode, b.source_offset, t.checksum), 'UTF8')), 'hex'),
+                   t.priority, t.classification, s.at + b.i * interval '1 microsecond', s.at
+              FROM bench_truth b
+              JOIN bench_templates t ON t.id = b.template_id
+             CROSS JOIN (SELECT date_trunc('second', now()) - interval '1 hour' AS at) s
+             ORDER BY b.i
+            """
+        )
+        if superuser:
+            conn.execute(
+                "INSERT INTO dlq_idempotency_keys (idempotency_key, event_id, event_created_at) "
+                "SELECT idempotency_key, id, created_at FROM dead_letter_events"
+            )
+    # Tampering after the insert, as a superuser (or anyone with UPDATE) could: the checksum no longer matches.
+    conn.execute(
+        """
+        UPDATE dead_letter_events e SET payload = t.tampered
+          FROM bench_truth b JOIN bench_templates t ON t.id = b.template_id
+         WHERE t.tampered IS NOT NULL AND e.source = b.source AND e.source_offset = b.source_offset
+        """
+    )
+    conn.execute("VACUUM ANALYZE dead_letter_events, dlq_idempotency_keys, raw_events")
+    if superuser:
+        conn.execute("CHECKPOINT")  # each timed run starts without the load's dirty pages to write
+    return time.perf_counter() - started
+
+
+# --- the runs ----------------------------------------------------------------------------------------------
+
+
+def _vmhwm_kb(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+class PeakRss:
+    """Peak resident memory (VmHWM) of the worker processes, polled until they exit; in-process with 1 worker."""
+
+    def __init__(self, interval: float = 0.05) -> None:
+        self.interval = interval
+        self.peaks: dict[int, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            for child in psutil.Process().children():
+                try:
+                    if any("spawn_main" in part for part in child.cmdline()):  # a multiprocessing worker
+                        self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), _vmhwm_kb(child.pid))
+                except psutil.Error:
+                    continue
+
+    def peak_mb(self) -> float:
+        kb = max(self.peaks.values(), default=0) or _vmhwm_kb(os.getpid())
+        return round(kb / 1024, 1)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """(busy, total) jiffies of the whole machine, from /proc/stat."""
+    with open("/proc/stat") as stat:
+        fields = [int(v) for v in stat.readline().split()[1:]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def run_engine(url: str, workers: int, batch_size: int) -> dict[str, Any]:
+    config = WorkerConfig(batch_size=batch_size, min_batch_size=batch_size, max_batch_size=batch_size)
+    with PeakRss() as rss:
+        busy, total, children = *_cpu_ticks(), _children_cpu()
+        started = time.perf_counter()
+        report = process(url, config, workers=workers)
+        seconds = time.perf_counter() - started
+        busy, total, children = _cpu_ticks()[0] - busy, _cpu_ticks()[1] - total, _children_cpu() - children
+    batch_ms = sorted(s * 1000 for s in report.batch_seconds)
+    return {
+        "report": report,
+        "seconds": seconds,
+        "p50_batch_ms": round(statistics.median(batch_ms), 1) if batch_ms else None,
+        "p95_batch_ms": round(batch_ms[math.ceil(0.95 * len(batch_ms)) - 1], 1) if batch_ms else None,
+        "peak_rss_mb": rss.peak_mb(),
+        "rss_method": "VmHWM of each worker process, polled" if workers > 1 else "VmHWM of this process",
+        # CPU seconds of the worker processes (0 with one in-process worker), and how busy the whole machine was
+        "worker_cpu_seconds": round(children, 2),
+        "machine_busy": round(busy / total, 3) if total else None,
+    }
+
+
+CEILING_SQL = """
+UPDATE dead_letter_events e
+   SET resolved = true, resolved_at = now(), resolution_method = 'ceiling', last_processed_at = now()
+  FROM (SELECT c.id, c.created_at FROM dead_letter_events c
+         WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
+           AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+         ORDER BY c.priority, c.created_at, c.id
+         LIMIT {limit}
+           FOR UPDATE SKIP LOCKED) c
+ WHERE e.id = c.id AND e.created_at = c.created_at
+"""
+
+
+def run_ceiling(url: str, workers: int, batch_size: int) -> tuple[int, float]:
+    """Claim-and-resolve with nothing else, one statement per batch per connection; (rows, seconds)."""
+    statement = sql.SQL(CEILING_SQL).format(limit=sql.Literal(batch_size))
+    return _parallel(url, workers, lambda conn: conn.execute(statement).rowcount)
+
+
+def run_floor(url: str, workers: int, batch_size: int) -> tuple[int, float]:
+    """The engine's own SQL with no Python work: claim with a lease, write every claimed payload to raw_events and
+    complete the batch resolved, in the engine's two transactions; (rows, seconds)."""
+
+    def batch(conn: psycopg.Connection[Any]) -> int:
+        rows = conn.execute("SELECT id, processing_lock FROM dlq_claim_events(%s, 1800)", (batch_size,)).fetchall()
+        if not rows:
+            return 0
+        lease, ids = rows[0][1], [r[0] for r in rows]
+        with conn.transaction():
+            conn.execute(
+                """
+                INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum,
+                                        dlq_event_id, repair_strategy)
+                SELECT source, source_inode, source_offset, coalesce(payload ->> 'eventid', 'floor'), payload,
+                       payload_checksum, id, 'floor'
+                  FROM dead_letter_events WHERE processing_lock = %s
+                ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
+                """,
+                (lease,),
+            )
+            conn.execute(
+                "SELECT count(*) FROM dlq_complete_batch(%s, %b, array_fill('resolved'::text, ARRAY[%s]))",
+                (lease, ids, len(ids)),
+            ).fetchone()
+        return len(ids)
+
+    return _parallel(url, workers, batch)
+
+
+def _parallel(url: str, workers: int, batch: Any) -> tuple[int, float]:
+    """Run ``batch(conn)`` on ``workers`` connections at once until each gets 0; (rows, seconds)."""
+    connections = [psycopg.connect(url, autocommit=True) for _ in range(workers)]
+    start = threading.Barrier(workers + 1)
+    done = [0] * workers
+
+    def loop(index: int) -> None:
+        start.wait()
+        while (n := batch(connections[index])) > 0:
+            done[index] += n
+
+    threads = [threading.Thread(target=loop, args=(i,)) for i in range(workers)]
+    try:
+        for thread in threads:
+            thread.start()
+        start.wait()
+        started = time.perf_counter()
+        for thread in threads:
+            thread.join()
+        seconds = time.perf_counter() - started
+    finally:
+        for conn in connections:
+            conn.close()
+    return sum(done), seconds
+
+
+def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """Every event against its ground truth; returns {kind: [correct, total]} and the global checks."""
+    rows = conn.execute(
+        """
+        WITH raw AS (
+            SELECT source, source_inode, source_offset, count(*) AS copies, min(payload::text) AS payload,
+                   min(payload_checksum) AS checksum
+              FROM raw_events GROUP BY 1, 2, 3)
+        SELECT b.kind, count(*),
+               count(*) FILTER (WHERE coalesce(d.processing_lock IS NULL, true) AND CASE
+                   WHEN b.kind = ANY (%(resolved)s) THEN
+                       d.resolved AND r.copies = 1 AND r.payload = t.expected::text
+                       AND r.checksum = dlq_payload_checksum(t.expected) AND p.id IS NULL
+                   WHEN b.kind = 'tampered' THEN
+                       d.quarantined_at IS NOT NULL AND d.classification = 'tampered' AND NOT d.resolved
+                       AND r.copies IS NULL
+                   ELSE r.copies IS NULL AND (
+                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
+                        AND d.next_attempt_at > now())
+                       OR (d.id IS NULL AND p.id IS NOT NULL))
+               END)
+          FROM bench_truth b
+          JOIN bench_templates t ON t.id = b.template_id
+          LEFT JOIN dead_letter_events d
+                 ON d.source = b.source AND d.source_inode = b.source_inode AND d.source_offset = b.source_offset
+          LEFT JOIN dlq_poison_events p
+                 ON p.source = b.source AND p.source_inode = b.source_inode AND p.source_offset = b.source_offset
+          LEFT JOIN raw r
+                 ON r.source = b.source AND r.source_inode = b.source_inode AND r.source_offset = b.source_offset
+         GROUP BY b.kind ORDER BY b.kind
+        """,
+        {"resolved": list(RESOLVED_KINDS)},
+    ).fetchall()
+    kinds = {kind: [correct, total] for kind, total, correct in rows}
+    events, raw, dead, poisoned = conn.execute(
+        "SELECT (SELECT count(*) FROM bench_truth), (SELECT count(*) FROM raw_events), "
+        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events)"
+    ).fetchone()
+    expected_raw = sum(total for kind, (_, total) in kinds.items() if kind in RESOLVED_KINDS)
+    ok = all(c == t for c, t in kinds.values()) and raw == expected_raw and dead + poisoned == events
+    return {"kinds": kinds, "raw_events": raw, "expected_raw_events": expected_raw, "all_states_correct": ok}
+
+
+def _active_seconds(conn: psycopg.Connection[Any]) -> float | None:
+    (seconds,) = conn.execute(
+        "SELECT extract(epoch FROM max(completed_at) - min(started_at))::float8 FROM dlq_processing_metrics"
+    ).fetchone()
+    return seconds
+
+
+def _top_statements(conn: psycopg.Connection[Any], limit: int = 12) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        """
+        SELECT calls, round(total_exec_time::numeric, 1), round(mean_exec_time::numeric, 3), rows,
+               regexp_replace(left(query, 110), '\\s+', ' ', 'g')
+          FROM pg_stat_statements WHERE dbid = (SELECT oid FROM pg_database WHERE datname = current_database())
+         ORDER BY total_exec_time DESC LIMIT %s
+        """,
+        (limit,),
+    ).fetchall()
+    return [dict(zip(("calls", "total_ms", "mean_ms", "rows", "query"), r, strict=True)) for r in rows]
+
+
+def _reset_statements(conn: psycopg.Connection[Any]) -> bool:
+    try:
+        conn.execute("CREATE EXTENSION IF NOT EXISTS pg_stat_statements")
+        conn.execute("SELECT pg_stat_statements_reset()")
+        return True
+    except psycopg.Error:
+        return False
+
+
+def benchmark(
+    url: str,
+    *,
+    events: int,
+    workers: int,
+    batch_size: int,
+    seed: int = 7,
+    ceiling: bool = True,
+    floor: bool = False,
+    sql_stats: bool = False,
+) -> dict[str, Any]:
+    """The whole measurement on one database: load, engine, verify, reload, ceiling. Leaves the tables empty."""
+    with psycopg.connect(url, autocommit=True) as conn:
+        _require_empty(conn)
+        try:
+            started = time.perf_counter()
+            create_side_tables(conn, build_templates(seed), events)
+            load_seconds = load_backlog(conn)
+            prepared = time.perf_counter() - started
+            stats = sql_stats and _reset_statements(conn)
+            engine = run_engine(url, workers, batch_size)
+            top = _top_statements(conn) if stats else None
+            checked = verify(conn)
+            active = _active_seconds(conn)
+            ceiling_rows = ceiling_seconds = None
+            if ceiling:
+                load_backlog(conn)
+                ceiling_rows, ceiling_seconds = run_ceiling(url, workers, batch_size)
+            floor_rate = None
+            if floor:
+                load_backlog(conn)
+                floor_rows, floor_seconds = run_floor(url, workers, batch_size)
+                floor_rate = floor_rows / floor_seconds
+            version = conn.execute("SHOW server_version").fetchone()[0]
+            sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
+        finally:
+            _clean(conn)
+    report = engine["report"]
+    rate = events / engine["seconds"]
+    ceiling_rate = ceiling_rows / ceiling_seconds if ceiling_rows and ceiling_seconds else None
+    return {
+        "events": events,
+        "workers": workers,
+        "batch_size": batch_size,
+        "events_per_s": round(rate, 1),
+        "ceiling_events_per_s": round(ceiling_rate, 1) if ceiling_rate else None,
+        "ratio": round(rate / ceiling_rate, 3) if ceiling_rate else None,
+        **({"floor_events_per_s": round(floor_rate, 1)} if floor_rate else {}),
+        "p50_batch_ms": engine["p50_batch_ms"],
+        "p95_batch_ms": engine["p95_batch_ms"],
+        "peak_rss_mb": engine["peak_rss_mb"],
+        "rss_method": engine["rss_method"],
+        "worker_cpu_seconds": engine["worker_cpu_seconds"],
+        "machine_busy": engine["machine_busy"],
+        "all_states_correct": checked["all_states_correct"],
+        "states": checked["kinds"],
+        "seconds": round(engine["seconds"], 3),
+        "active_seconds": round(active, 3) if active else None,
+        "active_events_per_s": round(events / active, 1) if active else None,
+        "ceiling_rows": ceiling_rows,
+        "ceiling_seconds": round(ceiling_seconds, 3) if ceiling_seconds else None,
+        "batches": report.batches,
+        "resolved": report.resolved,
+        "retried": report.retried,
+        "poisoned": report.poisoned,
+        "quarantined": report.quarantined,
+        "strategies": dict(report.strategies),
+        "load_seconds": round(load_seconds, 1),
+        "prepare_seconds": round(prepared, 1),
+        "postgres": version,
+        "synchronous_commit": sync,
+        "cpus": os.cpu_count(),
+        **({"top_statements": top} if top is not None else {}),
+    }
+
+
+def _require_empty(conn: psycopg.Connection[Any]) -> None:
+    (busy,) = conn.execute(
+        "SELECT EXISTS (SELECT 1 FROM dead_letter_events) OR EXISTS (SELECT 1 FROM raw_events) "
+        "OR EXISTS (SELECT 1 FROM dlq_poison_events)"
+    ).fetchone()
+    if busy:
+        raise SystemExit("this database already holds dead letters or raw events: the benchmark needs an empty one")
+
+
+def _clean(conn: psycopg.Connection[Any]) -> None:
+    conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(sql.SQL(", ").join(map(sql.Identifier, _DLQ_TABLES))))
+    conn.execute("DROP TABLE IF EXISTS bench_truth, bench_templates")
+
+
+# --- health and retention at scale --------------------------------------------------------------------------
+
+
+def _timed(conn: psycopg.Connection[Any], query: str, repeats: int) -> float:
+    """Median milliseconds of ``repeats`` runs."""
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        conn.execute(query).fetchall()
+        times.append((time.perf_counter() - started) * 1000)
+    return round(statistics.median(times), 1)
+
+
+def health(
+    url: str, *, events: int, retention_batch_size: int = 1000, seed: int = 7, repeats: int = 5
+) -> dict[str, Any]:
+    """dlq_health latency on a pending backlog and on a resolved one; retention rows/s over the resolved rows."""
+    from dlq_assets.retention import run_retention
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        _require_empty(conn)
+        try:
+            create_side_tables(conn, build_templates(seed), events)
+            load_backlog(conn)
+            pending_ms = _timed(conn, "SELECT * FROM dlq_health", repeats)
+            conn.execute(
+                "UPDATE dead_letter_events SET resolved = true, resolved_at = now() - interval '100 days', "
+                "resolution_method = 'benchmark'"
+            )
+            conn.execute("VACUUM ANALYZE dead_letter_events")
+            resolved_ms = _timed(conn, "SELECT * FROM dlq_health", repeats)
+            retention = run_retention(url, older_than_days=90, batch_size=retention_batch_size)
+            (left,) = conn.execute("SELECT count(*) FROM dead_letter_events").fetchone()
+        finally:
+            _clean(conn)
+    return {
+        "events": events,
+        "health_ms_pending": pending_ms,
+        "health_ms_resolved": resolved_ms,
+        "retention_rows": retention.rows_deleted,
+        "retention_seconds": round(retention.seconds, 2),
+        "retention_rows_per_s": round(retention.rows_per_second, 1),
+        "retention_batch_size": retention_batch_size,
+        "rows_left": left,
+    }
+
+
+# --- the command ------------------------------------------------------------------------------------------
+
+
+@contextmanager
+def database(url: str | None) -> Iterator[str]:
+    """The given database (migrated if needed), else a throwaway embedded cluster removed afterwards."""
+    from dlq_assets.db import ensure_database, normalize_url
+    from dlq_assets.embedded import EmbeddedServer, remove_cluster
+    from dlq_assets.migrations import migrate
+
+    if url:
+        url = normalize_url(url)
+        migrate(url)
+        yield url
+        return
+    data_dir = Path(tempfile.mkdtemp(prefix="dlq-bench-")) / "pgdata"
+    try:
+        status = EmbeddedServer(data_dir).start()
+        ensure_database(status.url(), "dlq_bench")
+        url = status.url("dlq_bench")
+        migrate(url)
+        yield url
+    finally:
+        remove_cluster(data_dir)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+def _print_human(result: dict[str, Any]) -> None:
+    if "health_ms_pending" in result:
+        print(f"dlq_health at {result['events']:,} rows: {result['health_ms_pending']} ms pending, "
+              f"{result['health_ms_resolved']} ms resolved")  # fmt: skip
+        print(f"retention: {result['retention_rows']:,} rows in {result['retention_seconds']} s "
+              f"({result['retention_rows_per_s']:,.0f} rows/s, batch {result['retention_batch_size']})")  # fmt: skip
+        return
+    print(f"PostgreSQL {result['postgres']}, {result['cpus']} CPUs, {result['workers']} workers, "
+          f"batch {result['batch_size']}, {result['events']:,} events")  # fmt: skip
+    print(f"engine:  {result['events_per_s']:>10,.0f} events/s  ({result['seconds']} s wall, "
+          f"p50 {result['p50_batch_ms']} ms, p95 {result['p95_batch_ms']} ms per batch, "
+          f"peak RSS {result['peak_rss_mb']} MB)")  # fmt: skip
+    if result["ceiling_events_per_s"]:
+        print(f"ceiling: {result['ceiling_events_per_s']:>10,.0f} events/s  -> ratio {result['ratio']}")
+    if "floor_events_per_s" in result:
+        print(f"floor:   {result['floor_events_per_s']:>10,.0f} events/s  (the engine's SQL alone)")
+    verdict = "all correct" if result["all_states_correct"] else "WRONG STATES"
+    states = ", ".join(f"{kind} {ok}/{total}" for kind, (ok, total) in result["states"].items())
+    print(f"states: {verdict} ({states})")
+    for row in result.get("top_statements", []):
+        print(f"  {row['total_ms']:>10} ms {row['calls']:>7} calls  {row['query']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks.throughput", description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=100_000)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--batch-size", type=int, default=1000)
+    parser.add_argument("--database-url", help="an empty DLQ database to use (default: a throwaway embedded cluster)")
+    parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling run")
+    parser.add_argument("--synchronous-commit", choices=("on", "off"), help="set for the benchmark database's sessions")
+    parser.add_argument("--floor", action="store_true", help="also time the engine's SQL alone (no Python work)")
+    parser.add_argument("--sql-stats", action="store_true", help="print pg_stat_statements' top statements")
+    parser.add_argument("--health", action="store_true", help="dlq_health latency and retention rows/s instead")
+    parser.add_argument("--retention-batch-size", type=int, default=1000)
+    parser.add_argument("--json", action="store_true", help="end with one JSON line")
+    args = parser.parse_args(argv)
+    if args.events < 1 or args.workers < 1:
+        parser.error("--events and --workers must be positive")
+    with database(args.database_url) as url:
+        if args.synchronous_commit:  # new sessions (workers, ceiling) pick it up; reset afterwards
+            _set_database(url, "synchronous_commit", args.synchronous_commit)
+        try:
+            result = _run(args, url)
+        finally:
+            if args.synchronous_commit:
+                _set_database(url, "synchronous_commit", None)
+    _print_human(result)
+    if args.json:
+        print(json.dumps(result, default=str), flush=True)
+    return 0 if result.get("all_states_correct", True) else 1
+
+
+def _set_database(url: str, name: str, value: str | None) -> None:
+    with psycopg.connect(url, autocommit=True) as conn:
+        database, setting = sql.Identifier(conn.info.dbname), sql.Identifier(name)
+        if value is None:
+            conn.execute(sql.SQL("ALTER DATABASE {} RESET {}").format(database, setting))
+        else:
+            conn.execute(sql.SQL("ALTER DATABASE {} SET {} = {}").format(database, setting, sql.Literal(value)))
+
+
+def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
+    if args.health:
+        return health(url, events=args.events, retention_batch_size=args.retention_batch_size, seed=args.seed)
+    return benchmark(
+        url,
+        events=args.events,
+        workers=args.workers,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        ceiling=not args.no_ceiling,
+        floor=args.floor,
+        sql_stats=args.sql_stats,
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""The throughput harness at a tiny size: every event checked against its ground truth, the report complete.
+
+No timing is asserted here (the machine is shared and noisy): the numbers are for benchmarks/README.md.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import psycopg
+import pytest
+
+from benchmarks.throughput import MIX, RESOLVED_KINDS, VARIANTS, build_templates, main
+
+KEYS = {
+    "events_per_s",
+    "ceiling_events_per_s",
+    "ratio",
+    "peak_rss_mb",
+    "events",
+    "all_states_correct",
+    "p50_batch_ms",
+    "p95_batch_ms",
+    "workers",
+    "batch_size",
+}
+
+
+def test_the_templates_follow_the_mix_and_are_stored_as_ingest_stores_them() -> None:
+    templates = build_templates(seed=3)
+    assert Counter(t.kind for t in templates) == {kind: share * VARIANTS for kind, share in MIX.items()}
+    forms: dict[str, set[str]] = {}
+    for t in templates:
+        forms.setdefault(t.kind, set()).add(json.loads(t.metadata)["payload_form"])
+    assert forms["trailing_comma"] == forms["missing_brace"] == forms["cut_value"] == {"raw_text"}
+    assert forms["binary_junk"] == {"raw_base64"} and forms["transient"] == {"json"}
+    assert {t.reason for t in templates if t.kind == "transient"} == {"target_unavailable"}
+    assert {t.classification for t in templates if t.kind == "malicious"} == {"malicious"}
+    assert all((t.expected is not None) == (t.kind in RESOLVED_KINDS) for t in templates)
+    assert all((t.tampered is not None) == (t.kind == "tampered") for t in templates)
+
+
+def last_json_line(out: str) -> dict:
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_a_tiny_run_puts_every_event_where_it_belongs(
+    db_url: str, conn: psycopg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["--events", "2000", "--workers", "2", "--batch-size", "500", "--database-url", db_url, "--json"])
+    result = last_json_line(capsys.readouterr().out)
+    assert code == 0
+    assert result.keys() >= KEYS
+    assert result["all_states_correct"] is True
+    assert (result["events"], result["workers"], result["batch_size"]) == (2000, 2, 500)
+    assert sum(total for _, total in result["states"].values()) == 2000
+    assert all(correct == total for correct, total in result["states"].values())
+    assert result["resolved"] == 1700 and result["quarantined"] == 80  # 85% and 4% of the mix
+    assert result["ceiling_events_per_s"] > 0 and result["ratio"] > 0 and result["peak_rss_mb"] > 0
+    # The database is left as it was found: empty, without the harness's side tables.
+    assert conn.execute("SELECT count(*) FROM dead_letter_events").fetchone() == (0,)
+    assert conn.execute("SELECT to_regclass('bench_truth')").fetchone() == (None,)
+
+
+def test_health_mode_reports_its_numbers(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--health", "--events", "1000", "--database-url", db_url, "--json"]) == 0
+    result = last_json_line(capsys.readouterr().out)
+    assert {"health_ms_pending", "health_ms_resolved", "retention_rows_per_s"} <= result.keys()
+    assert (result["retention_rows"], result["rows_left"]) == (1000, 0)
+
+
+def test_a_database_that_holds_dead_letters_is_refused(db_url: str, conn: psycopg.Connection) -> None:
+    conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', '{}')")
+    with pytest.raises(SystemExit, match="empty"):
+        main(["--events", "10", "--database-url", db_url])
