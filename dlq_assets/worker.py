@@ -344,13 +344,17 @@ class Worker:
         breaker_tripped: bool,
         uncounted: set[int] = frozenset(),  # type: ignore[assignment]
     ) -> int:
-        """Write targets, complete, record metrics in one transaction; returns how many target writes failed."""
+        """Complete, write targets, record metrics in one transaction; returns how many target writes failed.
+
+        Completion goes first and fences: only events this lease really resolved reach the target, so a worker
+        whose lease expired and was taken over writes nothing (the rows it would write roll back with it)."""
         write_failures = 0
-        targets = [o.target for o in outcomes if o.target is not None and o.outcome == "resolved"]
+        targets: list[Target] = []
         try:
             with conn.transaction():
-                _write_targets(conn, targets)
                 states = self._complete(conn, lease, outcomes)
+                targets = [o.target for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
+                _write_targets(conn, targets)
                 self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
                                      states=_counted(states, uncounted))  # fmt: skip
         except psycopg.errors.DataError as exc:

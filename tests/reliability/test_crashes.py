@@ -207,12 +207,6 @@ class LosesItsLease:
         return outcomes
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="worker.py Worker._write_and_complete writes every target to raw_events before dlq_complete_batch "
-    "checks the lease, in one transaction that commits even when the lease was lost (not_owned): a fenced-out "
-    "worker still applies its effect, here to an event another worker quarantined",
-)
 def test_a_worker_that_lost_its_lease_writes_nothing(db_url: str, conn: psycopg.Connection) -> None:
     insert_dead_letter(conn, VALID, source="/var/log/cowrie.json", source_inode="7", source_offset=10)
     before = take_ledger(db_url)
