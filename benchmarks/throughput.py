@@ -611,6 +611,8 @@ def health(
         "retention_seconds": round(retention.seconds, 2),
         "retention_rows_per_s": round(retention.rows_per_second, 1),
         "retention_batch_size": retention_batch_size,
+        "retention_batches": retention.batches,
+        "partitions_dropped": retention.partitions_dropped,
         "rows_left": left,
     }
 
