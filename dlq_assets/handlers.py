@@ -80,18 +80,13 @@ class Outcome:
 class Claimer(Protocol):
     """Lets a handler add more events to the batch's lease (neighbouring fragments for stitching)."""
 
-    def claim_neighbours(self, event: ClaimedEvent, window_bytes: int) -> list[ClaimedEvent]: ...
-
     def claim_neighbours_of(self, events: Sequence[ClaimedEvent], window_bytes: int) -> list[ClaimedEvent]:
         """Free dead letters contiguous with ``events`` in their files (within the window), in one round trip."""
         ...
 
-    def unresolved_next_to(self, source: str, inode: str | None, start: int, end: int) -> bool:
-        """Is there an unresolved dead letter outside this lease right before ``start`` or right after ``end``?"""
-        ...
-
     def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
-        """Indexes of the ``(source, inode, start, end)`` spans for which ``unresolved_next_to`` holds."""
+        """Indexes of the ``(source, inode, start, end)`` spans with an unresolved dead letter outside this lease
+        right before ``start`` or right after ``end``."""
         ...
 
 

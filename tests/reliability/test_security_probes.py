@@ -108,6 +108,8 @@ PURE_CALLS = {
     "dlq_is_cowrie_timestamp": ["SELECT dlq_is_cowrie_timestamp(payload -> 'timestamp') FROM dead_letter_events"],
     "dlq_is_ip": ["SELECT dlq_is_ip(payload -> 'src_ip') FROM dead_letter_events"],
     "dlq_is_port": ["SELECT dlq_is_port('22'::jsonb)"],
+    "dlq_lease_key": ["SELECT dlq_lease_key('00000000-0000-4000-8000-00000000beef')"],
+    "dlq_lease_holder": ["SELECT dlq_lease_holder('00000000-0000-4000-8000-00000000beef')"],
     "dlq_partition_name": ["SELECT dlq_partition_name(now())"],
     "dlq_payload_checksum": ["SELECT id, dlq_payload_checksum(payload) FROM dead_letter_events"],
     "dlq_retry_policy": ["SELECT * FROM dlq_retry_policy('truncated', 'unrepairable')"],
@@ -118,7 +120,16 @@ PROCESSOR_CALLS = {
     **PURE_CALLS,
     "dlq_claim_events": ["SELECT * FROM dlq_claim_events(100, 60)",
                          "SELECT * FROM dlq_claim_events(100, 60, NULL, 'truncated')"],
-    "dlq_claim_neighbours": ["SELECT * FROM dlq_claim_neighbours(%(lease)s, '/m.json', '1', 0, 100000, 60)"],
+    "dlq_claim_batch": ["SELECT * FROM dlq_claim_batch(gen_random_uuid(), 100)",
+                        "SELECT * FROM dlq_claim_batch(gen_random_uuid(), 100, NULL, 'truncated')"],
+    # a forged journal: holding the lease's advisory lock, journal the malicious ids, then complete them
+    "dlq_journal_batch": ["SELECT pg_advisory_lock(dlq_lease_key(%(lease)s))",
+                          "SELECT dlq_journal_batch(%(lease)s, %(ids)s)",
+                          "INSERT INTO dlq_batch_leases (lease, event_ids) VALUES (%(lease)s, %(ids)s)",
+                          "SELECT * FROM dlq_complete_batch(%(lease)s, %(ids)s, "
+                          "array_fill('resolved'::text, ARRAY[cardinality(%(ids)s)]))",
+                          "SELECT pg_advisory_unlock_all()"],
+    "dlq_release_dead_batches": ["SELECT dlq_release_dead_batches()"],
     "dlq_claim_fragment_chains": ["SELECT * FROM dlq_claim_fragment_chains(%(lease)s, %(ids)s, 100000, 60)"],
     "dlq_complete_batch": [f"SELECT * FROM dlq_complete_batch(%(lease)s, %(ids)s, array_fill('{o}'::text, "
                            "ARRAY[cardinality(%(ids)s)]), NULL, array_fill('handler_missing'::text, "
@@ -172,12 +183,6 @@ def test_views_show_the_processor_counts_never_rows(conn: psycopg.Connection, ro
     assert MARK not in repr(shown)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="sql/0003_state_machine.sql dlq_complete_batch runs as its owner and checks only the lease, not row "
-    "security: an event classified malicious while a processor holds it is still completed by that processor "
-    "(a quarantine no longer rewrites 'malicious' to 'tampered'; the completion itself remains)",
-)
 def test_an_event_classified_malicious_mid_lease_is_out_of_the_processors_reach(
     conn: psycopg.Connection, rows: Ids
 ) -> None:
@@ -276,18 +281,7 @@ def quarantined(conn: psycopg.Connection) -> dict[int, tuple[Any, ...]]:
     return {r[0]: r[1:] for r in rows}
 
 
-NEIGHBOURS_UNVERIFIED = (
-    "worker.py Worker._decide verifies the checksums of the batch's own events only; neighbours leased for "
-    "stitching (_BatchSession.claim_neighbours_of) go to the handler unverified: a tampered neighbour is never "
-    "quarantined, can be stitched into raw_events, and one whose payload no longer decodes crashes the handler "
-    "for the whole group (handler_error, systemic), which opens the circuit breaker and stops all processing"
-)
-
-
-@pytest.mark.parametrize(
-    "seed",
-    [1, 2, *(pytest.param(s, marks=pytest.mark.xfail(strict=True, reason=NEIGHBOURS_UNVERIFIED)) for s in (3, 4, 5))],
-)
+@pytest.mark.parametrize("seed", [1, 2, 3, 4, 5])
 def test_every_tampered_event_is_quarantined_every_time(
     db_url: str, conn: psycopg.Connection, tmp_path: Path, seed: int
 ) -> None:
@@ -329,7 +323,6 @@ def test_every_tampered_event_is_quarantined_every_time(
 SPLIT = {**VALID, "eventid": "cowrie.command.input", "input": "cat /etc/passwd"}
 
 
-@pytest.mark.xfail(strict=True, reason=NEIGHBOURS_UNVERIFIED)
 @pytest.mark.parametrize(
     "tamper",
     [
