@@ -25,8 +25,9 @@ import sys
 import tempfile
 import threading
 import time
+import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,7 @@ import psutil
 import psycopg
 from psycopg import sql
 
-from dlq_assets.worker import WorkerConfig, process
+from dlq_assets.worker import LEASE_MODES, WorkerConfig, process
 
 # Per 100 dead letters. Resolvable: repairable raw text (a trailing comma, a lost closing brace) and valid events
 # after a transient failure. Not resolvable: cut values and binary junk (retried later, nothing invented),
@@ -309,8 +310,10 @@ def _children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def run_engine(url: str, workers: int, batch_size: int) -> dict[str, Any]:
-    config = WorkerConfig(batch_size=batch_size, min_batch_size=batch_size, max_batch_size=batch_size)
+def run_engine(url: str, workers: int, batch_size: int, lease_mode: str = "transaction") -> dict[str, Any]:
+    config = WorkerConfig(
+        batch_size=batch_size, min_batch_size=batch_size, max_batch_size=batch_size, lease_mode=lease_mode
+    )
     with PeakRss() as rss:
         busy, total, children = *_cpu_ticks(), _children_cpu()
         started = time.perf_counter()
@@ -350,34 +353,54 @@ def run_ceiling(url: str, workers: int, batch_size: int) -> tuple[int, float]:
     return _parallel(url, workers, lambda conn: conn.execute(statement).rowcount)
 
 
-def run_floor(url: str, workers: int, batch_size: int) -> tuple[int, float]:
-    """The engine's own SQL with no Python work: claim with a lease, write every claimed payload to raw_events and
-    complete the batch resolved, in the engine's two transactions; (rows, seconds)."""
+def run_floor(url: str, workers: int, batch_size: int, lease_mode: str = "transaction") -> tuple[int, float]:
+    """The engine's own SQL with no Python work: claim under the lease mode's protocol (transaction: release dead
+    batches, claim, journal; committed: claim and commit), write every claimed payload to raw_events and complete
+    the batch resolved; (rows, seconds)."""
+    journals = {}
 
     def batch(conn: psycopg.Connection[Any]) -> int:
-        rows = conn.execute("SELECT id, processing_lock FROM dlq_claim_events(%s, 1800)", (batch_size,)).fetchall()
-        if not rows:
-            return 0
-        lease, ids = rows[0][1], [r[0] for r in rows]
-        with conn.transaction():
-            conn.execute(
-                """
-                INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum,
-                                        dlq_event_id, repair_strategy)
-                SELECT source, source_inode, source_offset, coalesce(payload ->> 'eventid', 'floor'), payload,
-                       payload_checksum, id, 'floor'
-                  FROM dead_letter_events WHERE processing_lock = %s
-                ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
-                """,
-                (lease,),
-            )
-            conn.execute(
-                "SELECT count(*) FROM dlq_complete_batch(%s, %b, array_fill('resolved'::text, ARRAY[%s]))",
-                (lease, ids, len(ids)),
-            ).fetchone()
+        with conn.transaction() if lease_mode == "transaction" else nullcontext():
+            if lease_mode == "transaction":
+                journal = journals.get(id(conn)) or journals.setdefault(id(conn), psycopg.connect(url, autocommit=True))
+                journal.execute("SELECT dlq_release_dead_batches()")
+                lease = uuid.uuid4()
+                ids = [r[0] for r in conn.execute("SELECT id FROM dlq_claim_batch(%s, %s)", (lease, batch_size))]
+                if ids:
+                    journal.execute("SELECT dlq_journal_batch(%s, %b)", (lease, ids))
+            else:
+                rows = conn.execute("SELECT id, processing_lock FROM dlq_claim_events(%s, 1800)", (batch_size,))
+                claimed = rows.fetchall()
+                lease, ids = (claimed[0][1] if claimed else None), [r[0] for r in claimed]
+            if not ids:
+                return 0
+            _floor_write_and_complete(conn, lease, ids)
         return len(ids)
 
-    return _parallel(url, workers, batch)
+    try:
+        return _parallel(url, workers, batch)
+    finally:
+        for journal in journals.values():
+            journal.close()
+
+
+def _floor_write_and_complete(conn: psycopg.Connection[Any], lease: Any, ids: list[int]) -> None:
+    with conn.transaction():
+        conn.execute(
+            """
+            INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum,
+                                    dlq_event_id, repair_strategy)
+            SELECT source, source_inode, source_offset, coalesce(payload ->> 'eventid', 'floor'), payload,
+                   payload_checksum, id, 'floor'
+              FROM dead_letter_events WHERE id = ANY (%b)
+            ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
+            """,
+            (ids,),
+        )
+        conn.execute(
+            "SELECT count(*) FROM dlq_complete_batch(%s, %b, array_fill('resolved'::text, ARRAY[%s]))",
+            (lease, ids, len(ids)),
+        ).fetchone()
 
 
 def _parallel(url: str, workers: int, batch: Any) -> tuple[int, float]:
@@ -488,6 +511,7 @@ def benchmark(
     ceiling: bool = True,
     floor: bool = False,
     sql_stats: bool = False,
+    lease_mode: str = "transaction",
 ) -> dict[str, Any]:
     """The whole measurement on one database: load, engine, verify, reload, ceiling. Leaves the tables empty."""
     with psycopg.connect(url, autocommit=True) as conn:
@@ -498,7 +522,7 @@ def benchmark(
             load_seconds = load_backlog(conn)
             prepared = time.perf_counter() - started
             stats = sql_stats and _reset_statements(conn)
-            engine = run_engine(url, workers, batch_size)
+            engine = run_engine(url, workers, batch_size, lease_mode)
             top = _top_statements(conn) if stats else None
             checked = verify(conn)
             active = _active_seconds(conn)
@@ -509,7 +533,7 @@ def benchmark(
             floor_rate = None
             if floor:
                 load_backlog(conn)
-                floor_rows, floor_seconds = run_floor(url, workers, batch_size)
+                floor_rows, floor_seconds = run_floor(url, workers, batch_size, lease_mode)
                 floor_rate = floor_rows / floor_seconds
             version = conn.execute("SHOW server_version").fetchone()[0]
             sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
@@ -522,6 +546,7 @@ def benchmark(
         "events": events,
         "workers": workers,
         "batch_size": batch_size,
+        "lease_mode": lease_mode,
         "events_per_s": round(rate, 1),
         "ceiling_events_per_s": round(ceiling_rate, 1) if ceiling_rate else None,
         "ratio": round(rate / ceiling_rate, 3) if ceiling_rate else None,
@@ -676,6 +701,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling run")
     parser.add_argument("--synchronous-commit", choices=("on", "off"), help="set for the benchmark database's sessions")
+    parser.add_argument("--lease-mode", choices=LEASE_MODES, default="transaction", help="the worker's lease mode")
     parser.add_argument("--floor", action="store_true", help="also time the engine's SQL alone (no Python work)")
     parser.add_argument("--sql-stats", action="store_true", help="print pg_stat_statements' top statements")
     parser.add_argument("--health", action="store_true", help="dlq_health latency and retention rows/s instead")
@@ -719,6 +745,7 @@ def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         ceiling=not args.no_ceiling,
         floor=args.floor,
         sql_stats=args.sql_stats,
+        lease_mode=args.lease_mode,
     )
 
 

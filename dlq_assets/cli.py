@@ -314,29 +314,37 @@ def _inspect_view(d: dict[str, Any]) -> None:
 
 
 @main.command()
-@click.option("--release-stale", is_flag=True, help="Release expired leases (each counts as a failed attempt).")
+@click.option(
+    "--release-stale", is_flag=True, help="Release expired leases and dead batches (each event: a failed attempt)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def locks(ctx: click.Context, release_stale: bool, as_json: bool) -> None:
-    """Leases held now: by lease, with their events, expiry and whether they are stale."""
+    """Leases held now: by lease, with their events, expiry and whether they are stale. A transaction lease has
+    no expiry: it is stale when the session that held it is gone."""
     with psycopg.connect(_url(ctx), autocommit=True) as conn:
-        released = conn.execute("SELECT dlq_release_stale_leases()").fetchone()[0] if release_stale else 0
+        released = conn.execute("SELECT dlq_release_dead_batches()").fetchone()[0] if release_stale else 0
         cur = conn.execute(
             """
-            SELECT processing_lock::text AS lease, count(*) AS events, min(lock_expires_at) AS expires_at,
-                   bool_or(lock_expires_at <= now()) AS stale,
+            SELECT processing_lock::text AS lease, 'committed' AS kind, count(*) AS events,
+                   min(lock_expires_at) AS expires_at, bool_or(lock_expires_at <= now()) AS stale,
                    max(processing_attempts -> -1 ->> 'worker') AS worker
               FROM dead_letter_events WHERE processing_lock IS NOT NULL AND NOT resolved
-             GROUP BY processing_lock ORDER BY min(lock_expires_at)
+             GROUP BY processing_lock
+            UNION ALL
+            SELECT lease::text, 'transaction', sum(cardinality(event_ids)), NULL, dlq_lease_holder(lease) IS NULL,
+                   max(worker)
+              FROM dlq_batch_leases GROUP BY lease
+             ORDER BY expires_at NULLS LAST, lease
             """
         )
         leases = [dict(zip([c.name for c in cur.description], r, strict=True)) for r in cur.fetchall()]
     data = {"released": released, "leases": leases}
 
     def human(d: dict[str, Any]) -> None:
-        table = Table("lease", "events", "expires_at", "stale", "worker", box=box.SIMPLE)
+        table = Table("lease", "kind", "events", "expires_at", "stale", "worker", box=box.SIMPLE)
         for lease in d["leases"]:
-            table.add_row(lease["lease"], str(lease["events"]), str(lease["expires_at"]),
+            table.add_row(lease["lease"], lease["kind"], str(lease["events"]), str(lease["expires_at"] or "-"),
                           "[red]yes[/red]" if lease["stale"] else "no", str(lease["worker"]))  # fmt: skip
         Console().print(table if d["leases"] else "no leases held")
         if release_stale:
@@ -372,6 +380,13 @@ def breaker(ctx: click.Context, action: str, name: str, as_json: bool) -> None:
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--lease-seconds", default=1800, show_default=True, type=click.IntRange(1))
+@click.option(
+    "--lease-mode",
+    type=click.Choice(["transaction", "committed"]),
+    default="transaction",
+    show_default=True,
+    help="transaction: row locks are the lease (fast); committed: a visible lease row, written first.",
+)
 @click.option("--time-budget", type=click.FloatRange(min=0), help="Stop claiming after this many seconds.")
 @click.option("--max-events-per-second", type=click.FloatRange(min=0, min_open=True), help="Rate limit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -384,6 +399,7 @@ def process(
     workers: int,
     batch_size: int,
     lease_seconds: int,
+    lease_mode: str,
     time_budget: float | None,
     max_events_per_second: float | None,
     as_json: bool,
@@ -394,7 +410,7 @@ def process(
 
     config = WorkerConfig(
         batch_size=batch_size, min_batch_size=min(batch_size, 1000), max_batch_size=max(batch_size, 5000),
-        lease_seconds=lease_seconds, priority_max=priority, reason=reason, limit=limit,
+        lease_seconds=lease_seconds, lease_mode=lease_mode, priority_max=priority, reason=reason, limit=limit,
         time_budget_seconds=time_budget, max_events_per_second=max_events_per_second,
     )  # fmt: skip
     url = _url(ctx)

@@ -1,10 +1,15 @@
 """The processing worker: claim a batch under a lease, verify, repair, write, complete — in that order.
 
-Per batch: claim (committed, so the lease is visible); verify each checksum (a mismatch is quarantined, never
-processed); hand the rest to the reason's handler, consulting the circuit breaker for every event; then one
-transaction writes the targets to ``raw_events`` (idempotent), completes the whole batch in one fenced call,
-and records its metrics row. A crash anywhere before that commit leaves the lease to expire: the events are
-claimed again and nothing is applied twice. SIGTERM finishes the event at hand, releases the rest and exits.
+Per batch: claim; verify each checksum (a mismatch is quarantined, never processed); hand the rest to the
+reason's handler, consulting the circuit breaker for every event; then write the targets to ``raw_events``
+(idempotent), complete the whole batch in one fenced call and record its metrics row, atomically.
+
+The lease is a transaction by default (sql/0011): the batch is claimed ``FOR UPDATE SKIP LOCKED`` inside the
+transaction that completes it, and its ids are journalled from a second connection, so a worker that dies loses
+its row locks at once and the next claim counts the attempt. With ``lease_mode="committed"`` the lease is
+written and committed first (sql/0003) and expires if the worker dies. Either way a crash before the commit
+applies nothing, and the events are claimed again. SIGTERM finishes the event at hand, releases the rest and
+exits.
 """
 
 from __future__ import annotations
@@ -21,7 +26,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
@@ -34,6 +39,7 @@ from dlq_assets.db import database_url
 from dlq_assets.handlers import ClaimedEvent, Handler, HandlerRegistry, Outcome, Target, default_registry
 
 PROCESSING_METHOD = "python_worker"
+LEASE_MODES = ("transaction", "committed")
 _CLAIM_COLUMNS = (
     "id, created_at, reason, source, source_inode, source_offset, payload::text, payload_checksum, "
     "coalesce(metadata_json, '{}'::jsonb)::text, retry_count, priority, processing_lock"
@@ -57,8 +63,13 @@ class WorkerConfig:
     max_events_per_second: float | None = None
     pause_every: int | None = None  # the design's rate limit: pause_seconds every N events
     pause_seconds: float = 0.01
+    # "transaction": the batch's row locks are its lease, one write per event (sql/0011); "committed": the lease
+    # is written and committed before any work (visible to others, two writes per event; sql/0003).
+    lease_mode: str = "transaction"
 
     def __post_init__(self) -> None:
+        if self.lease_mode not in LEASE_MODES:
+            raise ValueError(f"lease_mode must be one of {', '.join(LEASE_MODES)}")
         if not 1 <= self.min_batch_size <= self.batch_size <= self.max_batch_size <= 100_000:
             raise ValueError("need 1 <= min_batch_size <= batch_size <= max_batch_size <= 100000")
         if self.lease_seconds < 1:
@@ -205,7 +216,13 @@ class Worker:
         limiter = RateLimiter(self.config.max_events_per_second, self.config.pause_every, self.config.pause_seconds)
         batch_size = self.config.batch_size
         try:
-            with psycopg.connect(self.url, autocommit=True) as conn, _Heartbeat(self.url, self.config) as heartbeat:
+            with (
+                psycopg.connect(self.url, autocommit=True) as conn,
+                self._journal_connection() as journal,
+                _Heartbeat(self.url, self.config, conn if journal else None) as heartbeat,
+            ):
+                # A batch transaction silent for longer than its lease is ended by the server (heartbeats ping).
+                conn.execute(f"SET idle_in_transaction_session_timeout = {self.config.lease_seconds * 1000}")
                 conn.execute(
                     "SELECT dlq_breaker_ensure(%s, %s, %s)",
                     (self.config.breaker_name, self.config.breaker_threshold, self.config.breaker_timeout_seconds),
@@ -221,7 +238,7 @@ class Worker:
                         break
                     size = batch_size if remaining is None else min(batch_size, remaining)
                     batch_started = time.monotonic()
-                    claimed = self._run_batch(conn, size, report, limiter, heartbeat)
+                    claimed = self._run_batch(conn, journal, size, report, limiter, heartbeat)
                     if claimed == 0:
                         break
                     elapsed = time.monotonic() - batch_started
@@ -233,9 +250,19 @@ class Worker:
             report.stopped_by_signal = self.stop.by_signal
         return report
 
+    @contextmanager
+    def _journal_connection(self) -> Iterator[psycopg.Connection[Any] | None]:
+        """The second connection a transaction lease journals its batches through (commits on its own)."""
+        if self.config.lease_mode != "transaction":
+            yield None
+            return
+        with psycopg.connect(self.url, autocommit=True) as journal:
+            yield journal
+
     def _run_batch(
         self,
         conn: psycopg.Connection[Any],
+        journal: psycopg.Connection[Any] | None,
         size: int,
         report: ProcessReport,
         limiter: RateLimiter,
@@ -252,24 +279,35 @@ class Worker:
             return 0
         if decision == "probe":
             size = 1  # exactly one event goes through a half-open breaker
-        rows = conn.execute(
-            f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_events(%s, %s, %s, %s, %s)",
-            (size, self.config.lease_seconds, self.config.priority_max, self.config.reason, self.worker_name),
-        ).fetchall()
-        if not rows:
-            if probe is not None:  # nothing to probe with: give the probe back by closing on an empty success
-                conn.execute("SELECT dlq_breaker_record(%s, 1, 0, %s)", (self.config.breaker_name, probe))
-            return 0
-        events = sorted((_claimed(r) for r in rows), key=lambda e: (e.priority, e.created_at, e.id))
-        lease = rows[0][-1]
-        session = _BatchSession(conn, lease, self.config.lease_seconds)
-        with heartbeat.holding(lease):
-            outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
-            neighbours = {e.id for e in session.neighbours}
-            unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
-            write_failures = self._write_and_complete(
-                conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
-            )
+        if journal:  # give back dead batches in a transaction of its own: it must outlive ours, and precede it
+            journal.execute("SELECT dlq_release_dead_batches()")
+        with conn.transaction() if journal else nullcontext():  # a transaction lease lasts as long as this
+            if journal:
+                lease = uuid.uuid4()
+                rows = conn.execute(
+                    f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_batch(%s, %s, %s, %s)",
+                    (lease, size, self.config.priority_max, self.config.reason),
+                ).fetchall()
+            else:
+                rows = conn.execute(
+                    f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_events(%s, %s, %s, %s, %s)",
+                    (size, self.config.lease_seconds, self.config.priority_max, self.config.reason, self.worker_name),
+                ).fetchall()
+                lease = rows[0][-1] if rows else None
+            if not rows or lease is None:
+                if probe is not None:  # nothing to probe with: give the probe back by closing on an empty success
+                    conn.execute("SELECT dlq_breaker_record(%s, 1, 0, %s)", (self.config.breaker_name, probe))
+                return 0
+            events = sorted((_claimed(r) for r in rows), key=lambda e: (e.priority, e.created_at, e.id))
+            session = _BatchSession(conn, lease, self.config.lease_seconds, journal, self.worker_name)
+            session.journal([e.id for e in events])
+            with heartbeat.holding(lease):
+                outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
+                neighbours = {e.id for e in session.neighbours + session.tampered}
+                unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
+                write_failures = self._write_and_complete(
+                    conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
+                )
         if write_failures:
             successes, tail_failures = 0, tail_failures + write_failures
         conn.execute(
@@ -297,6 +335,7 @@ class Worker:
             else:
                 outcomes.append(Outcome(event.id, "quarantined", message="payload checksum mismatch"))
         handled = self._handle(ordered, session)
+        outcomes += [Outcome(e.id, "quarantined", message="payload checksum mismatch") for e in session.tampered]
         consecutive = failure_count if failure_count else 0
         for event in ordered + session.neighbours:
             outcome = handled.get(event.id) or Outcome(event.id, "released")
@@ -447,15 +486,29 @@ def _counted(states: dict[int, str], uncounted: set[int]) -> dict[int, str]:
 class _BatchSession:
     """What a handler may do with the batch's lease: take neighbours; the worker heartbeats through it."""
 
-    def __init__(self, conn: psycopg.Connection[Any], lease: uuid.UUID, lease_seconds: int) -> None:
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        lease: uuid.UUID,
+        lease_seconds: int,
+        journal_conn: psycopg.Connection[Any] | None = None,
+        worker_name: str | None = None,
+    ) -> None:
         self.conn, self.lease, self.lease_seconds = conn, lease, lease_seconds
+        self.journal_conn, self.worker_name = journal_conn, worker_name
         self.neighbours: list[ClaimedEvent] = []
+        self.tampered: list[ClaimedEvent] = []  # neighbours whose checksum failed: quarantined, never handed on
+        self.held: list[int] = []  # every event this lease holds (a transaction lease writes no lock column)
 
-    def claim_neighbours(self, event: ClaimedEvent, window_bytes: int) -> list[ClaimedEvent]:
-        return self.claim_neighbours_of([event], window_bytes)
+    def journal(self, ids: list[int]) -> None:
+        """Record events a transaction lease holds, committed at once, so a crash is counted (sql/0011)."""
+        self.held.extend(ids)
+        if self.journal_conn is not None and ids:
+            self.journal_conn.execute("SELECT dlq_journal_batch(%s, %b, %s)", (self.lease, ids, self.worker_name))
 
     def claim_neighbours_of(self, events: Sequence[ClaimedEvent], window_bytes: int) -> list[ClaimedEvent]:
-        """One statement for the whole batch (one per event cost more than the batch), contiguous records only."""
+        """One statement for the whole batch (one per event cost more than the batch), contiguous records only.
+        Neighbours are verified like the batch's own events: a tampered one is kept back for quarantine."""
         ids = [e.id for e in events if e.source is not None and e.source_offset is not None]
         if not ids:
             return []
@@ -464,11 +517,11 @@ class _BatchSession:
             (self.lease, ids, window_bytes, self.lease_seconds),
         ).fetchall()
         found = [_claimed(r) for r in rows]
-        self.neighbours.extend(found)
-        return found
-
-    def unresolved_next_to(self, source: str, inode: str | None, start: int, end: int) -> bool:
-        return bool(self.unresolved_next_to_any([(source, inode, start, end)]))
+        self.journal([e.id for e in found])
+        verified = [e for e in found if _checksum_ok(e)]
+        self.tampered.extend(e for e in found if not _checksum_ok(e))
+        self.neighbours.extend(verified)
+        return verified
 
     def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
         """Indexes of the spans with an unresolved dead letter outside this lease right before or after them."""
@@ -487,19 +540,22 @@ class _BatchSession:
                            OR d.source_offset + (d.metadata_json ->> 'record_bytes')::bigint + 1
                               IN (s.start_at, s.start_at - 1))
                       AND NOT d.resolved AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
+                      AND d.id <> ALL (%s::bigint[])
                     LIMIT 1) found
             """,
-            (sources, inodes, starts, ends, 64 * 1024, self.lease),
+            (sources, inodes, starts, ends, 64 * 1024, self.lease, self.held),
         ).fetchall()
         return {n for (n,) in rows}
 
 
 class _Heartbeat:
     """Extends the current batch's lease from its own thread every lease/3 seconds, however long a handler
-    or a write takes; its connection is opened only when a batch first runs that long."""
+    or a write takes. A committed lease is extended on the heartbeat's own connection, opened only when a batch
+    first runs that long; a transaction lease by a statement on the batch's connection, which keeps the server
+    from ending the transaction as idle."""
 
-    def __init__(self, url: str, config: WorkerConfig) -> None:
-        self.url, self.lease_seconds = url, config.lease_seconds
+    def __init__(self, url: str, config: WorkerConfig, batch_conn: psycopg.Connection[Any] | None = None) -> None:
+        self.url, self.lease_seconds, self.batch_conn = url, config.lease_seconds, batch_conn
         self.lease: uuid.UUID | None = None
         self.beats = 0
         self._lock = threading.Lock()
@@ -532,8 +588,11 @@ class _Heartbeat:
                     lease = self.lease
                     if lease is None:
                         continue
-                    conn = conn or psycopg.connect(self.url, autocommit=True)
-                    conn.execute("SELECT dlq_heartbeat(%s, %s)", (lease, self.lease_seconds))
+                    if self.batch_conn is not None:
+                        self.batch_conn.execute("SELECT 1")
+                    else:
+                        conn = conn or psycopg.connect(self.url, autocommit=True)
+                        conn.execute("SELECT dlq_heartbeat(%s, %s)", (lease, self.lease_seconds))
                     self.beats += 1
         finally:
             if conn is not None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import psycopg
@@ -12,6 +13,7 @@ from click.testing import CliRunner
 
 from dlq_assets.cli import main
 from dlq_assets.migrations import discover
+from tests.reliability.conftest import wait_until
 
 
 def run(*args: str, env: dict[str, str] | None = None) -> tuple[int, str]:
@@ -193,6 +195,25 @@ def test_locks_lists_leases_and_releases_stale_ones(db_url: str, tmp_path: Path)
     assert code == 0 and lease["events"] == 3 and lease["stale"]
     code, out = run("--database-url", db_url, "locks", "--release-stale", "--json")
     assert code == 0 and json.loads(out) == {"released": 3, "leases": []}
+
+
+def test_locks_shows_transaction_leases_live_then_dead_and_releases_them(db_url: str, tmp_path: Path) -> None:
+    demo_db(db_url, tmp_path)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE dead_letter_events SET next_attempt_at = now() WHERE NOT resolved")
+        batch = psycopg.connect(db_url)
+        lease = uuid.uuid4()
+        ids = [i for (i,) in batch.execute("SELECT id FROM dlq_claim_batch(%s, 4)", (lease,))]
+        conn.execute("SELECT dlq_journal_batch(%s, %s, 'cli-test')", (lease, ids))
+        code, out = run("--database-url", db_url, "locks", "--json")
+        assert code == 0 and json.loads(out)["leases"] == [
+            {"lease": str(lease), "kind": "transaction", "events": 4, "expires_at": None, "stale": False,
+             "worker": "cli-test"}
+        ]  # fmt: skip
+        batch.close()  # the holder goes away without completing: its batch is dead
+        wait_until(lambda: run("--database-url", db_url, "locks", "--json")[1].count('"stale": true') == 1, "stale")
+    code, out = run("--database-url", db_url, "locks", "--release-stale", "--json")
+    assert code == 0 and json.loads(out) == {"released": 4, "leases": []}
 
 
 def test_breaker_commands_change_the_shared_state(db_url: str) -> None:

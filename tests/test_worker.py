@@ -20,7 +20,7 @@ from dlq_assets import jsonutil
 from dlq_assets.generator import write_corrupted_log
 from dlq_assets.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome, ReplayHandler, Target
 from dlq_assets.ingest import ingest_paths
-from dlq_assets.worker import RateLimiter, Worker, WorkerConfig, next_batch_size, process
+from dlq_assets.worker import LEASE_MODES, RateLimiter, Worker, WorkerConfig, next_batch_size, process
 
 SMALL = {"batch_size": 50, "min_batch_size": 10, "max_batch_size": 200}
 VALID = {
@@ -35,7 +35,9 @@ def states(conn: psycopg.Connection) -> dict[str, int]:
     row = conn.execute(
         """
         SELECT count(*) FILTER (WHERE resolved), count(*) FILTER (WHERE NOT resolved AND quarantined_at IS NULL),
-               count(*) FILTER (WHERE quarantined_at IS NOT NULL), count(*) FILTER (WHERE processing_lock IS NOT NULL),
+               count(*) FILTER (WHERE quarantined_at IS NOT NULL),
+               count(*) FILTER (WHERE processing_lock IS NOT NULL)  -- committed leases, and transaction leases:
+               + (SELECT count(*) FROM dlq_batch_leases CROSS JOIN LATERAL unnest(event_ids)),
                (SELECT count(*) FROM dlq_poison_events)
           FROM dead_letter_events
         """
@@ -129,15 +131,18 @@ class Slow(CowrieRepairHandler):
         time.sleep(float(sys.argv[2]))
         return super().handle(events, claimer)
 
-config = WorkerConfig(batch_size=40, min_batch_size=10, max_batch_size=40, lease_seconds=int(sys.argv[3]))
+config = WorkerConfig(batch_size=40, min_batch_size=10, max_batch_size=40, lease_seconds=int(sys.argv[3]),
+                      lease_mode=sys.argv[4])
 report = Worker(sys.argv[1], config, HandlerRegistry(default=Slow())).run()
 print("report", report.stopped_by_signal, report.released, flush=True)
 """
 
 
-def start_slow_worker(db_url: str, sleep: float, lease_seconds: int) -> subprocess.Popen[str]:
+def start_slow_worker(
+    db_url: str, sleep: float, lease_seconds: int, lease_mode: str = "transaction"
+) -> subprocess.Popen[str]:
     proc = subprocess.Popen(
-        [sys.executable, "-c", textwrap.dedent(SLOW_WORKER), db_url, str(sleep), str(lease_seconds)],
+        [sys.executable, "-c", textwrap.dedent(SLOW_WORKER), db_url, str(sleep), str(lease_seconds), lease_mode],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -146,15 +151,19 @@ def start_slow_worker(db_url: str, sleep: float, lease_seconds: int) -> subproce
     return proc
 
 
-def test_a_worker_killed_mid_batch_loses_nothing(db_url: str, conn: psycopg.Connection, tmp_path: Path) -> None:
+@pytest.mark.parametrize("lease_mode", LEASE_MODES)
+def test_a_worker_killed_mid_batch_loses_nothing(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, lease_mode: str
+) -> None:
     corpus(db_url, tmp_path, n=300, seed=5)
     (backlog,) = conn.execute("SELECT count(*) FROM dead_letter_events").fetchone()
     for _ in range(2):  # twice: a second crash on the re-claimed events too
-        victim = start_slow_worker(db_url, sleep=60, lease_seconds=2)
+        victim = start_slow_worker(db_url, sleep=60, lease_seconds=2, lease_mode=lease_mode)
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
-        assert states(conn)["leased"] > 0
-        time.sleep(2.5)  # the lease expires
+        assert states(conn)["leased"] > 0  # a committed lease, or a transaction lease's journal entry
+        if lease_mode == "committed":
+            time.sleep(2.5)  # the lease expires (a transaction lease ended with its connection)
     report = process(db_url, WorkerConfig(**SMALL))
     after = states(conn)
     assert after["leased"] == 0
@@ -196,16 +205,18 @@ class Slow:
         return ReplayHandler().handle(events, claimer)
 
 
-def test_the_heartbeat_keeps_a_long_batch_leased(db_url: str, conn: psycopg.Connection) -> None:
+@pytest.mark.parametrize("lease_mode", LEASE_MODES)
+def test_the_heartbeat_keeps_a_long_batch_leased(db_url: str, conn: psycopg.Connection, lease_mode: str) -> None:
     for i in range(5):
         insert_dead_letter(conn, {**VALID, "n": i})
-    config = WorkerConfig(**SMALL, lease_seconds=2)
+    config = WorkerConfig(**SMALL, lease_seconds=2, lease_mode=lease_mode)
     result: list[Any] = []
     slow = threading.Thread(
         target=lambda: result.append(Worker(db_url, config, HandlerRegistry(default=Slow(5))).run())
     )
     slow.start()
-    time.sleep(3.5)  # past the original lease: without heartbeats the events would be claimable again
+    time.sleep(3.5)  # past the lease: without heartbeats the events would be claimable again (or the server
+    # would have ended the idle batch transaction)
     stolen = conn.execute("SELECT count(*) FROM dlq_claim_events(100, 60)").fetchone()[0]
     slow.join(30)
     assert stolen == 0

@@ -225,7 +225,7 @@ import sys, time
 from dlq_assets.handlers import HandlerRegistry, default_registry
 from dlq_assets.worker import Worker, WorkerConfig
 
-url, lease, batch, gate = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
+url, lease, batch, gate, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 base = default_registry()
 
 class Gated:
@@ -243,7 +243,7 @@ class Gated:
             groups.setdefault(id(handler), (handler, []))[1].append(event)
         return [o for handler, group in groups.values() for o in handler.handle(group, claimer)]
 
-config = WorkerConfig(batch_size=batch, min_batch_size=1, max_batch_size=batch, lease_seconds=lease)
+config = WorkerConfig(batch_size=batch, min_batch_size=1, max_batch_size=batch, lease_seconds=lease, lease_mode=mode)
 report = Worker(url, config, HandlerRegistry(default=Gated())).run()
 print("done", report.resolved, flush=True)
 """
@@ -274,9 +274,25 @@ class Victim:
             return self.proc.returncode
 
 
-def start_worker(url: str, *, gate: str = "stdin", lease: int = 1, batch: int = 40, app: str = "dlq-victim") -> Victim:
+def start_worker(
+    url: str,
+    *,
+    gate: str = "stdin",
+    lease: int = 1,
+    batch: int = 40,
+    app: str = "dlq-victim",
+    lease_mode: str = "transaction",
+) -> Victim:
     proc = subprocess.Popen(
-        [sys.executable, "-c", WORKER_SCRIPT, with_params(url, application_name=app), str(lease), str(batch), gate],
+        [
+            sys.executable,
+            "-c",
+            WORKER_SCRIPT,
+            with_params(url, application_name=app),
+            *map(str, (lease, batch)),
+            gate,
+            lease_mode,
+        ],
         stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,  # a killed worker's traceback is expected noise
@@ -293,11 +309,15 @@ def stopped_at(url: str, step: str, victim: Victim) -> Iterator[None]:
     """Let ``victim`` run from its handler into ``step`` and hold it there with a lock until the block ends.
 
     handler: it stays in its handler. target_write: raw_events is locked, so its INSERT waits inside the
-    batch transaction. complete: its rows are locked, so dlq_complete_batch waits, after the target write.
+    batch transaction. complete (committed leases only: a transaction lease holds its rows itself): its rows are
+    locked, so dlq_complete_batch waits. commit: the metrics table is locked, so the batch transaction's last
+    statement waits, everything else done.
     """
     with psycopg.connect(url) as holder, psycopg.connect(url, autocommit=True) as watcher:
         if step == "target_write":
             holder.execute("LOCK TABLE raw_events IN SHARE MODE")
+        elif step == "commit":
+            holder.execute("LOCK TABLE dlq_processing_metrics IN SHARE MODE")
         elif step == "complete":
             holder.execute("SELECT 1 FROM dead_letter_events WHERE id = ANY (%s) FOR UPDATE", (victim.ids,))
         if step != "handler":

@@ -39,7 +39,11 @@ from tests.reliability.conftest import (
 
 pytestmark = pytest.mark.reliability
 
-STEPS = ("handler", "target_write", "complete")
+STEPS = {  # where a worker can be stopped and killed, by lease mode
+    "committed": ("handler", "target_write", "complete", "commit"),
+    "transaction": ("handler", "target_write", "commit"),
+}
+MODE_STEPS = [(mode, step) for mode, steps in STEPS.items() for step in steps]
 CLEAN = WorkerConfig(batch_size=50, min_batch_size=10, max_batch_size=200)
 LEASE_EXPIRY = 1.2  # the victims' lease is 1 s
 
@@ -71,19 +75,21 @@ def crash_on_record(conn: psycopg.Connection[Any], ids: list[int]) -> set[int]:
     return {i for (i,) in rows}
 
 
+@pytest.mark.parametrize("lease_mode", STEPS)
 def test_sigkill_at_every_step_again_and_again_loses_nothing(
-    db_url: str, conn: psycopg.Connection, tmp_path: Path
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, lease_mode: str
 ) -> None:
     backlog(db_url, tmp_path)
     before = take_ledger(db_url)
     held: list[int] = []
-    for step in (*STEPS, *STEPS, "anywhere"):
+    steps = STEPS[lease_mode]
+    for step in (*steps, *steps, "anywhere"):
         if step == "anywhere":  # last, as it may finish the backlog: a free-running worker killed at random
-            victim = start_worker(db_url, gate="0", batch=2)
+            victim = start_worker(db_url, gate="0", batch=2, lease_mode=lease_mode)
             time.sleep(random.Random(7).uniform(0.02, 0.2))
             victim.kill()
         else:
-            victim = start_worker(db_url)
+            victim = start_worker(db_url, lease_mode=lease_mode)
             with stopped_at(db_url, step, victim):
                 victim.kill()
             held += victim.ids
@@ -97,13 +103,13 @@ def test_sigkill_at_every_step_again_and_again_loses_nothing(
     assert crash_on_record(conn, held) == set(held)  # every event a killed lease held lost an attempt, nothing else
 
 
-@pytest.mark.parametrize("step", STEPS)
+@pytest.mark.parametrize(("lease_mode", "step"), MODE_STEPS)
 def test_a_terminated_worker_connection_loses_nothing(
-    db_url: str, conn: psycopg.Connection, tmp_path: Path, step: str
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, lease_mode: str, step: str
 ) -> None:
     backlog(db_url, tmp_path, n=200 * SCALE)
     before = take_ledger(db_url)
-    victim = start_worker(db_url)
+    victim = start_worker(db_url, lease_mode=lease_mode)
     with stopped_at(db_url, step, victim):
         pids = backends(conn, victim.app)  # found by application_name in pg_stat_activity
         assert pids
@@ -120,7 +126,8 @@ def test_a_terminated_worker_connection_loses_nothing(
 
 
 @pytest.mark.timeout(300)
-def test_a_postgres_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
+@pytest.mark.parametrize("lease_mode", STEPS)
+def test_a_postgres_restart_mid_run_loses_nothing(tmp_path: Path, lease_mode: str) -> None:
     data_dir = cluster_dir()
     server = EmbeddedServer(data_dir)
     try:
@@ -130,7 +137,7 @@ def test_a_postgres_restart_mid_run_loses_nothing(tmp_path: Path) -> None:
         backlog(url, tmp_path)
         before = take_ledger(url)
         for gate, batch, pause in (("1", 40, 0.0), ("0", 10, 0.2)):  # in a handler; then at a random point
-            victim = start_worker(url, gate=gate, batch=batch)
+            victim = start_worker(url, gate=gate, batch=batch, lease_mode=lease_mode)
             time.sleep(pause)
             server.stop(mode="immediate")
             server.start()
@@ -186,6 +193,9 @@ def test_an_ingest_killed_mid_file_resumes_to_exactly_once(
     }
 
 
+COMMITTED = WorkerConfig(batch_size=50, min_batch_size=10, max_batch_size=200, lease_mode="committed")
+
+
 class LosesItsLease:
     """Replays, but while it works its lease runs out (a long GC pause, a VM freeze, a partition), the payload
     is tampered with, and another worker takes the event over and quarantines it."""
@@ -206,12 +216,15 @@ class LosesItsLease:
         self.other = Worker(self.url, CLEAN).run()
         return outcomes
 
+    # A committed lease: a transaction lease cannot run out under a live transaction, and only the session
+    # holding it completes its rows (tests/test_transaction_leases.py).
+
 
 def test_a_worker_that_lost_its_lease_writes_nothing(db_url: str, conn: psycopg.Connection) -> None:
     insert_dead_letter(conn, VALID, source="/var/log/cowrie.json", source_inode="7", source_offset=10)
     before = take_ledger(db_url)
     handler = LosesItsLease(db_url)
-    report = Worker(db_url, CLEAN, HandlerRegistry(default=handler)).run()
+    report = Worker(db_url, COMMITTED, HandlerRegistry(default=handler)).run()
     assert (report.not_owned, handler.other.quarantined) == (1, 1)  # fenced: its completion changed nothing
     (key,) = before.events
     after = take_ledger(db_url)

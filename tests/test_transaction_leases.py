@@ -1,0 +1,205 @@
+"""Transaction leases (sql/0011): row locks as the lease, a journal for crash accounting, fencing by holder."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any
+
+import psycopg
+import pytest
+
+from dlq_assets.worker import WorkerConfig, process
+from tests.reliability.conftest import VALID, insert_dead_letter, wait_until
+from tests.test_security import PROCESSOR, as_role
+
+CLAIM = "SELECT id FROM dlq_claim_batch(%s, %s)"
+JOURNAL = "SELECT dlq_journal_batch(%s, %s, 'test-worker')"
+
+
+@pytest.fixture
+def other(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A second session: the batch's journal connection, or another worker."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def batch(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """The batch session, its transaction opened by the test (which may terminate it: closed, not committed)."""
+    connection = psycopg.connect(db_url)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def events(conn: psycopg.Connection[Any], n: int) -> list[int]:
+    return [insert_dead_letter(conn, {**VALID, "n": i}) for i in range(n)]
+
+
+def claim(batch: psycopg.Connection[Any], journal: psycopg.Connection[Any], n: int) -> tuple[uuid.UUID, list[int]]:
+    """As the worker does: give back dead batches (in the journal's session), claim, journal."""
+    journal.execute("SELECT dlq_release_dead_batches()")
+    lease = uuid.uuid4()
+    ids = [i for (i,) in batch.execute(CLAIM, (lease, n))]
+    journal.execute(JOURNAL, (lease, ids))
+    return lease, ids
+
+
+def terminate(conn: psycopg.Connection[Any], session: psycopg.Connection[Any]) -> None:
+    """End ``session``'s backend as a crash would, and wait until it is gone (its locks with it)."""
+    pid = session.info.backend_pid
+    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(), "exit")
+
+
+def health(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    return conn.execute("SELECT locked_events, stale_locks FROM dlq_health").fetchone()
+
+
+def test_a_claim_writes_nothing_and_the_row_locks_keep_everyone_else_out(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    ids = events(conn, 5)
+    before = conn.execute("SELECT xmin::text FROM dead_letter_events ORDER BY id").fetchall()
+    _, claimed = claim(batch, other, 3)
+    assert claimed == ids[:3]
+    assert conn.execute("SELECT xmin::text FROM dead_letter_events ORDER BY id").fetchall() == before  # no write
+    assert health(conn) == (3, 0)
+    assert [i for (i,) in other.execute("SELECT id FROM dlq_claim_events(10, 60)")] == ids[3:]  # SKIP LOCKED
+    with other.transaction():  # a second transaction lease gets nothing the first holds
+        assert other.execute(CLAIM, (uuid.uuid4(), 10)).fetchall() == []
+
+
+def test_completion_resolves_records_the_claim_and_ends_the_journal_entry(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    lease, ids = claim(batch, other, 2)
+    states = batch.execute(
+        "SELECT * FROM dlq_complete_batch(%s, %s, ARRAY['resolved', 'failed'], ARRAY['replay', NULL], "
+        "ARRAY[NULL, 'invalid_event'])",
+        (lease, ids),
+    ).fetchall()
+    batch.commit()
+    assert sorted(states) == [(ids[0], "resolved"), (ids[1], "retry_scheduled")]
+    rows = conn.execute("SELECT processing_attempts, processing_lock FROM dead_letter_events ORDER BY id").fetchall()
+    for attempts, lock in rows:
+        assert lock is None
+        assert [(a["lease"], a["as"], a["worker"], a["attempt"]) for a in attempts] == [
+            (str(lease), "transaction", "test-worker", 1)
+        ]
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases").fetchone() == (0,)
+    assert health(conn) == (0, 0)
+
+
+def test_only_the_session_holding_the_lease_completes_its_rows(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    lease, ids = claim(batch, other, 2)
+    forged = other.execute(
+        "SELECT * FROM dlq_complete_batch(%s, %s, ARRAY['resolved', 'resolved'])", (lease, ids)
+    ).fetchall()
+    assert sorted(forged) == [(ids[0], "not_owned"), (ids[1], "not_owned")]  # same lease, not the holder
+    batch.rollback()  # the batch gives up: nothing happened, and nothing is counted (no crash)
+    assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE resolved").fetchone() == (0,)
+
+
+def test_a_dead_batch_is_stale_and_the_next_claim_counts_its_attempt(
+    db_url: str, conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    ids = events(conn, 3)
+    lease, claimed = claim(batch, other, 2)
+    terminate(conn, batch)  # the worker's connection dies
+    assert health(conn) == (0, 2)  # the journal outlived its holder: stale
+    with psycopg.connect(db_url) as batch_again:
+        lease_again, again = claim(batch_again, other, 10)
+        assert sorted(again) == ids  # given back at once, with the attempt counted
+        batch_again.rollback()
+    rows = conn.execute(
+        "SELECT id, retry_count, error_history -> -1 ->> 'error_class', error_history -> -1 ->> 'lease' "
+        "FROM dead_letter_events ORDER BY id"
+    ).fetchall()
+    assert rows == [(i, 1, "lease_expired", str(lease)) if i in claimed else (i, 0, None, None) for i in ids]
+    assert conn.execute("SELECT array_agg(lease) FROM dlq_batch_leases").fetchone() == ([lease_again],)
+
+
+def test_an_event_that_kills_every_worker_is_poisoned_not_looped(conn: psycopg.Connection, db_url: str) -> None:
+    (event_id,) = events(conn, 1)
+    (cap,) = conn.execute("SELECT max_attempts FROM dlq_retry_policy('target_unavailable', 'lease_expired')").fetchone()
+    for _ in range(cap):
+        with closing(psycopg.connect(db_url)) as batch, psycopg.connect(db_url, autocommit=True) as journal:
+            conn.execute("UPDATE dead_letter_events SET next_attempt_at = now()")  # due again, backoff skipped
+            claim(batch, journal, 1)
+            terminate(conn, batch)  # the next claim gives it back first, counting the attempt, even though
+            # the batch that claims it next dies too
+    assert conn.execute("SELECT dlq_release_dead_batches()").fetchone() == (1,)  # the last crash
+    poisoned = conn.execute(
+        "SELECT poison_reason, retry_count, jsonb_array_length(processing_attempts) FROM dlq_poison_events "
+        "WHERE id = %s",
+        (event_id,),
+    ).fetchone()
+    assert poisoned == ("max_attempts", cap, cap)  # every crash on record, as a claim and as an attempt
+
+
+def test_a_live_batch_is_never_swept(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    claim(batch, other, 2)
+    assert other.execute("SELECT dlq_release_dead_batches()").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases").fetchone() == (1,)
+
+
+def test_a_claim_outside_a_transaction_cannot_be_journalled(
+    conn: psycopg.Connection, other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 1)
+    lease = uuid.uuid4()
+    ids = [i for (i,) in conn.execute(CLAIM, (lease, 1))]  # autocommit: the locks ended with the statement
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="not held: claim with dlq_claim_batch inside"):
+        other.execute(JOURNAL, (lease, ids))
+
+
+def test_a_lease_cannot_be_claimed_twice(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    lease, _ = claim(batch, other, 1)
+    with other.transaction(), pytest.raises(psycopg.errors.LockNotAvailable, match="held by another session"):
+        other.execute(CLAIM, (lease, 1))
+
+
+def test_the_processor_cannot_journal_what_it_cannot_see(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    (ordinary,) = events(conn, 1)
+    hidden = insert_dead_letter(conn, VALID, classification="malicious", source_offset=9)
+    lease, _ = claim(batch, other, 1)
+    with as_role(conn, PROCESSOR), pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        conn.execute(JOURNAL, (lease, [ordinary, hidden]))
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases WHERE %s = ANY (event_ids)", (hidden,)).fetchone() == (
+        0,
+    )
+
+
+def test_the_worker_in_both_modes_ends_every_event_in_the_same_state(db_url: str, conn: psycopg.Connection) -> None:
+    """Same backlog, same outcomes: the lease mode changes how a batch is held, not what happens to it."""
+    results = {}
+    for mode in ("committed", "transaction"):
+        conn.execute("TRUNCATE dead_letter_events, dlq_idempotency_keys, raw_events, dlq_poison_events")
+        for i in range(20):
+            insert_dead_letter(conn, {**VALID, "n": i} if i % 4 else {**VALID, "timestamp": "never"}, source_offset=i)
+        report = process(db_url, WorkerConfig(batch_size=8, min_batch_size=8, max_batch_size=8, lease_mode=mode))
+        results[mode] = (
+            report.resolved,
+            report.retried,
+            conn.execute(
+                "SELECT array_agg(source_offset ORDER BY source_offset), "
+                "count(*) FILTER (WHERE processing_lock IS NULL) FROM dead_letter_events WHERE resolved"
+            ).fetchone(),
+        )
+    assert results["committed"] == results["transaction"] == (15, 5, ([i for i in range(20) if i % 4], 15))
