@@ -194,11 +194,17 @@ BEGIN
                e.processing_lock IS NULL AS by_transaction
           FROM dead_letter_events e
           JOIN input i ON i.id = e.id
-         WHERE NOT e.resolved
+         WHERE e.id = ANY (p_ids)  -- by primary key, partition by partition (the join alone scanned them)
+           AND NOT e.resolved
            AND e.quarantined_at IS NULL  -- a quarantine is never lifted by a lease, however it was taken
            AND (e.processing_lock = p_lease
                 OR (v_held AND e.processing_lock IS NULL AND e.id IN (SELECT j.id FROM journal j)))
            FOR UPDATE OF e
+    ), policy AS MATERIALIZED (  -- once per (reason, error class), not per row (half the statement's time)
+        SELECT k.reason AS for_reason, k.error_class AS for_error_class, pol.max_attempts, pol.backoff_base_seconds,
+               pol.backoff_cap_seconds, pol.jitter, pol.retryable
+          FROM (SELECT DISTINCT o.reason, o.error_class FROM owned o) k
+         CROSS JOIN LATERAL dlq_retry_policy(k.reason, k.error_class) pol
     ), decided AS (
         SELECT o.*, o.retry_count + 1 AS attempt, pol.max_attempts, pol.backoff_base_seconds,
                pol.backoff_cap_seconds, pol.jitter,
@@ -214,7 +220,7 @@ BEGIN
                    'lease', p_lease, 'claimed_at', v_claimed_at, 'worker', v_worker, 'attempt', o.retry_count + 1,
                    'as', 'transaction')) ELSE '[]'::jsonb END AS claim_entry
           FROM owned o
-         CROSS JOIN LATERAL dlq_retry_policy(o.reason, o.error_class) pol
+          JOIN policy pol ON pol.for_reason = o.reason AND pol.for_error_class = o.error_class
     ), updated AS (
         UPDATE dead_letter_events e
            SET processing_lock = NULL,
