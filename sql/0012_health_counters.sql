@@ -149,6 +149,7 @@ $$;
 REVOKE EXECUTE ON FUNCTION dlq_retention_drop_partitions(integer, boolean) FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dlq_recount_events() FROM PUBLIC;
 REVOKE EXECUTE ON FUNCTION dlq_event_counts_fold() FROM PUBLIC;
+REVOKE EXECUTE ON FUNCTION dlq_event_counts_sql(text) FROM PUBLIC;
 
 -- Same columns, same meaning as before (0001, 0011); each from the counters or an index.
 CREATE OR REPLACE VIEW dlq_health AS
