@@ -12,6 +12,7 @@ import pytest
 
 from dlq_assets.worker import WorkerConfig, process
 from tests.reliability.conftest import VALID, insert_dead_letter, wait_until
+from tests.test_claim import BACKLOG, claimed_plans, fill_backlog
 from tests.test_security import PROCESSOR, as_role
 
 CLAIM = "SELECT id FROM dlq_claim_batch(%s, %s)"
@@ -203,3 +204,31 @@ def test_the_worker_in_both_modes_ends_every_event_in_the_same_state(db_url: str
             ).fetchone(),
         )
     assert results["committed"] == results["transaction"] == (15, 5, ([i for i in range(20) if i % 4], 15))
+
+
+@pytest.mark.slow
+def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
+    conn: psycopg.Connection, other: psycopg.Connection[Any]
+) -> None:
+    """No per-batch cost that grows with the table: the claim merges index scans, the completion finds its
+    rows by primary key (a join alone scanned every partition), the policies are looked up once per pair."""
+    fill_backlog(conn, BACKLOG)
+    populated = {r[0] for r in conn.execute("SELECT DISTINCT tableoid::regclass::text FROM dead_letter_events")}
+    assert len(populated) >= 3
+    lease = uuid.uuid4()
+    with conn.transaction():
+        plans = claimed_plans(conn, "SELECT id FROM dlq_claim_batch(%s, 1000)", (lease,))
+        claim = next(p for p in reversed(plans) if "FOR UPDATE SKIP LOCKED" in p)
+        assert "Merge Append" in claim and "Sort  " not in claim and "Seq Scan" not in claim, claim
+    lease = uuid.uuid4()
+    with conn.transaction():
+        ids = [i for (i,) in conn.execute(CLAIM, (lease, 1000))]
+        other.execute(JOURNAL, (lease, ids))
+        plans = claimed_plans(
+            conn, "SELECT * FROM dlq_complete_batch(%s, %s, array_fill('failed'::text, ARRAY[1000]))", (lease, ids)
+        )
+        complete = next(p for p in plans if "WITH input" in p)
+        for partition in populated:
+            assert f"Seq Scan on {partition} " not in complete, complete
+        # the policy function runs in its own materialized CTE, once per (reason, error class)
+        assert "CTE policy" in complete and complete.count("Function Scan on dlq_retry_policy") == 1, complete
