@@ -538,8 +538,8 @@ class _BatchSession:
                    SELECT 1 FROM (
                         (SELECT d.* FROM dead_letter_events d
                           WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
-                            AND d.source_offset IN (s.end_at + 1, s.end_at + 2)
-                          ORDER BY d.source_offset LIMIT 1)
+                            AND d.source_offset BETWEEN s.end_at + 1 AND s.end_at + 2  -- a range: PostgreSQL
+                          ORDER BY d.source_offset LIMIT 1)  -- 15 scans the whole source for an IN list here
                         UNION ALL
                         (SELECT d.* FROM dead_letter_events d
                           WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode

@@ -304,7 +304,7 @@ AS $$
           FROM dead_letter_events e
          WHERE e.id = ANY (p_ids) AND e.source IS NOT NULL
            AND (e.processing_lock = p_lease
-                OR (e.processing_lock IS NULL AND e.id IN (SELECT m.id FROM mine m)))
+                OR (e.processing_lock IS NULL AND e.id = ANY (ARRAY(SELECT m.id FROM mine m))))
            AND e.source_offset IS NOT NULL AND jsonb_typeof(e.metadata_json -> 'record_bytes') = 'number'
         UNION
         SELECT n.id, n.source, n.source_inode, n.source_offset,
@@ -312,8 +312,9 @@ AS $$
           FROM chain c
          CROSS JOIN LATERAL (
                (SELECT d.* FROM dead_letter_events d  -- the record right after: 1 or 2 bytes after this one ends
-                 WHERE d.source = c.source AND d.source_inode IS NOT DISTINCT FROM c.inode
-                   AND d.source_offset IN (c.hi + 1, c.hi + 2) AND d.source_offset <= c.max_hi
+                 WHERE d.source = c.source AND d.source_inode IS NOT DISTINCT FROM c.inode  -- a range, not IN:
+                   AND d.source_offset BETWEEN c.hi + 1 AND c.hi + 2  -- PostgreSQL 15 scanned the source for IN
+                   AND d.source_offset <= c.max_hi
                  ORDER BY d.source_offset LIMIT 1)
                UNION ALL
                (SELECT d.* FROM dead_letter_events d  -- the record before, if it ends 1 or 2 bytes before this one
@@ -333,9 +334,10 @@ AS $$
            processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
                'lease', p_lease, 'claimed_at', now(), 'attempt', e.retry_count + 1, 'as', 'neighbour'))
      WHERE e.id = ANY (ARRAY(
-           SELECT c.id FROM dead_letter_events c
-            WHERE c.id IN (SELECT id FROM chain) AND c.id NOT IN (SELECT m.id FROM mine m)
-              AND NOT c.resolved AND c.quarantined_at IS NULL
+           SELECT c.id FROM dead_letter_events c  -- by primary key: the ids first, as an array; and
+            WHERE c.id = ANY (ARRAY(SELECT id FROM chain EXCEPT SELECT m.id FROM mine m))
+              AND c.resolved IS NOT TRUE  -- not "NOT resolved", which let PostgreSQL 15 pick the whole
+              AND c.quarantined_at IS NULL  -- claimable index instead (210 ms a call at 30k rows)
               AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
               FOR UPDATE SKIP LOCKED))
     RETURNING e.*

@@ -230,5 +230,6 @@ def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
         complete = next(p for p in plans if "WITH input" in p)
         for partition in populated:
             assert f"Seq Scan on {partition} " not in complete, complete
+            assert f"{partition}_pkey" in complete, complete  # not a walk of the whole claimable index
         # the policy function runs in its own materialized CTE, once per (reason, error class)
         assert "CTE policy" in complete and complete.count("Function Scan on dlq_retry_policy") == 1, complete
