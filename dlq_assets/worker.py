@@ -518,8 +518,9 @@ class _BatchSession:
         ).fetchall()
         found = [_claimed(r) for r in rows]
         self.journal([e.id for e in found])
-        verified = [e for e in found if _checksum_ok(e)]
-        self.tampered.extend(e for e in found if not _checksum_ok(e))
+        verified: list[ClaimedEvent] = []
+        for event in found:
+            (verified if _checksum_ok(event) else self.tampered).append(event)
         self.neighbours.extend(verified)
         return verified
 

@@ -124,9 +124,9 @@ BEGIN
         -- Alive: its holder has the lock (this session included). Dead: the lock is ours until we commit.
         CONTINUE WHEN dlq_lease_holder(v_lease) IS NOT NULL OR NOT pg_try_advisory_xact_lock(dlq_lease_key(v_lease));
         SELECT array_agg(e.id) INTO v_ids FROM (
-            SELECT e.id FROM dead_letter_events e
-             WHERE e.id IN (SELECT unnest(b.event_ids) FROM dlq_batch_leases b WHERE b.lease = v_lease)
-               AND NOT e.resolved AND e.quarantined_at IS NULL AND e.processing_lock IS NULL
+            SELECT e.id FROM dead_letter_events e  -- by primary key, as in dlq_claim_fragment_chains
+             WHERE e.id = ANY (ARRAY(SELECT unnest(b.event_ids) FROM dlq_batch_leases b WHERE b.lease = v_lease))
+               AND e.resolved IS NOT TRUE AND e.quarantined_at IS NULL AND e.processing_lock IS NULL
                FOR UPDATE SKIP LOCKED) e;
         IF v_ids IS NOT NULL THEN
             PERFORM dlq_complete_batch(v_lease, v_ids, array_fill('failed'::text, ARRAY[cardinality(v_ids)]),
