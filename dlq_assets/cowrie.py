@@ -132,6 +132,23 @@ def _is_sha256(value: object) -> bool:
     return isinstance(value, str) and _SHA256_RE.fullmatch(value) is not None
 
 
+def _is_str(value: object) -> bool:
+    return isinstance(value, str)
+
+
+_FIELD_CHECKS: tuple[tuple[str, Callable[[object], bool]], ...] = (
+    ("src_ip", _is_ip),
+    ("src_port", _is_port),
+    ("dst_ip", _is_ip),
+    ("dst_port", _is_port),
+    *((name, _is_str) for name in _STRING_FIELDS),
+    ("shasum", _is_sha256),
+    ("sha256", _is_sha256),
+)
+# direct-tcpip events name the host the attacker asked for in dst_ip: any host name, not only an address
+_REQUESTED_HOST_CHECKS = tuple((name, _is_host if name == "dst_ip" else check) for name, check in _FIELD_CHECKS)
+
+
 def validate_event(event: object) -> ValidationResult:
     """Check one parsed event against the catalogue, collecting every error; never changes the event."""
     if not isinstance(event, dict):
@@ -155,16 +172,7 @@ def validate_event(event: object) -> ValidationResult:
     elif not (known and eventid.startswith(_SESSIONLESS_PREFIX)):
         errors.append("missing_session")
 
-    requested_host = known and eventid.startswith(_REQUESTED_HOST_PREFIX)
-    checks: tuple[tuple[str, Callable[[object], bool]], ...] = (
-        ("src_ip", _is_ip),
-        ("src_port", _is_port),
-        ("dst_ip", _is_host if requested_host else _is_ip),
-        ("dst_port", _is_port),
-        *((name, lambda v: isinstance(v, str)) for name in _STRING_FIELDS),
-        ("shasum", _is_sha256),
-        ("sha256", _is_sha256),
-    )
+    checks = _REQUESTED_HOST_CHECKS if known and eventid.startswith(_REQUESTED_HOST_PREFIX) else _FIELD_CHECKS
     for name, check in checks:
         if name in event and not check(event[name]):
             errors.append(f"invalid_{name}: {event[name]}")

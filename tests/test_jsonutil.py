@@ -87,6 +87,10 @@ def test_random_payloads_agree_with_postgres(conn: psycopg.Connection, value: ob
         ('{"\\u0000": 1}', jsonutil.NotStorableJSON),
         ('{"a": NaN}', jsonutil.NotStorableJSON),
         ('{"a": Infinity}', jsonutil.NotStorableJSON),
+        ('{"a": 1e131072}', jsonutil.NotStorableJSON),  # numeric: 131072 digits before the point at most
+        ('{"a": [2, -1E+999999999]}', jsonutil.NotStorableJSON),
+        ('{"a": 1e-16384}', jsonutil.NotStorableJSON),  # ... and 16383 after it
+        ('{"a": 0.5e-16383}', jsonutil.NotStorableJSON),
         ('{"a": 1,}', json.JSONDecodeError),
         ("not json", json.JSONDecodeError),
     ],
@@ -96,6 +100,17 @@ def test_loads_rejects_what_jsonb_rejects(conn: psycopg.Connection, text: str, e
         jsonutil.loads(text)
     with pytest.raises(psycopg.errors.DataError):
         conn.execute("SELECT %s::jsonb", (text,))
+
+
+@pytest.mark.parametrize("text", ['{"a": 1e131071}', '{"a": -9e-16383}', '{"a": 0.5e-16382}', '{"\\\\u": "\\\\u0000"}'])
+def test_loads_accepts_what_jsonb_accepts_at_the_limits(conn: psycopg.Connection, text: str) -> None:
+    value = jsonutil.loads(text)
+    assert jsonutil.canonical_json(value) == conn.execute("SELECT %s::jsonb::text", (text,)).fetchone()[0]
+
+
+def test_a_lone_surrogate_in_the_text_itself_is_refused() -> None:
+    with pytest.raises(jsonutil.NotStorableJSON):
+        jsonutil.loads('{"a": "\ud800"}')  # the character, not an escape: no jsonb can hold it either
 
 
 def test_loads_keeps_exact_decimals() -> None:
