@@ -110,9 +110,28 @@ def test_updated_at_is_maintained_by_trigger(conn: psycopg.Connection) -> None:
     assert after > before
 
 
+def test_updated_at_is_now_whatever_a_statement_sets(conn: psycopg.Connection) -> None:
+    """The trigger is skipped only for rows a statement already stamps with now() (sql/0013), never otherwise."""
+    event_id = insert_event(conn)
+    conn.execute("UPDATE dead_letter_events SET updated_at = '2001-01-01' WHERE id = %s", (event_id,))
+    (kept,) = conn.execute("SELECT updated_at FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
+    assert kept.year > 2001
+    with conn.transaction():
+        (now,) = conn.execute("SELECT now()").fetchone()
+        conn.execute("UPDATE dead_letter_events SET updated_at = now(), retry_count = 2 WHERE id = %s", (event_id,))
+        conn.execute("UPDATE dead_letter_events SET retry_count = 3 WHERE id = %s", (event_id,))  # again, same tx
+        (stamped,) = conn.execute("SELECT updated_at FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
+    assert stamped == now
+
+
 @pytest.mark.parametrize(
     "assignment",
-    ["payload_checksum = repeat('a', 64)", "idempotency_key = 'other'", "created_at = created_at - interval '40 days'"],
+    [
+        "payload_checksum = repeat('a', 64)",
+        "idempotency_key = 'other'",
+        "created_at = created_at - interval '40 days'",
+        "idempotency_key = 'other', updated_at = now()",  # a stamped row is still checked
+    ],
 )
 def test_identity_checksum_and_partition_key_are_immutable(conn: psycopg.Connection, assignment: str) -> None:
     event_id = insert_event(conn)
