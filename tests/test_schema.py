@@ -101,6 +101,18 @@ def test_a_producer_checksum_that_does_not_match_is_refused(conn: psycopg.Connec
         insert_event(conn, payload_checksum="0" * 64)
 
 
+@pytest.mark.parametrize("checksum", ["a" * 63, "A" * 64, "g" * 64, "a" * 63 + "\n", " " + "a" * 63, "é" * 64, ""])
+def test_the_checksum_constraint_holds_without_the_triggers(conn: psycopg.Connection, checksum: str) -> None:
+    """Defence in depth: with the triggers off (replica mode, as a bulk loader runs) the shape is still checked."""
+    conn.execute("SET session_replication_role = replica")
+    try:
+        with pytest.raises(psycopg.errors.CheckViolation, match="checksum_is_sha256"):
+            insert_event(conn, payload_checksum=checksum, idempotency_key="k")
+        assert insert_event(conn, payload_checksum="0123456789abcdef" * 4, idempotency_key="k") is not None
+    finally:
+        conn.execute("RESET session_replication_role")
+
+
 def test_updated_at_is_maintained_by_trigger(conn: psycopg.Connection) -> None:
     event_id = insert_event(conn)
     (before,) = conn.execute("SELECT updated_at FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
