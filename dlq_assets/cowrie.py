@@ -11,12 +11,11 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from decimal import Decimal
 from functools import cache, lru_cache
 from importlib import resources
-from typing import Any
+from typing import Any, NamedTuple
 
 __all__ = ["ValidationResult", "event_ids", "is_session_id", "validate_event"]
 
@@ -59,8 +58,7 @@ _TIMESTAMP_RE = re.compile(
 _STRING_FIELDS = ("input", "username", "password")
 
 
-@dataclass(frozen=True)
-class ValidationResult:
+class ValidationResult(NamedTuple):
     """Outcome of :func:`validate_event`; truthy when the event is valid."""
 
     valid: bool

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import cached_property
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from dlq_assets import jsonutil
 from dlq_assets.cowrie import validate_event
@@ -21,8 +21,10 @@ from dlq_assets.repair import Fragment, raw_bytes_of, repair_record, stitch_frag
 SYSTEMIC_ERROR_CLASSES = frozenset({"target_write_failed", "handler_error"})
 
 
-@dataclass(frozen=True)
+@dataclass
 class ClaimedEvent:
+    """One claimed dead letter, read-only by convention (not frozen: a frozen dataclass costs 1 µs per event)."""
+
     id: int
     created_at: datetime
     reason: str
@@ -49,9 +51,8 @@ class ClaimedEvent:
         return self.raw_bytes()
 
 
-@dataclass(frozen=True)
-class Target:
-    """A repaired or replayed event to write to raw_events at its original position."""
+class Target(NamedTuple):
+    """A repaired or replayed event to write to raw_events at its original position (a tuple: cheap to build)."""
 
     event: dict[str, Any]
     source: str
@@ -63,8 +64,9 @@ class Target:
     checksum: str | None = None  # of the canonical form, when known (else the database computes it)
 
 
-@dataclass(frozen=True)
-class Outcome:
+class Outcome(NamedTuple):
+    """What a handler decided for one event (a tuple: one is built per event)."""
+
     event_id: int
     outcome: str  # resolved | failed | quarantined | released
     method: str | None = None

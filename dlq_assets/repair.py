@@ -13,7 +13,7 @@ import json
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 from dlq_assets import jsonutil
 from dlq_assets.cowrie import validate_event
@@ -67,16 +67,15 @@ _VALUE, _KEY, _COLON, _AFTER = range(4)  # what the tokenizer expects next
 _APPENDED_LAST = ("sensor", "timestamp", "src_ip", "session")
 
 
-@dataclass(frozen=True)
-class RepairResult:
-    """A valid event and the strategy that produced it, or no event and the reason."""
+class RepairResult(NamedTuple):
+    """A valid event and the strategy that produced it, or no event and the reason (a tuple: one per event)."""
 
     event: dict[str, Any] | None
     strategy: str | None
     reason: str | None
     # The JSON text the event was parsed from (not canonical): a writer can hand it to jsonb as it is instead of
     # rendering the event again.
-    text: str | None = field(default=None, compare=False, repr=False)
+    text: str | None = None
 
     @property
     def repaired(self) -> bool:
@@ -372,11 +371,40 @@ def _quick_fix(text: str, error: ValueError, close: bool) -> tuple[str, bool, An
     return None
 
 
+def _speculative_fix(text: str, close: bool) -> tuple[str, bool, Any] | None:
+    """The two commonest faults fixed before any parse fails (one parse, not two); None when the guess is wrong.
+
+    A text ending in ``,}`` is never JSON, and with that comma dropped it parses only if the comma was a trailing
+    one after a value (a comma inside a string would leave that string open; one right after ``{`` is refused
+    here); a text ending after a string, bracket or literal that parses once ``}`` is added was an object that
+    lost exactly its closing brace. Either way the result is the one :func:`_quick_fix` (and the tokenizer) would
+    reach after the first parse failed. Returns ``(fixed, closed, value)``.
+    """
+    body = text.rstrip(_BLANKS)
+    if body.endswith("}"):
+        inner = body[:-1].rstrip(_BLANKS)
+        if not inner.endswith(",") or inner[:-1].rstrip(_BLANKS).endswith("{"):  # "{,}" is no trailing comma
+            return None
+        fixed, closed = inner[:-1] + text[len(inner) :], False
+    elif close and body.endswith(_ENDS_A_VALUE):
+        fixed, closed = text + "}", True
+    else:
+        return None
+    try:
+        return fixed, closed, _load(fixed)
+    except (ValueError, _Refused):
+        return None
+
+
 def _repair_text(text: str, *, close: bool) -> RepairResult:
     try:
         try:
             fixed, strategy, closed = text, AS_IS, False
-            value = _load(text)
+            if guessed := _speculative_fix(text, close):
+                strategy = TOKENIZER_FIX
+                fixed, closed, value = guessed
+            else:
+                value = _load(text)
         except ValueError as error:
             strategy = TOKENIZER_FIX
             if quick := _quick_fix(text, error, close):

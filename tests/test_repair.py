@@ -800,7 +800,10 @@ def test_repair_never_raises_and_never_invents(raw: str | bytes) -> None:
 
 
 def _the_tokenizer_alone(raw: str | bytes) -> RepairResult:
-    with mock.patch.object(repair, "_quick_fix", lambda *args: None):
+    with (
+        mock.patch.object(repair, "_quick_fix", lambda *args: None),
+        mock.patch.object(repair, "_speculative_fix", lambda *args: None),
+    ):
         return repair_record(raw)
 
 
@@ -827,6 +830,13 @@ def _same(raw: str | bytes) -> None:
         line(LOGIN)[:-1] + ",,}",
         "{",
         "{,}",
+        "{ ,\n}",
+        "[,]",
+        line(LOGIN)[:-1] + ', "k": {,}}',
+        line(LOGIN)[:-1] + ', "k": ",}',  # the comma inside a string: no trailing comma
+        line(LOGIN)[:-1] + ', "k": true',
+        line(LOGIN)[:-1] + ', "k": nul',
+        line(LOGIN)[:-1] + ', "k": 1e5',  # a number may be cut: never closed
         '{"a": }',
         line(LOGIN).replace('"hp1"', '"hp1",,'),
     ],
@@ -839,6 +849,18 @@ def test_the_quick_path_gives_what_the_tokenizer_gives(text: str) -> None:
 @given(_damaged())
 def test_the_quick_path_agrees_with_the_tokenizer_on_damaged_events(text: str) -> None:
     _same(text)
+
+
+@settings(max_examples=600, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    st.sampled_from((*_BASES, "{}", '{"a": {}}', '{"a": []}')),
+    st.integers(0, 12),
+    st.text(alphabet=',}]{[" :\n\\e1', max_size=5),
+)
+def test_the_guessed_fixes_agree_with_the_tokenizer_at_every_ending(base: str, cut: int, tail: str) -> None:
+    """The speculative fixes look only at how a text ends: every ending, cut anywhere near the end."""
+    text = base.rstrip()
+    _same(text[: len(text) - cut] + tail)
 
 
 def test_the_quick_path_agrees_with_the_tokenizer_on_generated_corpora(tmp_path: Path) -> None:
