@@ -33,20 +33,28 @@ class ClaimedEvent:
     source_offset: int | None
     payload_text: str  # exactly payload::text, the canonical form the checksum covers
     payload_checksum: str
-    metadata: dict[str, Any]
+    metadata_text: str  # metadata_json::text, decoded only when asked for (most events never need it)
     retry_count: int
     priority: int
+    payload_form: str | None = None  # metadata's payload_form, read by the claim
+    raw_text: str | None = None  # a raw_text payload's record, read by the claim from the same row as payload_text
 
     @cached_property
     def payload(self) -> Any:
         return jsonutil.loads(self.payload_text)
 
+    @cached_property
+    def metadata(self) -> dict[str, Any]:
+        return json.loads(self.metadata_text) if self.metadata_text else {}
+
     def raw_bytes(self) -> bytes:
-        return raw_bytes_of(self.payload, self.metadata.get("payload_form"))
+        return raw_bytes_of(self.payload, self.payload_form)
 
     def raw_record(self) -> bytes | str:
         """What ``repair_record`` takes: raw text as text (no parse of the wrapper with Decimals, no encoding)."""
-        if self.metadata.get("payload_form") == "raw_text":
+        if self.raw_text is not None:
+            return self.raw_text
+        if self.payload_form == "raw_text":
             return json.loads(self.payload_text)["raw_text"]
         return self.raw_bytes()
 
