@@ -29,7 +29,7 @@ SERVER_USER_WHEN_ROOT = "embedded_postgres"
 SUPERUSER = "postgres"
 PORT = 5432  # names the socket file only: the server opens no TCP port
 _MAX_SOCKET_PATH = 100  # unix socket paths are limited to 107 bytes; keep a margin
-_SERVER_OPTIONS = "-c shared_preload_libraries=pg_stat_statements -c max_connections=200"
+_SERVER_OPTIONS = "-c shared_preload_libraries=pg_stat_statements -c max_connections=200 -c shared_buffers=512MB"
 
 
 class EmbeddedServerError(RuntimeError):

@@ -16,7 +16,7 @@ from typing import Any, NamedTuple, Protocol
 
 from dlq_assets import jsonutil
 from dlq_assets.cowrie import validate_event
-from dlq_assets.repair import Fragment, raw_bytes_of, repair_record, stitch_fragments
+from dlq_assets.repair import UNSTITCHABLE, Fragment, raw_bytes_of, repair_record, stitch_fragments
 
 SYSTEMIC_ERROR_CLASSES = frozenset({"target_write_failed", "handler_error"})
 
@@ -131,6 +131,8 @@ class CowrieRepairHandler:
             if result.event is not None and result.strategy is not None:
                 target = _target(event, result.event, result.strategy, result.text)
                 outcomes[event.id] = Outcome(event.id, "resolved", f"repair:{result.strategy}", target=target)
+            elif result.reason in UNSTITCHABLE:  # no stitch can use it: nothing to look for or wait for
+                outcomes[event.id] = Outcome(event.id, "failed", error_class="unrepairable", message=result.reason)
             else:
                 unrepaired.append((event, result.reason or "unrepairable"))
         outcomes.update(self._stitch(unrepaired, claimer))

@@ -28,6 +28,8 @@ MAX_INTEGER_DIGITS, MAX_FRACTION_DIGITS = 131072, 16383
 def _parse_number(text: str) -> Decimal:
     """Exact, and refused here when jsonb would refuse it (1e999999999 parses, but no numeric holds it)."""
     value = Decimal(text)
+    if len(text) < MAX_FRACTION_DIGITS and "e" not in text and "E" not in text:
+        return value  # too few digits to exceed either limit: no need to look (most numbers are ports)
     exponent = value.as_tuple().exponent
     if value.adjusted() >= MAX_INTEGER_DIGITS or (isinstance(exponent, int) and -exponent > MAX_FRACTION_DIGITS):
         raise NotStorableJSON(f"number {text[:40]} does not fit PostgreSQL numeric")

@@ -21,6 +21,7 @@ from dlq_assets.cowrie import validate_event
 __all__ = [
     "MAX_GROUP",
     "MAX_INPUT_BYTES",
+    "UNSTITCHABLE",
     "Fragment",
     "RepairResult",
     "Stitched",
@@ -49,6 +50,9 @@ UNCLOSED = "unclosed"
 TRAILING_DATA = "trailing_data"
 TOO_DEEPLY_NESTED = "too_deeply_nested"
 VALIDATION_FAILED = "validation_failed"
+# Refused before parsing: such a record is no piece of a stitched one either (a split at a newline leaves each line
+# valid UTF-8 if the record was, and a group through a fragment that does not decode is refused).
+UNSTITCHABLE = frozenset({TOO_LARGE, NOT_TEXT, NUL_BYTE})
 
 _BLANKS = " \t\r\n"
 _WS = re.compile(r"[ \t\r\n]*")
