@@ -557,11 +557,13 @@ class _BatchSession:
                         (SELECT d.* FROM dead_letter_events d
                           WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
                             AND d.source_offset BETWEEN s.end_at + 1 AND s.end_at + 2  -- a range: PostgreSQL
-                          ORDER BY d.source_offset LIMIT 1)  -- 15 scans the whole source for an IN list here
+                            AND NOT d.resolved  -- 15 scans the whole source for an IN list here
+                          ORDER BY d.source_offset LIMIT 1)
                         UNION ALL
                         (SELECT d.* FROM dead_letter_events d
                           WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
                             AND d.source_offset < s.start_at AND d.source_offset >= s.start_at - %s
+                            AND NOT d.resolved  -- the partial index (sql/0015)
                           ORDER BY d.source_offset DESC LIMIT 1)) d
                     WHERE (d.source_offset IN (s.end_at + 1, s.end_at + 2)
                            OR d.source_offset + (d.metadata_json ->> 'record_bytes')::bigint + 1
