@@ -48,6 +48,11 @@ class ClaimedEvent:
         return json.loads(self.metadata_text) if self.metadata_text else {}
 
     def raw_bytes(self) -> bytes:
+        """The record's bytes (see ``raw_bytes_of``), from the texts at hand where the claim gave them."""
+        if self.raw_text is not None:
+            return self.raw_text.encode("utf-8")
+        if self.payload_form == "json":  # payload::text is the canonical form raw_bytes_of would render
+            return self.payload_text.encode("utf-8")
         return raw_bytes_of(self.payload, self.payload_form)
 
     def raw_record(self) -> bytes | str:

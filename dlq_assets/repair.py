@@ -309,7 +309,7 @@ def _decode(raw: bytes | str) -> str:
 
 def _check_depth(value: Any, text: str) -> None:
     """Refuse depths past MAX_DEPTH; a text with fewer brackets than that cannot hold one (no walk needed)."""
-    if text.count("{") + text.count("[") < MAX_DEPTH:
+    if len(text) < MAX_DEPTH or text.count("{") + text.count("[") < MAX_DEPTH:
         return
     pending = [(value, 0)]
     while pending:

@@ -1,5 +1,5 @@
-"""The Cowrie repair handler's choices, with a claimer that stands in for the lease (no database needed here:
-what the claimer's SQL does is tested against PostgreSQL in test_transaction_leases and the reliability suite)."""
+"""The Cowrie repair handler's choices, with a claimer that stands in for the lease (what the claimer's SQL does
+is tested against PostgreSQL in test_transaction_leases and the reliability suite), and the claimed event's texts."""
 
 from __future__ import annotations
 
@@ -7,8 +7,13 @@ import base64
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 
+import psycopg
+
+from dlq_assets import jsonutil
 from dlq_assets.handlers import ClaimedEvent, CowrieRepairHandler
+from dlq_assets.repair import raw_bytes_of
 
 _CUT = '{"eventid": "cowrie.login.success", "timestamp": "2026-11-0'
 
@@ -51,3 +56,19 @@ def test_a_record_no_stitch_can_use_fails_at_once_and_seeds_nothing() -> None:
     assert (outcomes[2].outcome, outcomes[2].message) == ("failed", "nul_byte")
     assert outcomes[3].outcome == "released"
     assert claimer.seeds == [3]
+
+
+def test_raw_bytes_from_the_claimed_texts_equal_the_rendered_payload(conn: psycopg.Connection) -> None:
+    """raw_bytes() takes payload::text (json) or the claim's raw_text as they are; raw_bytes_of renders them."""
+    connect = {"eventid": "cowrie.session.connect", "n": Decimal("1.10"), "big": Decimal("1e2"), "s": 'é\u2028 "q"'}
+    payloads = [
+        (connect, "json"),
+        ({"a": [1, {"b": None, "aa": True}], "": "x"}, "json"),
+        ({"raw_text": '{"eventid": "x", "t": "\\u00e9", "bad": \\q}'}, "raw_text"),
+    ]
+    for payload, form in payloads:
+        text = conn.execute("SELECT %s::jsonb::text", (jsonutil.canonical_json(payload),)).fetchone()[0]
+        raw_text = payload["raw_text"] if form == "raw_text" else None
+        event = _event(1, 0, {}, form, 1)
+        event = ClaimedEvent(**{**event.__dict__, "payload_text": text, "raw_text": raw_text})
+        assert event.raw_bytes() == raw_bytes_of(jsonutil.loads(text), form)
