@@ -57,10 +57,8 @@ class ClaimedEvent:
 
     def raw_record(self) -> bytes | str:
         """What ``repair_record`` takes: raw text as text (no parse of the wrapper with Decimals, no encoding)."""
-        if self.raw_text is not None:
-            return self.raw_text
-        if self.payload_form == "raw_text":
-            return json.loads(self.payload_text)["raw_text"]
+        if self.payload_form == "raw_text":  # the claim gave its text unless the value is no string
+            return self.raw_text if self.raw_text is not None else json.loads(self.payload_text)["raw_text"]
         return self.raw_bytes()
 
 

@@ -550,25 +550,25 @@ class _BatchSession:
             """
             SELECT s.n - 1 FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
                    WITH ORDINALITY AS s(source, inode, start_at, end_at, n)
-             CROSS JOIN LATERAL (  -- per span, two probes of the (source, source_offset) index: the dead letter
-                   -- right after it, and the nearest one before it (records never overlap, so only that one can
-                   -- end right where the span starts)
+             CROSS JOIN LATERAL (  -- per span, two probes of the partial (source, source_offset) index: the
+                   -- unresolved dead letter right after it, and the nearest one before it (records never overlap,
+                   -- so only that one can end right where the span starts)
                    SELECT 1 FROM (
                         (SELECT d.* FROM dead_letter_events d
                           WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
                             AND d.source_offset BETWEEN s.end_at + 1 AND s.end_at + 2  -- a range: PostgreSQL
-                            AND NOT d.resolved  -- 15 scans the whole source for an IN list here
+                            AND NOT d.resolved  -- 15 scans the whole source for an IN list here (sql/0015)
                           ORDER BY d.source_offset LIMIT 1)
                         UNION ALL
                         (SELECT d.* FROM dead_letter_events d
                           WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
                             AND d.source_offset < s.start_at AND d.source_offset >= s.start_at - %s
-                            AND NOT d.resolved  -- the partial index (sql/0015)
+                            AND NOT d.resolved
                           ORDER BY d.source_offset DESC LIMIT 1)) d
                     WHERE (d.source_offset IN (s.end_at + 1, s.end_at + 2)
                            OR d.source_offset + (d.metadata_json ->> 'record_bytes')::bigint + 1
                               IN (s.start_at, s.start_at - 1))
-                      AND NOT d.resolved AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
+                      AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
                       AND d.id <> ALL (%s::bigint[])
                     LIMIT 1) found
             """,
