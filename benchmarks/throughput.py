@@ -32,7 +32,6 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-import psutil
 import psycopg
 from psycopg import sql
 
@@ -256,48 +255,6 @@ def load_backlog(conn: psycopg.Connection[Any]) -> float:
 # --- the runs ----------------------------------------------------------------------------------------------
 
 
-def _vmhwm_kb(pid: int) -> int:
-    try:
-        with open(f"/proc/{pid}/status") as status:
-            for line in status:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1])
-    except OSError:
-        pass
-    return 0
-
-
-class PeakRss:
-    """Peak resident memory (VmHWM) of the worker processes, polled until they exit; in-process with 1 worker."""
-
-    def __init__(self, interval: float = 0.05) -> None:
-        self.interval = interval
-        self.peaks: dict[int, int] = {}
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="peak-rss", daemon=True)
-
-    def __enter__(self) -> PeakRss:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            for child in psutil.Process().children():
-                try:
-                    if any("spawn_main" in part for part in child.cmdline()):  # a multiprocessing worker
-                        self.peaks[child.pid] = max(self.peaks.get(child.pid, 0), _vmhwm_kb(child.pid))
-                except psutil.Error:
-                    continue
-
-    def peak_mb(self) -> float:
-        kb = max(self.peaks.values(), default=0) or _vmhwm_kb(os.getpid())
-        return round(kb / 1024, 1)
-
-
 def _cpu_ticks() -> tuple[int, int]:
     """(busy, total) jiffies of the whole machine, from /proc/stat."""
     with open("/proc/stat") as stat:
@@ -315,20 +272,19 @@ def run_engine(url: str, workers: int, batch_size: int, lease_mode: str = "trans
     config = WorkerConfig(
         batch_size=batch_size, min_batch_size=batch_size, max_batch_size=batch_size, lease_mode=lease_mode
     )
-    with PeakRss() as rss:
-        busy, total, children = *_cpu_ticks(), _children_cpu()
-        started = time.perf_counter()
-        report = process(url, config, workers=workers)
-        seconds = time.perf_counter() - started
-        busy, total, children = _cpu_ticks()[0] - busy, _cpu_ticks()[1] - total, _children_cpu() - children
+    busy, total, children = *_cpu_ticks(), _children_cpu()
+    started = time.perf_counter()
+    report = process(url, config, workers=workers)
+    seconds = time.perf_counter() - started
+    busy, total, children = _cpu_ticks()[0] - busy, _cpu_ticks()[1] - total, _children_cpu() - children
     batch_ms = sorted(s * 1000 for s in report.batch_seconds)
     return {
         "report": report,
         "seconds": seconds,
         "p50_batch_ms": round(statistics.median(batch_ms), 1) if batch_ms else None,
         "p95_batch_ms": round(batch_ms[math.ceil(0.95 * len(batch_ms)) - 1], 1) if batch_ms else None,
-        "peak_rss_mb": rss.peak_mb(),
-        "rss_method": "VmHWM of each worker process, polled" if workers > 1 else "VmHWM of this process",
+        "peak_rss_mb": report.peak_rss_mb,
+        "rss_method": "VmHWM of each worker process, read by the worker" if workers > 1 else "VmHWM of this process",
         # CPU seconds of the worker processes (0 with one in-process worker), and how busy the whole machine was
         "worker_cpu_seconds": round(children, 2),
         "machine_busy": round(busy / total, 3) if total else None,

@@ -16,7 +16,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from dlq_assets import jsonutil
+from dlq_assets import jsonutil, worker
 from dlq_assets.generator import write_corrupted_log
 from dlq_assets.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome, ReplayHandler, Target
 from dlq_assets.ingest import ingest_paths
@@ -96,13 +96,16 @@ def test_a_corrupted_log_is_repaired_without_a_single_wrong_repair(
     assert metrics == (report.batches, backlog, report.resolved, report.failed)
 
 
+@pytest.mark.parametrize("start_method", ["fork", "spawn"])
 def test_two_workers_never_process_an_event_twice_and_leave_none_behind(
-    db_url: str, conn: psycopg.Connection, tmp_path: Path
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str
 ) -> None:
+    monkeypatch.setattr(worker, "_start_method", lambda: start_method)
     corpus(db_url, tmp_path, n=1500, seed=11)
     (backlog,) = conn.execute("SELECT count(*) FROM dead_letter_events").fetchone()
     report = process(db_url, WorkerConfig(batch_size=20, min_batch_size=10, max_batch_size=40), workers=2)
     assert report.processed == backlog  # each event got exactly one outcome, none was left behind
+    assert 0 < report.peak_rss_mb < 200  # each worker reports its own peak
     assert states(conn)["leased"] == 0
     (attempts,) = conn.execute("SELECT max(retry_count) FROM dead_letter_events").fetchone()
     assert attempts <= 1  # none failed twice: a fragment whose partner another worker held went back untouched
@@ -118,6 +121,20 @@ def test_two_workers_never_process_an_event_twice_and_leave_none_behind(
         "GROUP BY 1 HAVING count(*) > 1) d"
     ).fetchone()[0]
     assert dupes == 0
+
+
+def test_workers_are_forked_only_from_a_process_without_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(worker.threading, "active_count", lambda: 1)
+    assert worker._start_method() == "fork"
+    release = threading.Event()
+    other = threading.Thread(target=release.wait)
+    monkeypatch.undo()
+    other.start()
+    try:
+        assert worker._start_method() == "spawn"  # a fork would copy the locks the other thread may hold
+    finally:
+        release.set()
+        other.join()
 
 
 SLOW_WORKER = """
@@ -182,10 +199,10 @@ def test_a_worker_killed_mid_batch_loses_nothing(
 def test_sigterm_finishes_cleanly_and_releases_the_rest(db_url: str, conn: psycopg.Connection, tmp_path: Path) -> None:
     corpus(db_url, tmp_path, n=300, seed=6)
     (backlog,) = conn.execute("SELECT count(*) FROM dead_letter_events").fetchone()
-    worker = start_slow_worker(db_url, sleep=2, lease_seconds=600)
-    worker.send_signal(signal.SIGTERM)
-    out, _ = worker.communicate(timeout=60)
-    assert worker.returncode == 0
+    slow = start_slow_worker(db_url, sleep=2, lease_seconds=600)
+    slow.send_signal(signal.SIGTERM)
+    out, _ = slow.communicate(timeout=60)
+    assert slow.returncode == 0
     assert "report True" in out
     after = states(conn)
     assert after["leased"] == 0  # nothing half-done: the claimed batch was completed or released
