@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Sequence
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
 
@@ -79,3 +80,39 @@ def ensure_database(server_url: str, name: str) -> bool:
         except psycopg.errors.DuplicateDatabase:
             return False  # another process created it between our check and our create
         return True
+
+
+# --- array parameters ------------------------------------------------------------------------------------------
+# psycopg dumps a list parameter with a Python call per element: a worker's batch sends about twenty 1,000-element
+# arrays, and that was 15% of its time. Literals built by str.join cost a fraction of it (measured in
+# benchmarks/README.md, session 4); the server parses them in C.
+
+JSON_SEPARATOR = "\x1e"  # ASCII record separator: JSON text never holds it raw (control characters are escaped)
+JSON_TEXTS_SQL = "string_to_array(%s, chr(30))::jsonb[]"  # the SQL that takes a json_texts() parameter
+
+
+def bigint_array(values: Sequence[int | None]) -> str:
+    """An ``int8[]`` literal for a ``%s::bigint[]`` parameter; each value must be an int (None becomes NULL)."""
+    if None in values:
+        return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
+    return "{" + ",".join(map(str, map(int, values))) + "}"
+
+
+def text_array(values: Sequence[str | None]) -> str:
+    """A ``text[]`` literal for a ``%s::text[]`` parameter: every element quoted, so any text round-trips."""
+    return (
+        "{"
+        + ",".join("NULL" if v is None else '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"' for v in values)
+        + "}"
+    )
+
+
+def json_texts(texts: Sequence[str]) -> str:
+    """JSON texts joined by the record separator, for :data:`JSON_TEXTS_SQL`: no escaping at all (a batch's
+    payloads are half a megabyte of quotes). A text holding the separator is no JSON: ValueError, never a split."""
+    if not texts or "" in texts:  # '' would split into no element at all, not into one that jsonb refuses
+        raise ValueError("json_texts needs one or more texts, none of them empty")
+    joined = JSON_SEPARATOR.join(texts)
+    if joined.count(JSON_SEPARATOR) != len(texts) - 1:
+        raise ValueError("a JSON text holds a raw record separator (U+001E): it is not JSON")
+    return joined

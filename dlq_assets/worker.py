@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 
 from dlq_assets import jsonutil
-from dlq_assets.db import database_url
+from dlq_assets.db import JSON_TEXTS_SQL, bigint_array, database_url, json_texts, text_array
 from dlq_assets.handlers import ClaimedEvent, Handler, HandlerRegistry, Outcome, Target, default_registry
 
 PROCESSING_METHOD = "python_worker"
@@ -454,14 +454,15 @@ class Worker:
 
     def _complete(self, conn: psycopg.Connection[Any], lease: uuid.UUID, outcomes: list[Outcome]) -> dict[int, str]:
         rows = conn.execute(
-            "SELECT event_id, final_state FROM dlq_complete_batch(%s, %b, %b, %b, %b, %b)",
+            "SELECT event_id, final_state "
+            "FROM dlq_complete_batch(%s, %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[])",
             (
                 lease,
-                [o.event_id for o in outcomes],
-                [o.outcome for o in outcomes],
-                [o.method for o in outcomes],
-                [o.error_class for o in outcomes],
-                [o.message for o in outcomes],
+                bigint_array([o.event_id for o in outcomes]),
+                text_array([o.outcome for o in outcomes]),
+                text_array([o.method for o in outcomes]),
+                text_array([o.error_class for o in outcomes]),
+                text_array([o.message for o in outcomes]),
             ),
         ).fetchall()
         return dict(rows)
@@ -535,7 +536,9 @@ class _BatchSession:
         """Record events a transaction lease holds, committed at once, so a crash is counted (sql/0011)."""
         self.held.extend(ids)
         if self.journal_conn is not None and ids:
-            self.journal_conn.execute("SELECT dlq_journal_batch(%s, %b, %s)", (self.lease, ids, self.worker_name))
+            self.journal_conn.execute(
+                "SELECT dlq_journal_batch(%s, %s::bigint[], %s)", (self.lease, bigint_array(ids), self.worker_name)
+            )
 
     def claim_neighbours_of(self, events: Sequence[ClaimedEvent], window_bytes: int) -> list[ClaimedEvent]:
         """One statement for the whole batch (one per event cost more than the batch), contiguous records only.
@@ -544,8 +547,8 @@ class _BatchSession:
         if not ids:
             return []
         rows = self.conn.execute(
-            f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_fragment_chains(%s, %s, %s, %s)",
-            (self.lease, ids, window_bytes, self.lease_seconds),
+            f"SELECT {_CLAIM_COLUMNS} FROM dlq_claim_fragment_chains(%s, %s::bigint[], %s, %s)",
+            (self.lease, bigint_array(ids), window_bytes, self.lease_seconds),
         ).fetchall()
         found = [_claimed(r) for r in rows]
         self.journal([e.id for e in found])
@@ -559,7 +562,7 @@ class _BatchSession:
         """Indexes of the spans with an unresolved dead letter outside this lease right before or after them."""
         if not spans:
             return set()
-        sources, inodes, starts, ends = (list(column) for column in zip(*spans, strict=True))
+        sources, inodes, starts, ends = zip(*spans, strict=True)
         rows = self.conn.execute(
             """
             SELECT s.n - 1 FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
@@ -586,7 +589,15 @@ class _BatchSession:
                       AND d.id <> ALL (%s::bigint[])
                     LIMIT 1) found
             """,
-            (sources, inodes, starts, ends, 64 * 1024, self.lease, self.held),
+            (
+                text_array(sources),
+                text_array(inodes),
+                bigint_array(starts),
+                bigint_array(ends),
+                64 * 1024,
+                self.lease,
+                bigint_array(self.held),
+            ),
         ).fetchall()
         return {n for (n,) in rows}
 
@@ -643,29 +654,29 @@ class _Heartbeat:
 
 
 def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
-    """Payloads go as the JSON text at hand (jsonb canonicalises it), arrays in binary (no per-item escaping);
+    """Payloads go as the JSON text at hand (jsonb canonicalises it), joined unescaped (see JSON_TEXTS_SQL);
     a checksum not known yet is taken from the stored payload, which is what the checksum covers."""
     if not targets:
         return 0
     cur = conn.execute(
-        """
+        f"""
         INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
                                 payload, payload_checksum, dlq_event_id, repair_strategy)
         SELECT t.source, t.inode, t.off, t.payload->>'eventid', t.payload->>'session',
                (t.payload->>'src_ip')::inet, (t.payload->>'timestamp')::timestamptz, t.payload,
                coalesce(t.checksum, dlq_payload_checksum(t.payload)), t.dlq_id, t.strategy
-          FROM unnest(%b::text[], %b::text[], %b::bigint[], %b::text[]::jsonb[], %b::text[], %b::bigint[], %b::text[])
+          FROM unnest(%s::text[], %s::text[], %s::bigint[], {JSON_TEXTS_SQL}, %s::text[], %s::bigint[], %s::text[])
                AS t(source, inode, off, payload, checksum, dlq_id, strategy)
         ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
         """,
         (
-            [t.source for t in targets],
-            [t.source_inode for t in targets],
-            [t.source_offset for t in targets],
-            [jsonutil.canonical_json(t.event) if t.text is None else t.text for t in targets],
-            [t.checksum for t in targets],
-            [t.dlq_event_id for t in targets],
-            [t.strategy for t in targets],
+            text_array([t.source for t in targets]),
+            text_array([t.source_inode for t in targets]),
+            bigint_array([t.source_offset for t in targets]),
+            json_texts([jsonutil.canonical_json(t.event) if t.text is None else t.text for t in targets]),
+            text_array([t.checksum for t in targets]),
+            bigint_array([t.dlq_event_id for t in targets]),
+            text_array([t.strategy for t in targets]),
         ),
     )
     return cur.rowcount
