@@ -41,6 +41,15 @@ def test_python_canonical_form_equals_jsonb_text(conn: psycopg.Connection, text:
     assert len(sql_checksum) == 64
 
 
+def test_the_sql_checksum_is_inlined_where_it_is_used(conn: psycopg.Connection) -> None:
+    """A SQL function PostgreSQL cannot inline runs as a call of its own per row (sql/0016: 2.5-4.8 µs against
+    1.6 µs): writing raw_events and every insert take it once per row."""
+    plan = "\n".join(
+        row[0] for row in conn.execute("EXPLAIN (VERBOSE) SELECT dlq_payload_checksum(payload) FROM raw_events")
+    )
+    assert "sha256(convert_to" in plan and "dlq_payload_checksum" not in plan, plan
+
+
 json_values = st.recursive(
     st.none()
     | st.booleans()
