@@ -265,6 +265,24 @@ def test_a_transient_failure_is_replayed_as_is(db_url: str, conn: psycopg.Connec
     assert row == (1234, event_id, "replay", VALID)
 
 
+def test_a_position_already_in_raw_events_is_written_once(db_url: str, conn: psycopg.Connection) -> None:
+    """Plain INSERT first, ON CONFLICT DO NOTHING again only on a conflict: the batch's other events are written,
+    what is there stays, and two dead letters of one position (in one batch) leave one row."""
+    at = {"source": "/var/log/cowrie.json", "source_inode": "7"}
+    written = {**VALID, "n": "first"}
+    conn.execute(
+        "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum) "
+        "VALUES (%s, %s, 1, %s, %s, dlq_payload_checksum(%s::jsonb))",
+        (at["source"], at["source_inode"], VALID["eventid"], json.dumps(written), json.dumps(written)),
+    )
+    for offset, n in ((1, "again"), (2, "fresh"), (3, "twin a"), (3, "twin b")):
+        insert_dead_letter(conn, {**VALID, "n": n}, source_offset=offset, **at)
+    report = process(db_url, WorkerConfig(**SMALL))
+    assert (report.resolved, report.failed) == (4, 0)
+    rows = conn.execute("SELECT source_offset, payload ->> 'n' FROM raw_events ORDER BY source_offset").fetchall()
+    assert [offset for offset, _ in rows] == [1, 2, 3] and rows[:2] == [(1, "first"), (2, "fresh")]
+
+
 def test_a_reason_without_a_handler_is_poisoned(db_url: str, conn: psycopg.Connection) -> None:
     insert_dead_letter(conn, {"anything": 1}, reason="some_other_pipeline")
     registry = HandlerRegistry(by_reason={"target_unavailable": ReplayHandler()}, default=None)
