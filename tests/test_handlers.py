@@ -4,6 +4,7 @@ is tested against PostgreSQL in test_transaction_leases and the reliability suit
 from __future__ import annotations
 
 import base64
+import dataclasses
 import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -11,7 +12,7 @@ from decimal import Decimal
 
 import psycopg
 
-from dlq_assets import jsonutil
+from dlq_assets import jsonutil, worker
 from dlq_assets.handlers import ClaimedEvent, CowrieRepairHandler
 from dlq_assets.repair import raw_bytes_of
 
@@ -72,3 +73,24 @@ def test_raw_bytes_from_the_claimed_texts_equal_the_rendered_payload(conn: psyco
         event = _event(1, 0, {}, form, 1)
         event = ClaimedEvent(**{**event.__dict__, "payload_text": text, "raw_text": raw_text})
         assert event.raw_bytes() == raw_bytes_of(jsonutil.loads(text), form)
+
+
+def test_a_claimed_row_fills_every_field_by_position(conn: psycopg.Connection) -> None:
+    """The worker builds ClaimedEvent from the claim's columns positionally: their order is the fields' order."""
+    raw = '{"eventid": "cowrie.login.success",'
+    (event_id,) = conn.execute(
+        "INSERT INTO dead_letter_events (reason, payload, metadata_json, source, source_inode, source_offset, "
+        "retry_count, priority) VALUES ('json_parse_error', %s, %s, 'cowrie.json', '7', 42, 2, 3) RETURNING id",
+        (json.dumps({"raw_text": raw}), json.dumps({"payload_form": "raw_text", "record_bytes": 35})),
+    ).fetchone()
+    row = conn.execute(f"SELECT {worker._CLAIM_COLUMNS} FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
+    event = worker._claimed(row)
+    assert len(dataclasses.fields(ClaimedEvent)) == worker._CLAIMED_FIELDS == len(row) - 1
+    expected = conn.execute(
+        "SELECT id, created_at, payload::text, payload_checksum, metadata_json::text FROM dead_letter_events"
+    ).fetchone()
+    assert (event.id, event.created_at, event.payload_text, event.payload_checksum, event.metadata_text) == expected
+    assert (event.reason, event.source, event.source_inode, event.source_offset) == ("json_parse_error", "cowrie.json",
+                                                                                     "7", 42)  # fmt: skip
+    assert (event.retry_count, event.priority, event.payload_form, event.raw_text) == (2, 3, "raw_text", raw)
+    assert event.metadata == {"payload_form": "raw_text", "record_bytes": 35}
