@@ -84,7 +84,7 @@ def ensure_database(server_url: str, name: str) -> bool:
 
 # --- array parameters ------------------------------------------------------------------------------------------
 # psycopg dumps a list parameter with a Python call per element: a worker's batch sends about twenty 1,000-element
-# arrays, and that was 15% of its time. Literals built by str.join cost a fraction of it (measured in
+# arrays, and that was 17% of its time (py-spy). Literals built by str.join cost a fraction of it (measured in
 # benchmarks/README.md, session 4); the server parses them in C.
 
 JSON_SEPARATOR = "\x1e"  # ASCII record separator: JSON text never holds it raw (control characters are escaped)

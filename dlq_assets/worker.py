@@ -198,12 +198,12 @@ def _fewer_collections() -> Iterator[None]:
 
 
 def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; a forked worker counts from its own start)."""
+    """This process's peak resident memory (VmHWM; a forked worker's counts the pages it shares with its parent)."""
     try:
         with open("/proc/self/status") as status:
             kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
     except (OSError, StopIteration):
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, where /proc is missing
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the same peak, in KiB, where /proc is not mounted
     return round(kb / 1024, 1)
 
 
