@@ -130,3 +130,16 @@ def test_the_cli_health_reads_the_counters(db_url: str, conn: psycopg.Connection
     insert_dead_letter(conn, VALID)
     out = CliRunner().invoke(main, ["--database-url", db_url, "health", "--json"]).output
     assert json.loads(out)["pending_events"] == 1
+
+
+def test_statements_that_change_no_row_add_no_counts(conn: psycopg.Connection) -> None:
+    """The trigger returns before building its statement (sql/0017): the completion's DELETE of poisoned rows
+    deletes none in most batches."""
+    insert_dead_letter(conn, VALID)
+    conn.execute("SELECT dlq_event_counts_fold()")
+    before = conn.execute("SELECT count(*) FROM dlq_event_counts").fetchone()
+    conn.execute("UPDATE dead_letter_events SET priority = 1 WHERE id < 0")
+    conn.execute("DELETE FROM dead_letter_events WHERE id < 0")
+    conn.execute("INSERT INTO dead_letter_events (reason, payload) SELECT 'x', '{}' WHERE false")
+    assert conn.execute("SELECT count(*) FROM dlq_event_counts").fetchone() == before
+    assert_counts_exact(conn)
