@@ -245,6 +245,9 @@ class Worker:
             ):
                 # A batch transaction silent for longer than its lease is ended by the server (heartbeats ping).
                 conn.execute(f"SET idle_in_transaction_session_timeout = {self.config.lease_seconds * 1000}")
+                # Claimed rows' created_at load as UTC datetimes, the same instants: psycopg converts a named zone
+                # (the server's Etc/UTC, say) through zoneinfo, 0.75 µs a value against 0.16 for UTC.
+                conn.execute("SET TimeZone = 'UTC'")
                 conn.execute(
                     "SELECT dlq_breaker_ensure(%s, %s, %s)",
                     (self.config.breaker_name, self.config.breaker_threshold, self.config.breaker_timeout_seconds),
