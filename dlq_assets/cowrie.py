@@ -147,34 +147,42 @@ _FIELD_CHECKS: tuple[tuple[str, Callable[[object], bool]], ...] = (
 _REQUESTED_HOST_CHECKS = tuple((name, _is_host if name == "dst_ip" else check) for name, check in _FIELD_CHECKS)
 
 
+_VALID = ValidationResult(True, ())
+_ABSENT = object()
+
+
 def validate_event(event: object) -> ValidationResult:
     """Check one parsed event against the catalogue, collecting every error; never changes the event."""
     if not isinstance(event, dict):
         return ValidationResult(False, ("not_an_object",))
     errors: list[str] = []
-    eventid = event.get("eventid")
+    get = event.get  # one lookup per attribute: most events are valid and most attributes absent
+    eventid = get("eventid", _ABSENT)
     known = isinstance(eventid, str) and eventid in event_ids()
-    if "eventid" not in event:
+    if eventid is _ABSENT:
         errors.append("missing_eventid")
     elif not known:
         errors.append(f"unknown_eventid: {eventid}")
 
-    if "timestamp" not in event:
+    timestamp = get("timestamp", _ABSENT)
+    if timestamp is _ABSENT:
         errors.append("missing_timestamp")
-    elif not _is_timestamp(event["timestamp"]):
-        errors.append(f"invalid_timestamp_format: {event['timestamp']}")
+    elif not _is_timestamp(timestamp):
+        errors.append(f"invalid_timestamp_format: {timestamp}")
 
-    if "session" in event:
-        if not is_session_id(event["session"]):
-            errors.append(f"invalid_session_id_format: {event['session']}")
+    session = get("session", _ABSENT)
+    if session is not _ABSENT:
+        if not is_session_id(session):
+            errors.append(f"invalid_session_id_format: {session}")
     elif not (known and eventid.startswith(_SESSIONLESS_PREFIX)):
         errors.append("missing_session")
 
     checks = _REQUESTED_HOST_CHECKS if known and eventid.startswith(_REQUESTED_HOST_PREFIX) else _FIELD_CHECKS
     for name, check in checks:
-        if name in event and not check(event[name]):
-            errors.append(f"invalid_{name}: {event[name]}")
+        value = get(name, _ABSENT)
+        if value is not _ABSENT and not check(value):
+            errors.append(f"invalid_{name}: {value}")
 
-    required = REQUIRED_ATTRIBUTES.get(eventid, ()) if known else ()
-    errors.extend(f"missing_required_field: {name}" for name in required if name not in event)
-    return ValidationResult(not errors, tuple(errors))
+    if known and (required := REQUIRED_ATTRIBUTES.get(eventid)):
+        errors.extend(f"missing_required_field: {name}" for name in required if name not in event)
+    return ValidationResult(False, tuple(errors)) if errors else _VALID

@@ -16,9 +16,24 @@ from typing import Any, NamedTuple, Protocol
 
 from dlq_assets import jsonutil
 from dlq_assets.cowrie import validate_event
-from dlq_assets.repair import UNSTITCHABLE, Fragment, raw_bytes_of, repair_record, stitch_fragments
+from dlq_assets.repair import (
+    AS_IS,
+    STITCH,
+    TOKENIZER_FIX,
+    UNSTITCHABLE,
+    Fragment,
+    raw_bytes_of,
+    repair_record,
+    stitch_fragments,
+)
 
 SYSTEMIC_ERROR_CLASSES = frozenset({"target_write_failed", "handler_error"})
+_METHODS = {strategy: f"repair:{strategy}" for strategy in (AS_IS, TOKENIZER_FIX, STITCH)}
+
+
+def _method(strategy: str) -> str:
+    """The resolution method a repair strategy records: one string per strategy, not one built per event."""
+    return _METHODS.get(strategy) or f"repair:{strategy}"
 
 
 @dataclass
@@ -41,7 +56,7 @@ class ClaimedEvent:
 
     @cached_property
     def payload(self) -> Any:
-        return jsonutil.loads(self.payload_text)
+        return jsonutil.loads(self.payload_text, encodable=True)  # decoded from the server's UTF-8
 
     @cached_property
     def metadata(self) -> dict[str, Any]:
@@ -133,7 +148,7 @@ class CowrieRepairHandler:
             result = repair_record(event.raw_record())
             if result.event is not None and result.strategy is not None:
                 target = _target(event, result.event, result.strategy, result.text)
-                outcomes[event.id] = Outcome(event.id, "resolved", f"repair:{result.strategy}", target=target)
+                outcomes[event.id] = Outcome(event.id, "resolved", _method(result.strategy), None, None, target)
             elif result.reason in UNSTITCHABLE:  # no stitch can use it: nothing to look for or wait for
                 outcomes[event.id] = Outcome(event.id, "failed", error_class="unrepairable", message=result.reason)
             else:
@@ -167,7 +182,7 @@ class CowrieRepairHandler:
                 target = _target(first, stitched.event, stitched.strategy, stitched.text)
                 for key in stitched.keys:
                     outcomes[key] = Outcome(
-                        key, "resolved", f"repair:{stitched.strategy}", target=target if key == first.id else None
+                        key, "resolved", _method(stitched.strategy), target=target if key == first.id else None
                     )
             extra = {e.id for e in members.values()} - {e.id for e, _ in unrepaired}
             for key in extra - set(outcomes):  # neighbours we leased but could not use go back untouched

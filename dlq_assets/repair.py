@@ -321,8 +321,8 @@ def _check_depth(value: Any, text: str) -> None:
 
 
 def _load(text: str) -> Any:
-    try:
-        value = jsonutil.loads(text)  # refuses numbers PostgreSQL numeric cannot hold while parsing
+    try:  # every text here passed _decode (or is one with ASCII edits): it encodes as UTF-8
+        value = jsonutil.loads(text, encodable=True)  # refuses numbers numeric cannot hold while parsing
     except jsonutil.NotStorableJSON:
         raise _Refused(NOT_STORABLE) from None
     except RecursionError:

@@ -127,3 +127,22 @@ def test_a_lone_surrogate_in_the_text_itself_is_refused() -> None:
 def test_loads_keeps_exact_decimals() -> None:
     assert jsonutil.loads('{"x": 0.1}') == {"x": Decimal("0.1")}
     assert jsonutil.canonical_json(jsonutil.loads("[1.10, 1e2]")) == "[1.10, 100]"
+
+
+def _outcome(parse: object, text: str) -> tuple[object, ...]:
+    try:
+        return ("value", parse(text))  # type: ignore[operator]
+    except json.JSONDecodeError as exc:
+        return ("error", exc.msg, exc.pos)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.one_of(st.sampled_from(TRICKY_PAYLOADS), st.text(alphabet=' \t\r\n{}[]":,0123456789.eE-+abtrufnl\\', max_size=24))
+       .flatmap(lambda text: st.tuples(st.just(text), st.sampled_from(["", " ", "\n\t", "x", ",", "}"]),
+                                       st.sampled_from(["", " ", "\r\n"]))))
+def test_the_inlined_decode_is_the_decoders(parts: tuple[str, str, str]) -> None:
+    """jsonutil's decode (the decoder's two Python frames inlined) gives the same value, or the same error message at
+    the same position, as JSONDecoder.decode: repair's quick fixes read both."""
+    body, after, before = parts
+    text = before + body + after
+    assert _outcome(jsonutil._decode, text) == _outcome(jsonutil._DECODER.decode, text)
