@@ -89,7 +89,9 @@ def ensure_database(server_url: str, name: str) -> bool:
 # benchmarks/README.md, session 4); the server parses them in C.
 
 JSON_SEPARATOR = "\x1e"  # ASCII record separator: JSON text never holds it raw (control characters are escaped)
-JSON_TEXTS_SQL = "string_to_array(%s, chr(30))::jsonb[]"  # the SQL that takes a json_texts() parameter
+# The SQL that takes a json_texts() parameter: a text[], each element cast to jsonb where it is used. A jsonb[] cast
+# whole (::jsonb[]) built and took apart an array of parsed values: 5.9 ms per 1,000 payloads against 2.2.
+JSON_TEXTS_SQL = "string_to_array(%s, chr(30))"
 
 
 def bigint_array(values: Sequence[int | None]) -> str:

@@ -47,7 +47,10 @@ def test_text_arrays_round_trip_any_text(server_url: str) -> None:
 def test_json_texts_arrive_as_the_same_jsonb_values(server_url: str) -> None:
     texts = ['{"a": "x\\u001ey", "b": [1, 2.50]}', '"\\"quoted\\\\"', "[]", "null", "1e5"]
     with psycopg.connect(server_url) as conn:
-        (stored,) = conn.execute(f"SELECT {JSON_TEXTS_SQL}::text[]", (json_texts(texts),)).fetchone()
+        (stored,) = conn.execute(
+            f"SELECT array_agg(t::jsonb::text ORDER BY n) FROM unnest({JSON_TEXTS_SQL}) WITH ORDINALITY AS u(t, n)",
+            (json_texts(texts),),
+        ).fetchone()
         expected = conn.execute("SELECT array_agg(t::jsonb::text ORDER BY n) FROM unnest(%s::text[]) WITH ORDINALITY "
                                 "AS u(t, n)", (texts,)).fetchone()[0]  # fmt: skip
     assert stored == expected and len(stored) == len(texts)
