@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -10,6 +11,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from dlq_assets.migrations import migrations_dir
 from dlq_assets.worker import WorkerConfig, process
 from tests.reliability.conftest import VALID, insert_dead_letter, wait_until
 from tests.test_claim import BACKLOG, claimed_plans, fill_backlog
@@ -211,7 +213,7 @@ def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
     conn: psycopg.Connection, other: psycopg.Connection[Any]
 ) -> None:
     """No per-batch cost that grows with the table: the claim merges index scans, the completion finds its
-    rows by primary key (a join alone scanned every partition), the policies are looked up once per pair."""
+    rows by primary key (a join alone scanned every partition), the policy table is read once per statement."""
     fill_backlog(conn, BACKLOG)
     populated = {r[0] for r in conn.execute("SELECT DISTINCT tableoid::regclass::text FROM dead_letter_events")}
     assert len(populated) >= 3
@@ -230,6 +232,90 @@ def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
         complete = next(p for p in plans if "WITH input" in p)
         for partition in populated:
             assert f"Seq Scan on {partition} " not in complete, complete
-            assert f"{partition}_pkey" in complete, complete  # not a walk of the whole claimable index
-        # the policy function runs in its own materialized CTE, once per (reason, error class)
-        assert "CTE policy" in complete and complete.count("Function Scan on dlq_retry_policy") == 1, complete
+            # the UPDATE and the poisoning DELETE both by primary key: not a walk of the whole claimable index
+            assert complete.count(f"{partition}_pkey") == 2, complete
+        # the policy table read once into its CTE; no policy function called per row (sql/0018)
+        assert "CTE policy" in complete and "Function Scan on dlq_retry_policy" not in complete, complete
+
+
+def _create_0013_completion(conn: psycopg.Connection[Any]) -> None:
+    """0013's dlq_complete_batch beside today's, as dlq_complete_batch_0013 (the function 0018 replaced)."""
+    text = (migrations_dir() / "0013_cheaper_completion.sql").read_text(encoding="utf-8")
+    body = text[text.index("CREATE OR REPLACE FUNCTION dlq_complete_batch(") :]
+    conn.execute(body.replace("FUNCTION dlq_complete_batch(", "FUNCTION dlq_complete_batch_0013(", 1))
+
+
+_TABLES = ("dead_letter_events", "dlq_poison_events", "dlq_batch_leases", "dlq_event_counts")
+_STATE = """
+SELECT (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e.id), '[]') FROM dead_letter_events e),
+       (SELECT coalesce(jsonb_agg(to_jsonb(p) ORDER BY p.id), '[]') FROM dlq_poison_events p),
+       (SELECT coalesce(jsonb_agg(to_jsonb(b) ORDER BY b.lease), '[]') FROM dlq_batch_leases b),
+       (SELECT jsonb_agg(c ORDER BY c.month) FROM (
+            SELECT month, sum(total) AS total, sum(pending) AS pending, sum(processed) AS processed,
+                   sum(resolution_seconds) AS resolution_seconds, sum(high_retry) AS high_retry,
+                   sum(malicious) AS malicious, sum(high_priority) AS high_priority, sum(quarantined) AS quarantined
+              FROM dlq_event_counts GROUP BY month) c)
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_the_single_update_completion_leaves_what_0013s_left(
+    db_url: str, conn: psycopg.Connection, other: psycopg.Connection[Any], seed: int
+) -> None:
+    """sql/0018 finds each row once; 0013 found them twice through a pipeline of CTEs. On the same batches (both
+    kinds of lease, every outcome, rows owned and not, policies that retry, cap and refuse, events near their cap)
+    both return the same states and leave every row of every table the same, to the microsecond: one transaction,
+    so now() is the same, with jitter 0 so the backoff is too."""
+    rng = random.Random(seed)
+    _create_0013_completion(conn)
+    conn.execute(
+        "INSERT INTO dlq_retry_policies (reason, error_class, max_attempts, retryable) VALUES "
+        "('truncated', NULL, 3, true), ('json_parse_error', 'unrepairable', 10, false), "
+        "(NULL, 'target_unavailable', 4, true) ON CONFLICT DO NOTHING"
+    )
+    conn.execute("UPDATE dlq_retry_policies SET jitter = 0")
+    reasons = ["truncated", "json_parse_error", "target_unavailable", "invalid_utf8"]
+    for i in range(80):
+        insert_dead_letter(
+            conn, {**VALID, "n": i}, reason=rng.choice(reasons), retry_count=rng.choice([0, 0, 1, 2, 3, 8, 9]),
+            classification=rng.choice([None, None, "malicious"]), priority=rng.randint(1, 10),
+        )  # fmt: skip
+    conn.execute("UPDATE dead_letter_events SET quarantined_at = now() WHERE id % 11 = 0")
+    conn.execute("UPDATE dead_letter_events SET resolved = true, resolved_at = now() WHERE id % 13 = 0")
+    committed = conn.execute("SELECT processing_lock FROM dlq_claim_events(20, 600)").fetchone()[0]
+    all_ids = [i for (i,) in conn.execute("SELECT id FROM dead_letter_events ORDER BY id")]
+    seen: set[str] = set()
+    with psycopg.connect(db_url) as batch:  # a transaction lease, journalled from the other session
+        lease, held = claim(batch, other, 25)
+        held_by_committed = [
+            i for (i,) in batch.execute("SELECT id FROM dead_letter_events WHERE processing_lock = %s", (committed,))
+        ]
+        for current, owned in ((lease, held), (committed, held_by_committed)):
+            ids = owned + rng.sample(all_ids, 15) + [10**9]  # some not this lease's, one that does not exist
+            rng.shuffle(ids)
+            outcomes = [rng.choice(["resolved", "failed", "failed", "quarantined", "released"]) for _ in ids]
+            classes = [rng.choice([None, "unrepairable", "target_unavailable", "lease_expired"]) for _ in ids]
+            messages = [rng.choice([None, "why", "x" * 2100]) for _ in ids]
+            methods = [rng.choice([None, "repair:tokenizer_fix", "m" * 80]) for _ in ids]
+            args = (current, ids, outcomes, methods, classes, messages)
+            batch.execute("SAVEPOINT before")
+            results = {}
+            for name in ("dlq_complete_batch_0013", "dlq_complete_batch"):
+                states = batch.execute(f"SELECT * FROM {name}(%s, %s, %s, %s, %s, %s)", args).fetchall()
+                results[name] = (sorted(states, key=str), batch.execute(_STATE).fetchone())
+                batch.execute("ROLLBACK TO SAVEPOINT before")
+            old, new = results["dlq_complete_batch_0013"], results["dlq_complete_batch"]
+            seen.update(state for _, state in new[0])
+            assert new[0] == old[0]
+            for table, now_rows, then_rows in zip(_TABLES, new[1], old[1], strict=True):
+                assert _differences(now_rows, then_rows) == [], table
+        batch.rollback()
+    assert seen == {"resolved", "retry_scheduled", "poisoned", "quarantined", "released", "not_owned"}
+
+
+def _differences(rows: list[dict[str, Any]] | None, expected: list[dict[str, Any]] | None) -> list[Any]:
+    """(row index, column, value, expected value) wherever two snapshots of a table differ."""
+    if rows is None or expected is None or len(rows) != len(expected):
+        return [] if rows == expected else [("rows", len(rows or []), len(expected or []))]
+    return [(n, k, r.get(k), e.get(k)) for n, (r, e) in enumerate(zip(rows, expected, strict=True))
+            for k in sorted(r.keys() | e.keys()) if r.get(k) != e.get(k)]  # fmt: skip
