@@ -234,6 +234,10 @@ def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
             assert f"Seq Scan on {partition} " not in complete, complete
             # the UPDATE and the poisoning DELETE both by primary key: not a walk of the whole claimable index
             assert complete.count(f"{partition}_pkey") == 2, complete
+        # the poisoning DELETE probes each failed row by key: an id list in its index condition would be searched
+        # again for every row it joins (quadratic when a whole batch fails)
+        deletion = complete[complete.index("Delete on dead_letter_events") :]
+        assert "Index Cond: (id = i_" in deletion and "= ANY (" not in deletion.split("CTE poisoned")[0], complete
         # the policy table read once into its CTE; no policy function called per row (sql/0018)
         assert "CTE policy" in complete and "Function Scan on dlq_retry_policy" not in complete, complete
 
