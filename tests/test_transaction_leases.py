@@ -323,3 +323,17 @@ def _differences(rows: list[dict[str, Any]] | None, expected: list[dict[str, Any
         return [] if rows == expected else [("rows", len(rows or []), len(expected or []))]
     return [(n, k, r.get(k), e.get(k)) for n, (r, e) in enumerate(zip(rows, expected, strict=True))
             for k in sorted(r.keys() | e.keys()) if r.get(k) != e.get(k)]  # fmt: skip
+
+
+def test_journalled_ids_are_stored_uncompressed(conn: psycopg.Connection, other: psycopg.Connection[Any]) -> None:
+    """sql/0019: a batch's ids live for a second; compressing them cost more than it saved."""
+    ids = events(conn, 1000)
+    with psycopg.connect(conn.info.dsn) as batch:
+        lease, held = claim(batch, other, 1000)
+        assert len(held) == 1000
+        compression, size = conn.execute(
+            "SELECT pg_column_compression(event_ids), pg_column_size(event_ids) FROM dlq_batch_leases WHERE lease = %s",
+            (lease,),
+        ).fetchone()
+        assert compression is None and size >= 8 * len(ids)
+        batch.rollback()
