@@ -426,7 +426,8 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     ).fetchone()
     expected_raw = sum(total for kind, (_, total) in kinds.items() if kind in RESOLVED_KINDS)
     ok = all(c == t for c, t in kinds.values()) and raw == expected_raw and dead + poisoned == events
-    return {"kinds": kinds, "raw_events": raw, "expected_raw_events": expected_raw, "all_states_correct": ok}
+    return {"kinds": kinds, "events": events, "raw_events": raw, "expected_raw_events": expected_raw,
+            "all_states_correct": ok}  # fmt: skip
 
 
 def _active_seconds(conn: psycopg.Connection[Any]) -> float | None:
@@ -469,69 +470,130 @@ def benchmark(
     floor: bool = False,
     sql_stats: bool = False,
     lease_mode: str = "transaction",
+    repeat: int = 1,
 ) -> dict[str, Any]:
-    """The whole measurement on one database: load, engine, verify, reload, ceiling. Leaves the tables empty."""
+    """The whole measurement on one database, ``repeat`` times: load, engine, verify, and beside each engine run a
+    ceiling run on the same backlog reloaded (in alternating order, so that a machine slowing down or speeding up
+    does not favour either side). Medians are reported, each run in ``runs``. Leaves the tables empty."""
+    if repeat < 1:
+        raise ValueError("repeat must be at least 1")
     with psycopg.connect(url, autocommit=True) as conn:
         _require_empty(conn)
         try:
             started = time.perf_counter()
             create_side_tables(conn, build_templates(seed), events)
-            load_seconds = load_backlog(conn)
             prepared = time.perf_counter() - started
-            stats = sql_stats and _reset_statements(conn)
-            engine = run_engine(url, workers, batch_size, lease_mode)
-            top = _top_statements(conn) if stats else None
-            checked = verify(conn)
-            active = _active_seconds(conn)
-            ceiling_rows = ceiling_seconds = None
-            if ceiling:
-                load_backlog(conn)
-                ceiling_rows, ceiling_seconds = run_ceiling(url, workers, batch_size)
-            floor_rate = None
-            if floor:
-                load_backlog(conn)
-                floor_rows, floor_seconds = run_floor(url, workers, batch_size, lease_mode)
-                floor_rate = floor_rows / floor_seconds
+            runs = [
+                _run_once(conn, url, workers, batch_size, lease_mode, ceiling=ceiling, floor=floor,
+                          sql_stats=sql_stats and n == 0, ceiling_first=n % 2 == 1)
+                for n in range(repeat)
+            ]  # fmt: skip
             version = conn.execute("SHOW server_version").fetchone()[0]
             sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
         finally:
             _clean(conn)
-    report = engine["report"]
-    rate = events / engine["seconds"]
-    ceiling_rate = ceiling_rows / ceiling_seconds if ceiling_rows and ceiling_seconds else None
+    last = runs[-1]
+    report = last["engine"]["report"]  # the same counts in every run: the same backlog
+    rates = [r["events_per_s"] for r in runs]
+    ceilings = [r["ceiling_events_per_s"] for r in runs if r["ceiling_events_per_s"]]
+    ratios = [r["ratio"] for r in runs if r["ratio"]]
+    floors = [r["floor_events_per_s"] for r in runs if r.get("floor_events_per_s")]
+    active = [r["active_seconds"] for r in runs if r["active_seconds"]]
     return {
         "events": events,
         "workers": workers,
         "batch_size": batch_size,
         "lease_mode": lease_mode,
-        "events_per_s": round(rate, 1),
-        "ceiling_events_per_s": round(ceiling_rate, 1) if ceiling_rate else None,
-        "ratio": round(rate / ceiling_rate, 3) if ceiling_rate else None,
-        **({"floor_events_per_s": round(floor_rate, 1)} if floor_rate else {}),
-        "p50_batch_ms": engine["p50_batch_ms"],
-        "p95_batch_ms": engine["p95_batch_ms"],
-        "peak_rss_mb": engine["peak_rss_mb"],
-        "rss_method": engine["rss_method"],
-        "worker_cpu_seconds": engine["worker_cpu_seconds"],
-        "machine_busy": engine["machine_busy"],
-        "all_states_correct": checked["all_states_correct"],
-        "states": checked["kinds"],
-        "seconds": round(engine["seconds"], 3),
-        "active_seconds": round(active, 3) if active else None,
-        "active_events_per_s": round(events / active, 1) if active else None,
-        "ceiling_rows": ceiling_rows,
-        "ceiling_seconds": round(ceiling_seconds, 3) if ceiling_seconds else None,
+        "repeat": repeat,
+        "events_per_s": round(statistics.median(rates), 1),
+        "ceiling_events_per_s": round(statistics.median(ceilings), 1) if ceilings else None,
+        "ratio": round(statistics.median(ratios), 3) if ratios else None,  # the median of each run's own ratio
+        **({"floor_events_per_s": round(statistics.median(floors), 1)} if floors else {}),
+        "p50_batch_ms": statistics.median(r["engine"]["p50_batch_ms"] for r in runs),
+        "p95_batch_ms": statistics.median(r["engine"]["p95_batch_ms"] for r in runs),
+        "peak_rss_mb": max(r["engine"]["peak_rss_mb"] for r in runs),
+        "rss_method": last["engine"]["rss_method"],
+        "worker_cpu_seconds": statistics.median(r["engine"]["worker_cpu_seconds"] for r in runs),
+        "machine_busy": statistics.median(r["engine"]["machine_busy"] or 0 for r in runs),
+        "all_states_correct": all(r["checked"]["all_states_correct"] for r in runs),
+        "states": _states_of_every_run(runs),
+        "runs": [{k: v for k, v in r.items() if k not in ("engine", "checked")} for r in runs],
+        "seconds": round(statistics.median(r["engine"]["seconds"] for r in runs), 3),
+        "active_seconds": round(statistics.median(active), 3) if active else None,
+        "active_events_per_s": round(events / statistics.median(active), 1) if active else None,
         "batches": report.batches,
         "resolved": report.resolved,
         "retried": report.retried,
         "poisoned": report.poisoned,
         "quarantined": report.quarantined,
         "strategies": dict(report.strategies),
-        "load_seconds": round(load_seconds, 1),
         "prepare_seconds": round(prepared, 1),
         "postgres": version,
         "synchronous_commit": sync,
         "cpus": os.cpu_count(),
+        **({"top_statements": runs[0]["top_statements"]} if sql_stats else {}),
+    }
+
+
+def _states_of_every_run(runs: list[dict[str, Any]]) -> dict[str, list[int]]:
+    """Per kind, [correct, total] over every event of every run."""
+    return {
+        kind: [sum(r["checked"]["kinds"][kind][i] for r in runs) for i in (0, 1)]
+        for kind in runs[0]["checked"]["kinds"]
+    }
+
+
+def _run_once(
+    conn: psycopg.Connection[Any],
+    url: str,
+    workers: int,
+    batch_size: int,
+    lease_mode: str,
+    *,
+    ceiling: bool,
+    floor: bool,
+    sql_stats: bool,
+    ceiling_first: bool,
+) -> dict[str, Any]:
+    """One engine run, verified, with its ceiling (and floor) runs on the same backlog, each loaded afresh."""
+    ceiling_rows = ceiling_seconds = None
+    if ceiling and ceiling_first:
+        load_backlog(conn)
+        ceiling_rows, ceiling_seconds = run_ceiling(url, workers, batch_size)
+    load_seconds = load_backlog(conn)
+    stats = sql_stats and _reset_statements(conn)
+    engine = run_engine(url, workers, batch_size, lease_mode)
+    top = _top_statements(conn) if stats else None
+    checked = verify(conn)
+    active = _active_seconds(conn)
+    if ceiling and not ceiling_first:
+        load_backlog(conn)
+        ceiling_rows, ceiling_seconds = run_ceiling(url, workers, batch_size)
+    floor_rate = None
+    if floor:
+        load_backlog(conn)
+        floor_rows, floor_seconds = run_floor(url, workers, batch_size, lease_mode)
+        floor_rate = floor_rows / floor_seconds
+    rate = checked["events"] / engine["seconds"]
+    ceiling_rate = ceiling_rows / ceiling_seconds if ceiling_rows and ceiling_seconds else None
+    return {
+        "engine": engine,
+        "checked": checked,
+        "events_per_s": round(rate, 1),
+        "ceiling_events_per_s": round(ceiling_rate, 1) if ceiling_rate else None,
+        "ratio": round(rate / ceiling_rate, 3) if ceiling_rate else None,
+        **({"floor_events_per_s": round(floor_rate, 1)} if floor_rate else {}),
+        "all_states_correct": checked["all_states_correct"],
+        "p50_batch_ms": engine["p50_batch_ms"],
+        "p95_batch_ms": engine["p95_batch_ms"],
+        "peak_rss_mb": engine["peak_rss_mb"],
+        "worker_cpu_seconds": engine["worker_cpu_seconds"],
+        "machine_busy": engine["machine_busy"],
+        "seconds": round(engine["seconds"], 3),
+        "active_seconds": round(active, 3) if active else None,
+        "ceiling_rows": ceiling_rows,
+        "ceiling_seconds": round(ceiling_seconds, 3) if ceiling_seconds else None,
+        "load_seconds": round(load_seconds, 1),
         **({"top_statements": top} if top is not None else {}),
     }
 
@@ -656,6 +718,12 @@ def _print_human(result: dict[str, Any]) -> None:
         return
     print(f"PostgreSQL {result['postgres']}, {result['cpus']} CPUs, {result['workers']} workers, "
           f"batch {result['batch_size']}, {result['events']:,} events")  # fmt: skip
+    if result["repeat"] > 1:
+        for n, run in enumerate(result["runs"], 1):
+            ceiling = run["ceiling_events_per_s"] or 0
+            print(f"run {n}:   {run['events_per_s']:>10,.0f} events/s, ceiling {ceiling:,.0f}, "
+                  f"ratio {run['ratio']}, {run['seconds']} s")  # fmt: skip
+        print(f"medians of {result['repeat']} runs:")
     print(f"engine:  {result['events_per_s']:>10,.0f} events/s  ({result['seconds']} s wall, "
           f"p50 {result['p50_batch_ms']} ms, p95 {result['p95_batch_ms']} ms per batch, "
           f"peak RSS {result['peak_rss_mb']} MB)")  # fmt: skip
@@ -677,6 +745,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--database-url", help="an empty DLQ database to use (default: a throwaway embedded cluster)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--repeat", type=int, default=3, help="alternated engine and ceiling runs (medians reported)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling run")
     parser.add_argument("--synchronous-commit", choices=("on", "off"), help="set for the benchmark database's sessions")
     parser.add_argument("--lease-mode", choices=LEASE_MODES, default="transaction", help="the worker's lease mode")
@@ -686,8 +755,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--retention-batch-size", type=int, default=1000)
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     args = parser.parse_args(argv)
-    if args.events < 1 or args.workers < 1:
-        parser.error("--events and --workers must be positive")
+    if args.events < 1 or args.workers < 1 or args.repeat < 1:
+        parser.error("--events, --workers and --repeat must be positive")
     with database(args.database_url) as url:
         if args.synchronous_commit:  # new sessions (workers, ceiling) pick it up; reset afterwards
             _set_database(url, "synchronous_commit", args.synchronous_commit)
@@ -724,6 +793,7 @@ def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         floor=args.floor,
         sql_stats=args.sql_stats,
         lease_mode=args.lease_mode,
+        repeat=args.repeat,
     )
 
 
