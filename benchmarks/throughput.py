@@ -556,19 +556,22 @@ def _run_once(
     ceiling_first: bool,
 ) -> dict[str, Any]:
     """One engine run, verified, with its ceiling (and floor) runs on the same backlog, each loaded afresh."""
-    ceiling_rows = ceiling_seconds = None
-    if ceiling and ceiling_first:
+
+    def ceiling_run() -> tuple[int | None, float | None]:
+        if not ceiling:
+            return None, None
         load_backlog(conn)
-        ceiling_rows, ceiling_seconds = run_ceiling(url, workers, batch_size)
+        return run_ceiling(url, workers, batch_size)
+
+    ceiling_rows, ceiling_seconds = ceiling_run() if ceiling_first else (None, None)
     load_seconds = load_backlog(conn)
     stats = sql_stats and _reset_statements(conn)
     engine = run_engine(url, workers, batch_size, lease_mode)
     top = _top_statements(conn) if stats else None
     checked = verify(conn)
     active = _active_seconds(conn)
-    if ceiling and not ceiling_first:
-        load_backlog(conn)
-        ceiling_rows, ceiling_seconds = run_ceiling(url, workers, batch_size)
+    if not ceiling_first:
+        ceiling_rows, ceiling_seconds = ceiling_run()
     floor_rate = None
     if floor:
         load_backlog(conn)

@@ -56,8 +56,8 @@ def _decode(text: str) -> Any:
         value, end = _SCAN(text, start)
     except StopIteration as err:
         raise json.JSONDecodeError("Expecting value", text, err.value) from None
-    if end != len(text) and _SKIP_BLANKS(text, end).end() != len(text):
-        raise json.JSONDecodeError("Extra data", text, _SKIP_BLANKS(text, end).end())
+    if end != len(text) and (end := _SKIP_BLANKS(text, end).end()) != len(text):
+        raise json.JSONDecodeError("Extra data", text, end)
     return value
 
 
