@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import itertools
 import json
 import math
 import os
@@ -314,31 +315,39 @@ def run_floor(url: str, workers: int, batch_size: int, lease_mode: str = "transa
     """The engine's own SQL with no Python work: claim under the lease mode's protocol (transaction: release dead
     batches, claim, journal; committed: claim and commit), write every claimed payload to raw_events and complete
     the batch resolved; (rows, seconds)."""
-    journals = {}
+    journals: dict[int, psycopg.Connection[Any]] = {}
 
     def batch(conn: psycopg.Connection[Any]) -> int:
-        with conn.transaction() if lease_mode == "transaction" else nullcontext():
-            if lease_mode == "transaction":
-                journal = journals.get(id(conn)) or journals.setdefault(id(conn), psycopg.connect(url, autocommit=True))
-                journal.execute("SELECT dlq_release_dead_batches()")
-                lease = uuid.uuid4()
-                ids = [r[0] for r in conn.execute("SELECT id FROM dlq_claim_batch(%s, %s)", (lease, batch_size))]
-                if ids:
-                    journal.execute("SELECT dlq_journal_batch(%s, %b)", (lease, ids))
-            else:
-                rows = conn.execute("SELECT id, processing_lock FROM dlq_claim_events(%s, 1800)", (batch_size,))
-                claimed = rows.fetchall()
-                lease, ids = (claimed[0][1] if claimed else None), [r[0] for r in claimed]
-            if not ids:
-                return 0
-            _floor_write_and_complete(conn, lease, ids)
-        return len(ids)
+        journal = journals.get(id(conn)) or journals.setdefault(id(conn), psycopg.connect(url, autocommit=True))
+        return floor_batch(conn, journal, batch_size, lease_mode)
 
     try:
         return _parallel(url, workers, batch)
     finally:
         for journal in journals.values():
             journal.close()
+
+
+def floor_batch(
+    conn: psycopg.Connection[Any], journal: psycopg.Connection[Any], batch_size: int, lease_mode: str = "transaction"
+) -> int:
+    """One batch of the floor (``journal``: an autocommit session of the worker's own, used by transaction
+    leases); the rows it resolved."""
+    with conn.transaction() if lease_mode == "transaction" else nullcontext():
+        if lease_mode == "transaction":
+            journal.execute("SELECT dlq_release_dead_batches()")
+            lease = uuid.uuid4()
+            ids = [r[0] for r in conn.execute("SELECT id FROM dlq_claim_batch(%s, %s)", (lease, batch_size))]
+            if ids:
+                journal.execute("SELECT dlq_journal_batch(%s, %b)", (lease, ids))
+        else:
+            rows = conn.execute("SELECT id, processing_lock FROM dlq_claim_events(%s, 1800)", (batch_size,))
+            claimed = rows.fetchall()
+            lease, ids = (claimed[0][1] if claimed else None), [r[0] for r in claimed]
+        if not ids:
+            return 0
+        _floor_write_and_complete(conn, lease, ids)
+    return len(ids)
 
 
 def _floor_write_and_complete(conn: psycopg.Connection[Any], lease: Any, ids: list[int]) -> None:
@@ -643,6 +652,91 @@ def _timed(conn: psycopg.Connection[Any], query: str, repeats: int) -> float:
     return round(statistics.median(times), 1)
 
 
+PROBE_SOURCE = "/var/log/cowrie/probe/cowrie.json"
+PROBE_INSERT = """
+INSERT INTO dead_letter_events (source, source_inode, source_offset, reason, payload)
+VALUES (%s, 'probe', %s, 'target_unavailable', jsonb_build_object('eventid', 'cowrie.session.closed', 'probe', %s))
+"""
+
+
+@dataclass
+class Probe:
+    """What :func:`probed` saw: each probe's latency (seconds), and lock waits sampled from ``pg_locks``."""
+
+    latencies: list[float]
+    samples: int = 0
+    samples_with_lock_wait: int = 0
+    longest_lock_wait: float = 0.0  # seconds, the longest wait for a lock (any session of the database) seen
+
+
+LOCK_WAITS = """
+SELECT count(*), coalesce(extract(epoch FROM max(now() - l.waitstart)), 0)::float8
+  FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
+ WHERE NOT l.granted AND a.datname = current_database()
+"""
+
+
+def probed(url: str, work: Any, offsets: Iterator[int], interval: float = 0.01) -> tuple[Any, Probe]:
+    """``work()``'s result, and what a worker beside it would have waited: every ``interval`` a second session
+    ingests a live event, claims, writes and resolves it in one transaction (each event's source offset from
+    ``offsets``), and a third samples ``pg_locks`` for sessions waiting on a lock."""
+    seen = Probe([])
+    stop = threading.Event()
+    failure: list[BaseException] = []
+
+    def probe() -> None:
+        with psycopg.connect(url, autocommit=True) as conn, psycopg.connect(url, autocommit=True) as journal:
+            while True:  # at least one probe, however short the work
+                started = time.perf_counter()
+                with conn.transaction():
+                    n = next(offsets)
+                    conn.execute(PROBE_INSERT, (PROBE_SOURCE, n, n))
+                    if floor_batch(conn, journal, 1) != 1:
+                        raise RuntimeError("the probe's event was not claimed")
+                seen.latencies.append(time.perf_counter() - started)
+                if stop.wait(interval):
+                    break
+
+    def sample() -> None:
+        with psycopg.connect(url, autocommit=True) as conn:
+            while True:
+                waiting, longest = conn.execute(LOCK_WAITS).fetchone()
+                seen.samples += 1
+                seen.samples_with_lock_wait += waiting > 0
+                seen.longest_lock_wait = max(seen.longest_lock_wait, longest)
+                if stop.wait(interval):
+                    break
+
+    def guarded(target: Any) -> None:
+        try:
+            target()
+        except BaseException as exc:  # re-raised in the caller's thread
+            failure.append(exc)
+
+    threads = [threading.Thread(target=guarded, args=(target,)) for target in (probe, sample)]
+    for thread in threads:
+        thread.start()
+    try:
+        result = work()
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
+    if failure:
+        raise failure[0]
+    return result, seen
+
+
+def _probe_report(seen: Probe) -> dict[str, float | int]:
+    ordered = sorted(seen.latencies)
+    at = lambda q: round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] * 1000, 1)  # noqa: E731
+    return {
+        "probes": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0),
+        "lock_samples": seen.samples, "lock_samples_waiting": seen.samples_with_lock_wait,
+        "longest_lock_wait_ms": round(seen.longest_lock_wait * 1000, 1),
+    }  # fmt: skip
+
+
 def health(
     url: str, *, events: int, retention_batch_size: int = 1000, seed: int = 7, repeats: int = 5
 ) -> dict[str, Any]:
@@ -664,8 +758,20 @@ def health(
             conn.execute("VACUUM ANALYZE dead_letter_events")
             resolved_ms = _timed(conn, "SELECT * FROM dlq_health", repeats)
             exact &= conn.execute(HEALTH_FULL_SCAN).fetchone() == conn.execute(HEALTH_COLUMNS).fetchone()
-            retention = run_retention(url, older_than_days=90, batch_size=retention_batch_size)
-            (left,) = conn.execute("SELECT count(*) FROM dead_letter_events").fetchone()
+            # The same probe alone for 2 s first: its latency on this machine with no retention beside it.
+            offsets = itertools.count()
+            _, alone = probed(url, lambda: time.sleep(2), offsets)
+            retention, beside = probed(
+                url, lambda: run_retention(url, older_than_days=90, batch_size=retention_batch_size), offsets
+            )
+            (left,) = conn.execute(
+                "SELECT count(*) FROM dead_letter_events WHERE source IS DISTINCT FROM %s", (PROBE_SOURCE,)
+            ).fetchone()
+            (probes_resolved,) = conn.execute(
+                "SELECT count(*) FROM dead_letter_events e JOIN raw_events r ON r.dlq_event_id = e.id "
+                "WHERE e.source = %s AND e.resolved",
+                (PROBE_SOURCE,),
+            ).fetchone()
         finally:
             _clean(conn)
     return {
@@ -679,8 +785,13 @@ def health(
         "retention_rows_per_s": round(retention.rows_per_second, 1),
         "retention_batch_size": retention_batch_size,
         "retention_batches": retention.batches,
+        "retention_longest_batch_ms": round(retention.longest_batch_seconds * 1000, 1),
         "partitions_dropped": retention.partitions_dropped,
         "rows_left": left,
+        # a live event's ingest-claim-write-resolve transaction beside retention, and alone on the same table
+        "probe_beside_retention": _probe_report(beside),
+        "probe_alone": _probe_report(alone),
+        "probes_all_resolved": probes_resolved == len(alone.latencies) + len(beside.latencies),
     }
 
 
@@ -717,7 +828,13 @@ def _print_human(result: dict[str, Any]) -> None:
               f"{result['health_ms_resolved']} ms resolved (a full scan: {result['health_full_scan_ms']} ms); "
               f"equal to the full scan: {result['health_exact']}")  # fmt: skip
         print(f"retention: {result['retention_rows']:,} rows in {result['retention_seconds']} s "
-              f"({result['retention_rows_per_s']:,.0f} rows/s, batch {result['retention_batch_size']})")  # fmt: skip
+              f"({result['retention_rows_per_s']:,.0f} rows/s, batch {result['retention_batch_size']}, "
+              f"longest batch {result['retention_longest_batch_ms']} ms)")  # fmt: skip
+        for name, label in (("probe_alone", "alone"), ("probe_beside_retention", "beside retention")):
+            p = result[name]
+            print(f"a live event ingested and resolved {label}: {p['probes']} probes, p50 {p['p50_ms']} ms, "
+                  f"p99 {p['p99_ms']} ms, max {p['max_ms']} ms; lock waits in {p['lock_samples_waiting']} of "
+                  f"{p['lock_samples']} samples, longest {p['longest_lock_wait_ms']} ms")  # fmt: skip
         return
     print(f"PostgreSQL {result['postgres']}, {result['cpus']} CPUs, {result['workers']} workers, "
           f"batch {result['batch_size']}, {result['events']:,} events")  # fmt: skip

@@ -192,6 +192,7 @@ def dlq_retention_state(config: RetentionConfig, database: DLQDatabase) -> dg.Ma
             "dry_run": dg.MetadataValue.bool(report.dry_run),
             "rows_deleted": dg.MetadataValue.int(report.rows_deleted),
             "rows_per_second": dg.MetadataValue.float(round(report.rows_per_second, 1)),
+            "longest_batch_ms": dg.MetadataValue.float(round(report.longest_batch_seconds * 1000, 1)),
             "partitions_dropped": dg.MetadataValue.json(report.partitions_dropped),
             "partitions_kept": dg.MetadataValue.md(_table(["partition", "kept because"], kept)),
             "oldest_remaining": dg.MetadataValue.text(

@@ -29,6 +29,8 @@ class RetentionReport:
     rows_deleted counts the batched deletes; rows still in a partition when it is dropped (only when
     max_batches stopped the batches early) are not included. oldest_remaining is the oldest resolved_at
     left among resolved, non-quarantined events (for a dry run: as it is now). rows_per_second is 0 for a dry run.
+    longest_batch_seconds is the longest single delete batch: the longest any of its row locks was held (0 for a
+    dry run).
     """
 
     dry_run: bool
@@ -39,6 +41,7 @@ class RetentionReport:
     partitions_kept: dict[str, str]
     seconds: float
     rows_per_second: float
+    longest_batch_seconds: float
     analyzed: bool
     oldest_remaining: datetime | None
 
@@ -67,8 +70,9 @@ def run_retention(
         if dry_run:
             conn.execute("SET default_transaction_read_only = on")
             rows_deleted, batches, partitions = _preview(conn, older_than_days, batch_size, max_batches)
+            longest = 0.0
         else:
-            rows_deleted, batches = _delete_batches(conn, older_than_days, batch_size, max_batches)
+            rows_deleted, batches, longest = _delete_batches(conn, older_than_days, batch_size, max_batches)
             partitions = conn.execute(_DROP_PARTITIONS, (older_than_days,)).fetchall() if drop_partitions else []
         if not drop_partitions:
             partitions = []  # a dry run still previews them, for the eligible row count
@@ -89,6 +93,7 @@ def run_retention(
         },
         seconds=seconds,
         rows_per_second=0.0 if dry_run or seconds <= 0 else rows_deleted / seconds,
+        longest_batch_seconds=longest,
         analyzed=analyzed,
         oldest_remaining=oldest,
     )
@@ -96,17 +101,21 @@ def run_retention(
 
 def _delete_batches(
     conn: psycopg.Connection[Any], older_than_days: int, batch_size: int, max_batches: int | None
-) -> tuple[int, int]:
-    """One autocommit call (one transaction) per batch, until a batch comes back short or the cap is reached."""
+) -> tuple[int, int, float]:
+    """One autocommit call (one transaction) per batch, until a batch comes back short or the cap is reached;
+    (rows, batches, the longest batch's seconds)."""
     deleted = batches = 0
+    longest = 0.0
     while max_batches is None or batches < max_batches:
+        started = time.perf_counter()
         sql = "SELECT cleanup_resolved_dlq_events_enhanced(%s, %s)"
         (n,) = conn.execute(sql, (older_than_days, batch_size)).fetchone() or (0,)
+        longest = max(longest, time.perf_counter() - started)
         batches += 1
         deleted += n
         if n < batch_size:
             break
-    return deleted, batches
+    return deleted, batches, longest
 
 
 def _preview(

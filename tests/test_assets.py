@@ -104,6 +104,7 @@ def test_retention_asset_deletes_expired_resolved_events(db_url: str, tmp_path: 
     real = dg.materialize([dlq_retention_state], resources=resources(db_url))
     meta = metadata(real, "dlq_retention_state")
     assert meta["rows_deleted"] == resolved and not meta["dry_run"]
+    assert metadata(dry, "dlq_retention_state")["longest_batch_ms"] == 0 < meta["longest_batch_ms"]
     with psycopg.connect(db_url) as conn:
         assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE resolved").fetchone() == (0,)
 

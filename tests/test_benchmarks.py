@@ -5,13 +5,16 @@ No timing is asserted here (the machine is shared and noisy): the numbers are fo
 
 from __future__ import annotations
 
+import itertools
 import json
+import threading
+import time
 from collections import Counter
 
 import psycopg
 import pytest
 
-from benchmarks.throughput import MIX, RESOLVED_KINDS, VARIANTS, build_templates, main
+from benchmarks.throughput import MIX, RESOLVED_KINDS, VARIANTS, build_templates, main, probed
 
 KEYS = {
     "events_per_s",
@@ -73,9 +76,34 @@ def test_health_mode_reports_its_numbers(db_url: str, capsys: pytest.CaptureFixt
     result = last_json_line(capsys.readouterr().out)
     assert {"health_ms_pending", "health_ms_resolved", "retention_rows_per_s"} <= result.keys()
     assert (result["retention_rows"], result["rows_left"]) == (1000, 0)
+    # a live event was ingested and resolved beside retention, and alone before it, every one of them resolved
+    assert result["probes_all_resolved"] is True
+    assert result["probe_alone"]["probes"] > 0 and result["probe_beside_retention"]["probes"] > 0
+    assert result["probe_beside_retention"]["lock_samples"] > 0
+    assert 0 < result["retention_longest_batch_ms"] <= result["retention_seconds"] * 1000
 
 
 def test_a_database_that_holds_dead_letters_is_refused(db_url: str, conn: psycopg.Connection) -> None:
     conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', '{}')")
     with pytest.raises(SystemExit, match="empty"):
         main(["--events", "10", "--database-url", db_url])
+
+
+def test_the_probe_sees_a_session_waiting_on_a_lock(db_url: str) -> None:
+    """The lock sampler is no formality: a session held up by another's lock for 0.3 s shows in it."""
+
+    def contended() -> None:
+        with psycopg.connect(db_url, autocommit=True) as holder, psycopg.connect(db_url, autocommit=True) as waiter:
+            holder.execute("SELECT pg_advisory_lock(6)")
+            thread = threading.Thread(target=lambda: waiter.execute("SELECT pg_advisory_lock(6)"))
+            thread.start()
+            time.sleep(0.3)
+            holder.execute("SELECT pg_advisory_unlock(6)")
+            thread.join()
+
+    offsets = itertools.count()
+    _, calm = probed(db_url, lambda: time.sleep(0.2), offsets)
+    _, seen = probed(db_url, contended, offsets)
+    assert calm.samples > 0 and calm.samples_with_lock_wait == 0 and calm.longest_lock_wait == 0
+    assert seen.samples_with_lock_wait > 0 and 0.1 < seen.longest_lock_wait < 5
+    assert calm.latencies and seen.latencies  # and the probe's own events went through

@@ -247,7 +247,7 @@ def test_dry_run_writes_nothing_and_predicts_the_real_run(old_months: psycopg.Co
     rows_only = run_retention(db_url, batch_size=4, dry_run=True, drop_partitions=False)
 
     assert snapshot(conn) == before
-    assert dry.dry_run and not dry.analyzed and dry.rows_per_second == 0
+    assert dry.dry_run and not dry.analyzed and dry.rows_per_second == 0 and dry.longest_batch_seconds == 0
     assert (capped.rows_deleted, capped.batches) == (8, 2)
     assert (rows_only.rows_deleted, rows_only.partitions_dropped, rows_only.partitions_kept) == (16, [], {})
     real = run_retention(db_url, batch_size=4, analyze_threshold=0)
@@ -355,5 +355,6 @@ def test_a_large_backlog_goes_in_index_driven_batches(old_months: psycopg.Connec
 
     assert report.rows_deleted == 50000 - 1000 and report.batches == 10
     assert report.rows_per_second > 0 and report.analyzed
+    assert 0 < report.longest_batch_seconds < report.seconds  # one batch of ten, timed on its own
     assert ids(conn) == set(kept)
     assert report.partitions_dropped == ["dead_letter_events_p202401", "dead_letter_events_p202402"]
