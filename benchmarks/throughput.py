@@ -667,12 +667,19 @@ class Probe:
     samples: int = 0
     samples_with_lock_wait: int = 0
     longest_lock_wait: float = 0.0  # seconds, the longest wait for a lock (any session of the database) seen
+    longest_wait: str = ""  # who waited for what, and behind whom
 
 
 LOCK_WAITS = """
-SELECT count(*), coalesce(extract(epoch FROM max(now() - l.waitstart)), 0)::float8
+SELECT count(*) OVER (), extract(epoch FROM now() - l.waitstart)::float8,
+       format('%s waited for %s on %s, behind %s', left(a.query, 60), l.mode,
+              coalesce(l.relation::regclass::text, l.locktype),
+              (SELECT string_agg(left(b.query, 60), '; ') FROM pg_stat_activity b
+                WHERE b.pid = ANY (pg_blocking_pids(l.pid))))
   FROM pg_locks l JOIN pg_stat_activity a ON a.pid = l.pid
  WHERE NOT l.granted AND a.datname = current_database()
+ ORDER BY l.waitstart
+ LIMIT 1
 """
 
 
@@ -700,10 +707,12 @@ def probed(url: str, work: Any, offsets: Iterator[int], interval: float = 0.01) 
     def sample() -> None:
         with psycopg.connect(url, autocommit=True) as conn:
             while True:
-                waiting, longest = conn.execute(LOCK_WAITS).fetchone()
+                waiting = conn.execute(LOCK_WAITS).fetchone()
                 seen.samples += 1
-                seen.samples_with_lock_wait += waiting > 0
-                seen.longest_lock_wait = max(seen.longest_lock_wait, longest)
+                if waiting:
+                    seen.samples_with_lock_wait += 1
+                    if waiting[1] > seen.longest_lock_wait:
+                        seen.longest_lock_wait, seen.longest_wait = waiting[1], waiting[2]
                 if stop.wait(interval):
                     break
 
@@ -733,7 +742,7 @@ def _probe_report(seen: Probe) -> dict[str, float | int]:
     return {
         "probes": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0),
         "lock_samples": seen.samples, "lock_samples_waiting": seen.samples_with_lock_wait,
-        "longest_lock_wait_ms": round(seen.longest_lock_wait * 1000, 1),
+        "longest_lock_wait_ms": round(seen.longest_lock_wait * 1000, 1), "longest_lock_wait": seen.longest_wait,
     }  # fmt: skip
 
 
@@ -834,7 +843,8 @@ def _print_human(result: dict[str, Any]) -> None:
             p = result[name]
             print(f"a live event ingested and resolved {label}: {p['probes']} probes, p50 {p['p50_ms']} ms, "
                   f"p99 {p['p99_ms']} ms, max {p['max_ms']} ms; lock waits in {p['lock_samples_waiting']} of "
-                  f"{p['lock_samples']} samples, longest {p['longest_lock_wait_ms']} ms")  # fmt: skip
+                  f"{p['lock_samples']} samples, longest {p['longest_lock_wait_ms']} ms "
+                  f"{p['longest_lock_wait']}")  # fmt: skip
         return
     print(f"PostgreSQL {result['postgres']}, {result['cpus']} CPUs, {result['workers']} workers, "
           f"batch {result['batch_size']}, {result['events']:,} events")  # fmt: skip

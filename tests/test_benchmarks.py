@@ -106,4 +106,5 @@ def test_the_probe_sees_a_session_waiting_on_a_lock(db_url: str) -> None:
     _, seen = probed(db_url, contended, offsets)
     assert calm.samples > 0 and calm.samples_with_lock_wait == 0 and calm.longest_lock_wait == 0
     assert seen.samples_with_lock_wait > 0 and 0.1 < seen.longest_lock_wait < 5
+    assert seen.longest_wait.startswith("SELECT pg_advisory_lock(6) waited for ExclusiveLock on advisory, behind ")
     assert calm.latencies and seen.latencies  # and the probe's own events went through
