@@ -671,7 +671,7 @@ class Probe:
 
 
 LOCK_WAITS = """
-SELECT count(*) OVER (), extract(epoch FROM now() - l.waitstart)::float8,
+SELECT coalesce(extract(epoch FROM now() - l.waitstart), 0)::float8,  -- waitstart is NULL for a moment at first
        format('%s waited for %s on %s, behind %s', left(a.query, 60), l.mode,
               coalesce(l.relation::regclass::text, l.locktype),
               (SELECT string_agg(left(b.query, 60), '; ') FROM pg_stat_activity b
@@ -709,10 +709,10 @@ def probed(url: str, work: Any, offsets: Iterator[int], interval: float = 0.01) 
             while True:
                 waiting = conn.execute(LOCK_WAITS).fetchone()
                 seen.samples += 1
-                if waiting:
+                if waiting:  # the longest-waiting session, if any
                     seen.samples_with_lock_wait += 1
-                    if waiting[1] > seen.longest_lock_wait:
-                        seen.longest_lock_wait, seen.longest_wait = waiting[1], waiting[2]
+                    if waiting[0] > seen.longest_lock_wait:
+                        seen.longest_lock_wait, seen.longest_wait = waiting
                 if stop.wait(interval):
                     break
 
