@@ -101,6 +101,37 @@ CHECKS = """
 """
 
 
+SCHEDULES = """
+query($selector: RepositorySelector!) {
+  schedulesOrError(repositorySelector: $selector) { ... on Schedules { results { id name } } }
+}
+"""
+STOP_SCHEDULE = """
+mutation($id: String) {
+  stopRunningSchedule(id: $id) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { status } }
+    ... on PythonError { message }
+  }
+}
+"""
+ACTIVE_RUNS = "{ runsOrError(filter: {statuses: [QUEUED, NOT_STARTED, STARTING, STARTED]}) { ... on Runs { count } } }"
+
+
+def _quiet_scheduler(port: int, deadline: float) -> None:
+    """Stop every schedule and wait out any run one launched: the processing schedule fires every five minutes,
+    and a run it started between the test's ingest and its own launch took the events first (seen once)."""
+    selector = {"repositoryLocationName": LOCATION, "repositoryName": "__repository__"}
+    schedules = graphql(port, SCHEDULES, {"selector": selector})["schedulesOrError"]["results"]
+    assert schedules
+    for schedule in schedules:
+        stopped = graphql(port, STOP_SCHEDULE, {"id": schedule["id"]})["stopRunningSchedule"]
+        assert stopped.get("scheduleState", {}).get("status") == "STOPPED", (schedule["name"], stopped)
+    while graphql(port, ACTIVE_RUNS)["runsOrError"]["count"]:
+        assert time.monotonic() < deadline, "a scheduled run did not finish"
+        time.sleep(1)
+
+
 def _settled_checks(port: int, deadline: float) -> dict[str, Any]:
     """The asset node once no check of its latest materialization is still in progress: the run's SUCCESS can
     reach the API a moment before the last check's evaluation does (seen once on a loaded machine)."""
@@ -115,6 +146,7 @@ def _settled_checks(port: int, deadline: float) -> dict[str, Any]:
 def test_a_run_launched_through_graphql_materializes_and_its_checks_report(
     dagster_dev: int, db_url: str, tmp_path: Path
 ) -> None:
+    _quiet_scheduler(dagster_dev, time.monotonic() + 240)
     log = tmp_path / "cowrie.json"
     write_corrupted_log(log, n_events=300, seed=2, corruption_rate=0.4)
     ingest_paths([log], url=db_url)
