@@ -24,7 +24,7 @@ dev: install
 	$(BIN)/dlq dev
 
 test: install
-	$(BIN)/pytest
+	$(BIN)/pytest $(PYTEST_ARGS)
 
 lint: install
 	$(BIN)/ruff check .

@@ -73,7 +73,7 @@ def dagster_dev(db_url: str, server_url: str, tmp_path: Path) -> Iterator[int]:
                 time.sleep(1)
         yield port
     finally:
-        os.killpg(proc.pid, signal.SIGTERM)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: dagster dev stops its children and exits (SIGTERM: 60 s)
         try:
             proc.wait(60)
         except subprocess.TimeoutExpired:
