@@ -283,7 +283,7 @@ def run_engine(url: str, workers: int, batch_size: int, lease_mode: str = "trans
         "report": report,
         "seconds": seconds,
         "p50_batch_ms": round(statistics.median(batch_ms), 1) if batch_ms else None,
-        "p95_batch_ms": round(batch_ms[math.ceil(0.95 * len(batch_ms)) - 1], 1) if batch_ms else None,
+        "p95_batch_ms": round(_nearest_rank(batch_ms, 0.95), 1) if batch_ms else None,
         "peak_rss_mb": report.peak_rss_mb,
         "rss_method": "VmHWM of each worker process, read by the worker" if workers > 1 else "VmHWM of this process",
         # CPU seconds of the worker processes (0 with one in-process worker), and how busy the whole machine was
@@ -311,6 +311,11 @@ def run_ceiling(url: str, workers: int, batch_size: int) -> tuple[int, float]:
     return _parallel(url, workers, lambda conn: conn.execute(statement).rowcount)
 
 
+def _nearest_rank(ordered: list[float], q: float) -> float:
+    """The q-quantile (0 < q <= 1) of a sorted, non-empty list, by nearest rank: a value that was measured."""
+    return ordered[math.ceil(q * len(ordered)) - 1]
+
+
 def run_floor(url: str, workers: int, batch_size: int, lease_mode: str = "transaction") -> tuple[int, float]:
     """The engine's own SQL with no Python work: claim under the lease mode's protocol (transaction: release dead
     batches, claim, journal; committed: claim and commit), write every claimed payload to raw_events and complete
@@ -318,7 +323,9 @@ def run_floor(url: str, workers: int, batch_size: int, lease_mode: str = "transa
     journals: dict[int, psycopg.Connection[Any]] = {}
 
     def batch(conn: psycopg.Connection[Any]) -> int:
-        journal = journals.get(id(conn)) or journals.setdefault(id(conn), psycopg.connect(url, autocommit=True))
+        journal = None
+        if lease_mode == "transaction":
+            journal = journals.get(id(conn)) or journals.setdefault(id(conn), psycopg.connect(url, autocommit=True))
         return floor_batch(conn, journal, batch_size, lease_mode)
 
     try:
@@ -329,12 +336,16 @@ def run_floor(url: str, workers: int, batch_size: int, lease_mode: str = "transa
 
 
 def floor_batch(
-    conn: psycopg.Connection[Any], journal: psycopg.Connection[Any], batch_size: int, lease_mode: str = "transaction"
+    conn: psycopg.Connection[Any],
+    journal: psycopg.Connection[Any] | None,
+    batch_size: int,
+    lease_mode: str = "transaction",
 ) -> int:
-    """One batch of the floor (``journal``: an autocommit session of the worker's own, used by transaction
-    leases); the rows it resolved."""
+    """One batch of the floor (``journal``: an autocommit session of the worker's own, which transaction leases
+    need); the rows it resolved."""
     with conn.transaction() if lease_mode == "transaction" else nullcontext():
         if lease_mode == "transaction":
+            assert journal is not None, "a transaction lease is journalled from a second session"
             journal.execute("SELECT dlq_release_dead_batches()")
             lease = uuid.uuid4()
             ids = [r[0] for r in conn.execute("SELECT id FROM dlq_claim_batch(%s, %s)", (lease, batch_size))]
@@ -737,10 +748,10 @@ def probed(url: str, work: Any, offsets: Iterator[int], interval: float = 0.01) 
 
 
 def _probe_report(seen: Probe) -> dict[str, float | int]:
-    ordered = sorted(seen.latencies)
-    at = lambda q: round(ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)] * 1000, 1)  # noqa: E731
+    ms = sorted(s * 1000 for s in seen.latencies)
     return {
-        "probes": len(ordered), "p50_ms": at(0.5), "p99_ms": at(0.99), "max_ms": at(1.0),
+        "probes": len(ms), "p50_ms": round(_nearest_rank(ms, 0.5), 1), "p99_ms": round(_nearest_rank(ms, 0.99), 1),
+        "max_ms": round(ms[-1], 1),
         "lock_samples": seen.samples, "lock_samples_waiting": seen.samples_with_lock_wait,
         "longest_lock_wait_ms": round(seen.longest_lock_wait * 1000, 1), "longest_lock_wait": seen.longest_wait,
     }  # fmt: skip

@@ -109,7 +109,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     if not config.getoption("--database-only"):
         return
-    skipped = [item for item in items if "server_url" not in getattr(item, "fixturenames", ())]
-    if skipped:
-        config.hook.pytest_deselected(items=skipped)
-        items[:] = [item for item in items if "server_url" in getattr(item, "fixturenames", ())]
+    uses_server = {item: "server_url" in getattr(item, "fixturenames", ()) for item in items}
+    config.hook.pytest_deselected(items=[item for item, used in uses_server.items() if not used])
+    items[:] = [item for item, used in uses_server.items() if used]
