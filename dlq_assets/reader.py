@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -35,6 +35,8 @@ _NEWLINE = re.compile(rb"\n")
 _OUTSIDE_STRING = re.compile(rb'"[^"\\\n]*(?:\\[^\n][^"\\\n]*)*"|[][{}"\n]')
 _INSIDE_STRING = re.compile(rb'["\\\n]')
 _OPEN = b"{["
+_BOM = b"\xef\xbb\xbf"
+_LINE_BLANKS = b" \t"
 _QUOTE, _BACKSLASH, _NL, _BRACE = b'"'[0], b"\\"[0], b"\n"[0], b"{"[0]
 
 # What a scan hands back: (end of the record in the buffer, truncated, too deep).
@@ -49,6 +51,7 @@ class Record:
     raw: bytes
     value: Any = None
     error: str | None = None
+    bom: bool = False  # a UTF-8 byte-order mark stood right before the record and was skipped (not data)
 
     @property
     def ok(self) -> bool:
@@ -87,9 +90,11 @@ class _Scanner:
         self.buf = bytearray()
         self.base = 0  # absolute offset of buf[0]
         self.oversized = False
+        self.keep_blanks = False  # the record was cut inside a string: its trailing blanks are data
 
     def records(self) -> Iterator[Record]:
         buf = self.buf
+        bom = False
         while True:
             m = _NON_WS.search(buf)
             if m is None:  # whitespace between records is dropped as it is read: memory stays bounded
@@ -100,22 +105,30 @@ class _Scanner:
                 continue
             del buf[: m.start()]
             self.base += m.start()
-            self.oversized = False
+            if buf[0] == _BOM[0] and len(buf) < len(_BOM) and self._fill():
+                continue  # a BOM may straddle two chunks: look again with more bytes
+            if buf.startswith(_BOM):  # an encoding mark, not data: skipped and flagged on the next record
+                del buf[: len(_BOM)]
+                self.base += len(_BOM)
+                bom = True
+                continue
+            self.oversized = self.keep_blanks = False
             if buf[0] in _OPEN:
                 end, truncated, too_deep = yield from self._bracketed()
             else:  # garbage, or a stray closing bracket: the record is the rest of the line
                 end, truncated, too_deep = (yield from self._to_line_end(0)), False, False
-            while end > 0 and buf[end - 1] in _WS:
+            while end > 0 and buf[end - 1] in _WS and not self.keep_blanks:
                 end -= 1
             while end > self.cap:
                 yield self._piece(self.cap)
                 end -= self.cap
             raw = bytes(buf[:end])
             if self.oversized:
-                yield Record(self.base, raw, error=RECORD_TOO_LARGE)
+                yield Record(self.base, raw, error=RECORD_TOO_LARGE, bom=bom)
             else:
                 value, error = _classify(raw, truncated=truncated, too_deep=too_deep)
-                yield Record(self.base, raw, value, error)
+                yield Record(self.base, raw, value, error, bom)
+            bom = False
             del buf[:end]
             self.base += end
 
@@ -187,15 +200,21 @@ class _Scanner:
                     continue
                 i += 1 if buf[i + 1] == _NL else 2
             elif c == _NL:
-                if in_string:  # JSON strings cannot hold a raw newline: the record was split here
-                    return i, True, too_deep
-                if i + 1 == len(buf):
+                # A raw newline inside a string is a producer's unescaped newline (data) unless the next line
+                # opens a record: then the string was cut there. Outside strings a column-0 "{" opens the next one.
+                j = i + 1
+                while True:
+                    while j < len(buf) and in_string and buf[j] in _LINE_BLANKS:
+                        j += 1
+                    if j < len(buf):
+                        break
                     dropped, more = yield from self._more()
-                    i -= dropped
+                    i, j = i - dropped, j - dropped
                     if not more:
                         return len(buf), True, too_deep
-                    continue
-                if buf[i + 1] == _BRACE:  # a column-0 "{" is the next top-level event
+                if buf[j] == _BRACE:
+                    if in_string:
+                        self.keep_blanks = True
                     return i, True, too_deep
                 i += 1
             elif c in _OPEN:
@@ -209,18 +228,54 @@ class _Scanner:
                     return (yield from self._after_close(i)), False, too_deep
 
     def _after_close(self, close: int) -> Generator[Record, None, int]:
-        """The record ends at its closing bracket unless the line goes on; then it takes the whole line."""
+        """The record ends at its closing bracket when its line ends or the next value begins on it (a bracket,
+        or a byte-order mark before one); otherwise it takes the whole line."""
         buf, i = self.buf, close
-        while (m := _NOT_LINE_BLANK.search(buf, i)) is None:
-            i = len(buf)
-            dropped, more = yield from self._more()
-            i -= dropped
-            close -= dropped
-            if not more:
-                return close
-        if buf[m.start()] == _NL:
+        while True:
+            m = _NOT_LINE_BLANK.search(buf, i)
+            if m is None:
+                i = len(buf)
+                dropped, more = yield from self._more()
+                i -= dropped
+                close -= dropped
+                if not more:
+                    return close
+            elif buf[m.start()] == _BOM[0] and len(buf) - m.start() < len(_BOM) and self._fill():
+                i = m.start()  # a mark cut by the chunk boundary: look again with its other bytes
+            else:
+                break
+        at = m.start()
+        if buf[at] == _NL or buf[at] in _OPEN or buf.startswith(_BOM, at):
             return close
-        return (yield from self._to_line_end(m.start()))
+        return (yield from self._to_line_end(at))
+
+
+_CUT_SPLIT_ERRORS = (TRUNCATED, JSON_PARSE_ERROR)
+_MAX_SPLIT_TRIES = 64
+
+
+def split_after_cut(record: Record, accept: Callable[[Any], bool]) -> tuple[Record, Record] | None:
+    """A failed record that is a cut record followed on its line by a whole one (a writer restarted mid-line,
+    another writer's line appended to a cut one): the cut part and the whole one, each at its exact offset.
+
+    The whole one is the first ``{"`` from which the rest of the record parses as one object that ``accept``
+    takes (a valid event): a cut prefix cannot hold it as a nested value, since the rest parses to the end only if
+    its final bracket closes the candidate itself. Anything else stays one record.
+    """
+    if record.error not in _CUT_SPLIT_ERRORS:
+        return None
+    raw = record.raw
+    at = raw.find(b'{"', 1)
+    for _ in range(_MAX_SPLIT_TRIES):
+        if at < 0:
+            return None
+        value, error = _classify(raw[at:], truncated=False, too_deep=False)
+        if error is None and isinstance(value, dict) and accept(value):
+            value_head, error_head = _classify(raw[:at], truncated=True, too_deep=False)
+            head = Record(record.offset, raw[:at], value_head, error_head, record.bom)
+            return head, Record(record.offset + at, raw[at:], value)
+        at = raw.find(b'{"', at + 1)
+    return None
 
 
 def read_records(
@@ -229,13 +284,26 @@ def read_records(
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     max_depth: int = DEFAULT_MAX_DEPTH,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    accept: Callable[[Any], bool] | None = None,
 ) -> Iterator[Record]:
     """Yield every record of a binary stream in order, reading it in ``chunk_size`` pieces.
 
     Memory stays within ``max_record_bytes`` plus one chunk whatever the file size: longer records come out
-    as consecutive ``record_too_large`` pieces.
+    as consecutive ``record_too_large`` pieces. With ``accept`` (what a whole record is), a failed record that
+    holds a cut record and a whole one comes out as the two (see :func:`split_after_cut`).
     """
-    return _Scanner(stream, max_record_bytes, max_depth, chunk_size).records()
+    records = _Scanner(stream, max_record_bytes, max_depth, chunk_size).records()
+    if accept is None:
+        return records
+    return _with_cuts_split(records, accept)
+
+
+def _with_cuts_split(records: Iterator[Record], accept: Callable[[Any], bool]) -> Iterator[Record]:
+    for record in records:
+        if record.ok or (parts := split_after_cut(record, accept)) is None:
+            yield record
+        else:
+            yield from parts
 
 
 def read_file(
@@ -244,10 +312,13 @@ def read_file(
     max_record_bytes: int = DEFAULT_MAX_RECORD_BYTES,
     max_depth: int = DEFAULT_MAX_DEPTH,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
+    accept: Callable[[Any], bool] | None = None,
 ) -> Iterator[Record]:
     """Stream the records of a file opened in binary mode (the file closes when the iterator is exhausted)."""
     with open(path, "rb") as stream:
-        yield from read_records(stream, max_record_bytes=max_record_bytes, max_depth=max_depth, chunk_size=chunk_size)
+        yield from read_records(
+            stream, max_record_bytes=max_record_bytes, max_depth=max_depth, chunk_size=chunk_size, accept=accept
+        )
 
 
 __all__ = [
@@ -261,4 +332,5 @@ __all__ = [
     "Record",
     "read_file",
     "read_records",
+    "split_after_cut",
 ]

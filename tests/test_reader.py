@@ -133,13 +133,18 @@ def test_anything_else_is_a_record_to_the_end_of_its_line(
     assert summary(read(data)) == expected
 
 
-def test_raw_newline_inside_a_string_truncates_and_next_line_is_new() -> None:
+def test_raw_newline_inside_a_string_is_data_and_the_record_goes_on() -> None:
     data = b'{"eventid": "cowrie\n", "session": "abc123"}\n{"a": 1}\n'
     assert summary(read(data)) == [
-        (b'{"eventid": "cowrie', "truncated"),
-        (b'", "session": "abc123"}', "json_parse_error"),
+        (b'{"eventid": "cowrie\n", "session": "abc123"}', "json_parse_error"),  # JSON forbids it; repair keeps it
         (b'{"a": 1}', None),
     ]
+
+
+@pytest.mark.parametrize("indent", [b"", b"  ", b"\t "])
+def test_a_string_cut_where_the_next_line_opens_a_record_ends_there_blanks_kept(indent: bytes) -> None:
+    data = b'{"a": "cut \t\n' + indent + b'{"b": 1}\n'
+    assert summary(read(data)) == [(b'{"a": "cut \t', "truncated"), (b'{"b": 1}', None)]
 
 
 def test_backslash_never_escapes_a_raw_newline() -> None:
@@ -173,13 +178,56 @@ def test_truncated_by_end_of_file(data: bytes) -> None:
         b'{"a": 1},',
         b'{"a":1} junk',
         b'{"a": 1}\t, ',
-        b'{"eventid": "a"}{"eventid": "b"}',
         b"[1, 2]]",
     ],
 )
 def test_extra_bytes_after_the_close_make_the_whole_line_the_record(data: bytes) -> None:
     records = read(data + b"\n" + b'{"next": true}\n')
     assert summary(records) == [(data.rstrip(_WS), "json_parse_error"), (b'{"next": true}', None)]
+
+
+@pytest.mark.parametrize("between", [b"", b" ", b"\t", b" \t  "])
+def test_values_concatenated_on_one_line_are_records_of_their_own(between: bytes) -> None:
+    data = b'{"a": 1}' + between + b'{"b": [2]}' + between + b'[3]' + between + b'{"c": "cut'
+    first, second = 8 + len(between), 18 + 2 * len(between)
+    assert [(r.offset, r.raw, r.error) for r in read(data)] == [
+        (0, b'{"a": 1}', None),
+        (first, b'{"b": [2]}', None),
+        (second, b"[3]", None),
+        (second + 3 + len(between), b'{"c": "cut', "truncated"),
+    ]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 4, 64])
+def test_a_byte_order_mark_before_a_record_is_skipped_and_flagged(chunk_size: int) -> None:
+    bom = b"\xef\xbb\xbf"
+    data = bom + b'{"a": 1}\n' + bom + b'  {"b": 2}{"c": 3}' + bom + b'{"d": 4}\n\xef\xbb{"e": 5}\n'
+    records = read(data, chunk_size=chunk_size)
+    assert [(r.offset, r.raw, r.bom) for r in records] == [
+        (3, b'{"a": 1}', True),
+        (17, b'{"b": 2}', True),
+        (25, b'{"c": 3}', False),
+        (36, b'{"d": 4}', True),
+        (45, b'\xef\xbb{"e": 5}', False),  # not a whole mark: bytes of the record, kept
+    ]
+    assert [r.error for r in records] == [None, None, None, None, "invalid_utf8"]
+
+
+def test_a_cut_record_followed_on_its_line_by_a_whole_one_is_split_when_asked() -> None:
+    whole = line(EVENT)
+    data = b'{"eventid": "cowrie.login.fa' + whole + b'\n{"port": 22' + whole + b"\n" + b'{"x": {"y": 1}\n'
+    plain = read(data)
+    assert len(plain) == 3 and all(r.error in ("truncated", "json_parse_error") for r in plain)
+    with io.BytesIO(data) as stream:
+        split = list(read_records(stream, accept=lambda v: "eventid" in v))
+    assert [(r.offset, r.raw, r.error) for r in split] == [
+        (0, b'{"eventid": "cowrie.login.fa', "truncated"),
+        (28, whole, None),
+        (29 + len(whole), b'{"port": 22', "truncated"),
+        (40 + len(whole), whole, None),
+        (41 + 2 * len(whole), b'{"x": {"y": 1}', "truncated"),  # a nested object the predicate refuses stays put
+    ]
+    assert split[1].value == EVENT
 
 
 def test_blanks_after_the_close_are_not_extra_bytes() -> None:
@@ -282,7 +330,7 @@ def test_chunk_boundaries_do_not_change_the_records(chunk_size: int) -> None:
     assert read(CORPUS, chunk_size=chunk_size, max_record_bytes=50) == read(CORPUS, max_record_bytes=50)
     parse, cut = "json_parse_error", "truncated"
     assert [r.error for r in expected] == [
-        *(None, None, None, cut, parse, cut, None, parse, parse, parse, "nul_byte", "too_deeply_nested"),
+        *(None, None, None, parse, cut, None, parse, parse, parse, "nul_byte", "too_deeply_nested"),
         *("not_storable_json", cut, None, cut, parse, parse, cut),
     ]
 
@@ -347,7 +395,7 @@ READER_EXPECTATIONS: dict[str, list[str | None]] = {
     "hybrid-empty-lines": [None],
     "hybrid-buffer-too-large": ["json_parse_error"] * 3,  # one dead letter per garbage line, not one blob
     "hybrid-eof-incomplete": ["truncated"],
-    "hybrid-split-string-token": ["truncated", "json_parse_error"],
+    "hybrid-split-string-token": ["json_parse_error"],  # the raw newline is data: one record
     "hybrid-buffer-interrupted": ["truncated", None],
     "hybrid-stats-mix": [None, None] + ["json_parse_error"] * 5,
     "doc-mixed-single-multiline": [None, None],
