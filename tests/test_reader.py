@@ -361,8 +361,9 @@ def test_property_records_cover_every_non_blank_byte_in_order(
         assert data[position : record.offset].strip(_WS) == b""  # only blanks between records
         assert len(record.raw) <= max_record_bytes
         assert record.error is None or record.value is None
-        if record.error != "record_too_large":
-            assert record.raw.strip(_WS) == record.raw
+        if record.error != "record_too_large":  # a string cut at a line end keeps its blanks: they are data
+            assert record.raw.lstrip(_WS) == record.raw
+            assert record.raw.rstrip(_WS) == record.raw or record.error == "truncated"
         covered[record.offset : record.offset + len(record.raw)] = b"\x01" * len(record.raw)
         position = record.offset + len(record.raw)
     assert data[position:].strip(_WS) == b""
