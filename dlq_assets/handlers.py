@@ -17,18 +17,17 @@ from typing import Any, NamedTuple, Protocol
 from dlq_assets import jsonutil
 from dlq_assets.cowrie import validate_event
 from dlq_assets.repair import (
-    AS_IS,
-    STITCH,
-    TOKENIZER_FIX,
+    STRATEGIES,
     UNSTITCHABLE,
     Fragment,
+    RepairResult,
     raw_bytes_of,
     repair_record,
     stitch_fragments,
 )
 
 SYSTEMIC_ERROR_CLASSES = frozenset({"target_write_failed", "handler_error"})
-_METHODS = {strategy: f"repair:{strategy}" for strategy in (AS_IS, TOKENIZER_FIX, STITCH)}
+_METHODS = {strategy: f"repair:{strategy}" for strategy in STRATEGIES}
 
 
 def _method(strategy: str) -> str:
@@ -99,6 +98,7 @@ class Outcome(NamedTuple):
     error_class: str | None = None
     message: str | None = None
     target: Target | None = None
+    more: tuple[Target, ...] = ()  # further events of one dead letter (a split record), written with ``target``
 
     @property
     def systemic_failure(self) -> bool:
@@ -125,13 +125,34 @@ class Handler(Protocol):
 
 
 def _target(
-    event: ClaimedEvent, repaired: dict[str, Any], strategy: str, text: str | None = None, checksum: str | None = None
+    event: ClaimedEvent,
+    repaired: dict[str, Any],
+    strategy: str,
+    text: str | None = None,
+    checksum: str | None = None,
+    at: int = 0,
+    part: int = 0,
 ) -> Target:
-    """Where the event goes: its original position, or a DLQ-scoped one for dead letters without a source."""
+    """Where the event goes: its original position (``at`` bytes into the record), or a DLQ-scoped one for dead
+    letters without a source (the record's first event at the dead letter's id, further ones of a split record
+    under its id at their byte offsets)."""
     if event.source is None or event.source_offset is None:
+        if part:
+            return Target(repaired, "dlq-repair", str(event.id), at, event.id, strategy, text, checksum)
         return Target(repaired, "dlq-repair", "", event.id, event.id, strategy, text, checksum)
-    return Target(repaired, event.source, event.source_inode or "", event.source_offset, event.id, strategy, text,
-                  checksum)  # fmt: skip
+    return Target(repaired, event.source, event.source_inode or "", event.source_offset + at, event.id, strategy,
+                  text, checksum)  # fmt: skip
+
+
+def _resolved(event: ClaimedEvent, result: RepairResult) -> Outcome:
+    """A repaired record's outcome: its event, and a split record's further events, each at its own position."""
+    strategy = result.strategy or ""
+    target = _target(event, result.event or {}, strategy, result.text, at=result.at)
+    more = tuple(
+        _target(event, part.event or {}, strategy, part.text, at=part.at, part=k)
+        for k, part in enumerate(result.more, 1)
+    )
+    return Outcome(event.id, "resolved", _method(strategy), None, None, target, more)
 
 
 @dataclass
@@ -147,8 +168,7 @@ class CowrieRepairHandler:
         for event in events:
             result = repair_record(event.raw_record())
             if result.event is not None and result.strategy is not None:
-                target = _target(event, result.event, result.strategy, result.text)
-                outcomes[event.id] = Outcome(event.id, "resolved", _method(result.strategy), None, None, target)
+                outcomes[event.id] = _resolved(event, result)
             elif result.reason in UNSTITCHABLE:  # no stitch can use it: nothing to look for or wait for
                 outcomes[event.id] = Outcome(event.id, "failed", error_class="unrepairable", message=result.reason)
             else:

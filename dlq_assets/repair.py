@@ -1,16 +1,20 @@
 """Repair dead letters without inventing data: a repaired event holds only what its bytes held.
 
 The old repairer filled missing usernames with "unknown", stamped missing timestamps with the repair time and
-invented a ``cowrie.system.info`` event id. Here a repair may only drop trailing commas, re-escape stray
-backslashes, close brackets after a complete value, or join the fragments of one record; the result must pass
-Cowrie's catalogue (:func:`validate_event`) or it is refused, with the reason why.
+invented a ``cowrie.system.info`` event id. Here a repair may only read what the bytes say: take raw control
+characters in strings as the characters they are, drop trailing commas, re-escape stray backslashes, close
+brackets after a complete value (marked partial), read a Python literal dict, split values written on one line,
+or join the fragments of one record; the result must pass Cowrie's catalogue (:func:`validate_event`) or it is
+refused, with the reason why. Where the bytes allow two readings, it is refused.
 """
 
 from __future__ import annotations
 
+import ast
 import base64
 import json
 import re
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
@@ -21,6 +25,8 @@ from dlq_assets.cowrie import validate_event
 __all__ = [
     "MAX_GROUP",
     "MAX_INPUT_BYTES",
+    "STRATEGIES",
+    "TRUNCATION_CLOSED",
     "UNSTITCHABLE",
     "Fragment",
     "RepairResult",
@@ -37,6 +43,12 @@ MAX_GROUP = 64  # fragments per stitched record (a pretty-printed kex event is a
 _MAX_REASON = 1000
 
 AS_IS, TOKENIZER_FIX, STITCH = "as_is", "tokenizer_fix", "stitch"
+CONTROL_CHARACTERS = "control_characters"  # raw tab, newline or CR inside a string, kept as that character
+TRUNCATION_CLOSED = "truncation_closed"  # brackets closed after the last complete value: stored as partial
+PYTHON_LITERAL = "python_literal"  # a dict written as Python's repr: True/False/None as true/false/null
+SPLIT = "split"  # several complete values on one record: one event each, at its own byte offset
+BOM_SKIPPED = "bom_skipped"  # a byte-order mark before an otherwise whole record
+STRATEGIES = (AS_IS, BOM_SKIPPED, CONTROL_CHARACTERS, TOKENIZER_FIX, TRUNCATION_CLOSED, PYTHON_LITERAL, SPLIT, STITCH)
 
 TOO_LARGE = "too_large"
 NOT_TEXT = "not_text"
@@ -55,6 +67,9 @@ VALIDATION_FAILED = "validation_failed"
 UNSTITCHABLE = frozenset({TOO_LARGE, NOT_TEXT, NUL_BYTE})
 
 _BLANKS = " \t\r\n"
+_BOM = "\ufeff"
+_CONTROL_ERROR = "Invalid control character"
+_CONTROL = re.compile(r"[\x00-\x1f]")
 _WS = re.compile(r"[ \t\r\n]*")
 _STRING_BODY = re.compile(r'[^"\\\x00-\x1f]*')
 _NUMBER_LIKE = re.compile(r"-?[0-9]*(?:\.[0-9]*)?(?:[eE][+-]?[0-9]*)?")
@@ -80,6 +95,8 @@ class RepairResult(NamedTuple):
     # The JSON text the event was parsed from (not canonical): a writer can hand it to jsonb as it is instead of
     # rendering the event again.
     text: str | None = None
+    at: int = 0  # byte offset of the event's first byte in the record (past a byte-order mark, a split's parts)
+    more: tuple[RepairResult, ...] = ()  # a split's further events, each with its own ``at``
 
     @property
     def repaired(self) -> bool:
@@ -243,8 +260,12 @@ def _string(text: str, i: int, out: list[str]) -> int:
         if text[j] == '"':
             out.append('"')
             return j + 1
-        if text[j] != "\\":  # a raw control character: not JSON, and no escape of ours would be the writer's
-            raise _Refused(CONTROL_CHARACTER)
+        if text[j] == "\x00":  # jsonb holds no NUL, and dropping it would change the value
+            raise _Refused(NUL_BYTE)
+        if text[j] != "\\":  # a raw control character: the writer's data, kept as it is (never escaped by us)
+            out.append(text[j])
+            i = j + 1
+            continue
         if j + 1 == n:
             raise _Refused(TRUNCATED_VALUE)
         if text[j + 1] in _SIMPLE_ESCAPES:
@@ -320,9 +341,10 @@ def _check_depth(value: Any, text: str) -> None:
             pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
 
 
-def _load(text: str) -> Any:
+def _load(text: str, control_characters: bool = False) -> Any:
     try:  # every text here passed _decode (or is one with ASCII edits): it encodes as UTF-8
-        value = jsonutil.loads(text, encodable=True)  # refuses numbers numeric cannot hold while parsing
+        # refuses numbers numeric cannot hold while parsing
+        value = jsonutil.loads(text, encodable=True, control_characters=control_characters)
     except jsonutil.NotStorableJSON:
         raise _Refused(NOT_STORABLE) from None
     except RecursionError:
@@ -331,7 +353,7 @@ def _load(text: str) -> Any:
     return value
 
 
-def _checked(value: Any, strategy: str, text: str) -> RepairResult:
+def _checked(value: Any, strategy: str, text: str | None) -> RepairResult:
     if not isinstance(value, dict):
         return _refused(NOT_AN_OBJECT)
     result = validate_event(value)
@@ -401,6 +423,7 @@ def _speculative_fix(text: str, close: bool) -> tuple[str, bool, Any] | None:
 
 
 def _repair_text(text: str, *, close: bool) -> RepairResult:
+    """One JSON value: as it is, with raw control characters as data, then the tokenizer's fixes."""
     try:
         try:
             fixed, strategy, closed = text, AS_IS, False
@@ -410,34 +433,163 @@ def _repair_text(text: str, *, close: bool) -> RepairResult:
             else:
                 value = _load(text)
         except ValueError as error:
-            strategy = TOKENIZER_FIX
-            if quick := _quick_fix(text, error, close):
-                fixed, closed, value = quick
+            if str(error).startswith(_CONTROL_ERROR) and (value := _lenient(text)) is not None:
+                strategy = CONTROL_CHARACTERS
             else:
-                fixed, closed = _fix(text, close)
-                try:
-                    value = _load(fixed)
-                except ValueError:  # the tokenizer let through what the parser refuses: refuse, never raise
-                    return _refused(NOT_JSON)
+                strategy = TOKENIZER_FIX
+                if quick := _quick_fix(text, error, close):
+                    fixed, closed, value = quick
+                else:
+                    fixed, closed = _fix(text, close)
+                    try:  # the tokenizer keeps raw control characters: they are the writer's data
+                        value = _load(fixed, control_characters=True)
+                    except ValueError:  # the tokenizer let through what the parser refuses: refuse, never raise
+                        return _refused(NOT_JSON)
     except _Refused as exc:
         return _refused(exc.reason)
-    result = _checked(value, strategy, fixed)
+    if strategy != AS_IS and _CONTROL.search(fixed):  # raw in a string, or a blank jsonb takes: let the writer
+        fixed = None  # render the canonical form (jsonb refuses a raw control character inside a string)
+    result = _checked(value, TRUNCATION_CLOSED if closed else strategy, fixed)
     if closed and result.event is not None and (absent := [k for k in _APPENDED_LAST if k not in value]):
         return _refused(f"{UNCLOSED}: lacks {', '.join(absent)}")
     return result
 
 
+def _lenient(text: str) -> Any:
+    """The value with raw control characters read as data, or None when the text has other faults."""
+    try:
+        return _load(text, control_characters=True)
+    except ValueError:
+        return None
+
+
 def repair_record(raw: bytes | str) -> RepairResult:
     """Repair one dead letter's bytes, cheapest strategy first; never raises, never invents a key or value.
 
-    ``as_is``: it already parses and validates (a transient failure). ``tokenizer_fix``: see
-    :func:`tokenizer_fix`. A result that does not validate against Cowrie's catalogue is refused.
+    ``as_is``: it already parses and validates (a transient failure). ``control_characters``: it parses once raw
+    control characters in strings are taken as data. ``tokenizer_fix``: see :func:`tokenizer_fix`;
+    ``truncation_closed`` when that closed brackets. ``split``: several complete values, each repaired on its
+    own. ``python_literal``: a dict written as Python's repr. ``bom_skipped``: a byte-order mark before a whole
+    record. A result that does not validate against Cowrie's catalogue is refused.
     """
     try:
         text = _decode(raw)
     except _Refused as exc:
         return _refused(exc.reason)
-    return _repair_text(text, close=True)
+    at = 0
+    if text.startswith(_BOM):  # an encoding mark, not data: the event starts after it, as a reader would see it
+        text, at = text[1:], len(_BOM.encode("utf-8"))
+    result = _repair_text(text, close=True)
+    if result.event is None and result.reason == TRAILING_DATA:
+        result = _split(text)
+    elif result.event is None and result.reason == NOT_JSON:
+        result = _python_literal(text) or result
+    if at:
+        if result.event is None:
+            return result
+        strategy = BOM_SKIPPED if result.strategy == AS_IS else result.strategy
+        more = tuple(part._replace(at=part.at + at) for part in result.more)
+        return result._replace(strategy=strategy, at=result.at + at, more=more)
+    return result
+
+
+# --- several values in one record -----------------------------------------------------------------------------
+
+
+def _value_end(text: str, i: int) -> int | None:
+    """The index after the bracketed value opening at ``text[i]``, or None when it never closes."""
+    depth, in_string, n = 0, False, len(text)
+    while True:
+        m = (_LEX_INSIDE if in_string else _LEX_OUTSIDE).search(text, i)
+        if m is None:
+            return None
+        c, i = m.group(), m.end()
+        if c == "\\":
+            i += 1
+        elif c == '"':
+            in_string = not in_string
+        elif c in "{[":
+            depth += 1
+        else:
+            depth -= 1
+            if depth == 0:
+                return i
+        if i > n:
+            return None
+
+
+def _split(text: str) -> RepairResult:
+    """Values written one after another on one record (a lost newline, two writers, a restart): one event each.
+
+    Only blanks may lie between them, and every value must repair on its own (never by closing brackets: a cut
+    one is refused with the others, since the record would then be resolved with part of it lost).
+    """
+    spans, i, n = [], _WS.match(text).end(), len(text)
+    while i < n:
+        if text[i] not in "{[" or (end := _value_end(text, i)) is None:
+            return _refused(TRAILING_DATA)
+        spans.append((i, end))
+        i = _WS.match(text, end).end()
+    parts = []
+    for k, (start, end) in enumerate(spans):
+        part = _repair_text(text[start:end], close=False)
+        if part.event is None:
+            return _refused(f"{TRAILING_DATA}: value {k + 1} of {len(spans)}: {part.reason}"[:_MAX_REASON])
+        parts.append(part._replace(strategy=SPLIT, at=len(text[:start].encode("utf-8"))))
+    return parts[0]._replace(more=tuple(parts[1:]))
+
+
+# --- Python literals ------------------------------------------------------------------------------------------
+
+
+def _python_literal(text: str) -> RepairResult | None:
+    """A dict written as Python's ``repr`` (a producer that logged ``str(event)``), read without evaluating it.
+
+    Only dict, list, str, int, float, True, False and None are taken, keys must be strings, and numbers keep the
+    digits they were written with. None when the text is no such literal (tuples, sets, bytes, names, calls,
+    NaN, a NUL): the JSON reason stands.
+    """
+    body = text.strip(_BLANKS)
+    if not body.startswith("{"):
+        return None
+    try:
+        with warnings.catch_warnings():  # an invalid escape ("\\]") is no repr's output: an error, not a warning
+            warnings.simplefilter("error")
+            tree = ast.parse(body, mode="eval")
+        value = _from_python(tree.body, body)
+        canonical = jsonutil.canonical_json(value)
+        value = jsonutil.loads(canonical)  # what jsonb would store: refuses NUL characters and lone surrogates
+    except (SyntaxError, Warning, ValueError, RecursionError, MemoryError, UnicodeEncodeError, _Refused):
+        return None  # NotStorableJSON is a ValueError
+    return _checked(value, PYTHON_LITERAL, canonical)
+
+
+def _from_python(node: ast.expr, source: str) -> Any:
+    if isinstance(node, ast.Dict):
+        value = {}
+        for key, item in zip(node.keys, node.values, strict=True):
+            if not (isinstance(key, ast.Constant) and type(key.value) is str):
+                raise _Refused("a key that is not a string")
+            value[key.value] = _from_python(item, source)
+        return value
+    if isinstance(node, ast.List):
+        return [_from_python(item, source) for item in node.elts]
+    sign = ""
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        sign, node = "-", node.operand
+    if isinstance(node, ast.Constant):
+        kind = type(node.value)
+        if not sign and (node.value is None or kind in (bool, str)):
+            return node.value
+        if kind in (int, float):
+            digits = ast.get_source_segment(source, node) or ""
+            if not _NUMBER.fullmatch(digits):  # 0x1f, 1_000, inf: no JSON number says that
+                raise _Refused(f"number {digits[:40]!r}")
+            try:
+                return jsonutil.storable_number(sign + digits)
+            except jsonutil.NotStorableJSON:
+                raise _Refused(NOT_STORABLE) from None
+    raise _Refused(f"{type(node).__name__} is no JSON value")
 
 
 # --- stitching ------------------------------------------------------------------------------------------------
@@ -500,10 +652,9 @@ def _group(ordered: Sequence[Fragment], texts: list[str | None], start: int) -> 
             gap = ordered[k].offset - before.offset - len(before.raw)
             if gap not in (1, 2):  # "\n" or "\r\n" between them, nothing else
                 return None
-            if not lexer.in_string:
-                pieces.append("\n")  # whitespace between tokens (a pretty-printed object)
-            elif gap != 1:  # a split inside a string, but the gap may have held a blank the reader stripped
+            if lexer.in_string and gap != 1:  # inside a string the bytes between are data: only "\n" is certain
                 return None
+            pieces.append("\n")  # a newline inside a string (the writer's), or blanks between tokens
         size += len(ordered[k].raw)
         if size > MAX_INPUT_BYTES:
             return None
@@ -522,10 +673,11 @@ def stitch_fragments(fragments: Sequence[Fragment]) -> list[Stitched]:
     """Rebuild events cut across consecutive dead letters of ONE source (any order in, offset order out).
 
     A group is contiguous (each fragment starts right after the previous one and its newline), starts with a
-    ``{`` and ends where that object closes. Joins keep the newline where it falls between tokens and drop it
-    where it falls inside a string (a JSON string cannot hold one, so it can only be a split). The joined text
-    must validate with at most trailing-comma and escape fixes: never closing brackets, since a group that
-    needs closing was not whole. Shortest groups win; each fragment is used at most once.
+    ``{`` and ends where that object closes. Joins put back the newline the reader split at: between tokens it is
+    a blank, inside a string it is the writer's unescaped newline, kept as data (a join inside a string is taken
+    only when the gap is exactly that one byte). The joined text must validate with at most trailing-comma and
+    escape fixes: never closing brackets, since a group that needs closing was not whole. Shortest groups win;
+    each fragment is used at most once.
     """
     ordered = sorted(fragments, key=lambda f: f.offset)
     texts = [_fragment_text(f.raw) for f in ordered]

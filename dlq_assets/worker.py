@@ -429,7 +429,12 @@ class Worker:
         try:
             with conn.transaction():
                 states = self._complete(conn, lease, outcomes)
-                targets = [o.target for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
+                targets = [
+                    target
+                    for o in outcomes
+                    if o.target is not None and states.get(o.event_id) == "resolved"
+                    for target in (o.target, *o.more)
+                ]
                 _write_targets(conn, targets)
                 counts = _counts(states, uncounted)
                 self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
@@ -459,7 +464,7 @@ class Worker:
         return write_failures
 
     def _complete(self, conn: psycopg.Connection[Any], lease: uuid.UUID, outcomes: list[Outcome]) -> dict[int, str]:
-        ids, kinds, methods, error_classes, messages, _ = zip(*outcomes, strict=True) if outcomes else ((),) * 6
+        ids, kinds, methods, error_classes, messages, _, _ = zip(*outcomes, strict=True) if outcomes else ((),) * 7
         rows = conn.execute(
             "SELECT event_id, final_state "
             "FROM dlq_complete_batch(%s, %s::bigint[], %s::text[], %s::text[], %s::text[], %s::text[])",
@@ -659,10 +664,11 @@ class _Heartbeat:
 
 _INSERT_TARGETS = f"""
     INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
-                            payload, payload_checksum, dlq_event_id, repair_strategy)
+                            payload, payload_checksum, dlq_event_id, repair_strategy, partial)
     SELECT t.source, t.inode, t.off, t.payload->>'eventid', t.payload->>'session',
            (t.payload->>'src_ip')::inet, (t.payload->>'timestamp')::timestamptz, t.payload,
-           coalesce(t.checksum, dlq_payload_checksum(t.payload)), t.dlq_id, t.strategy
+           coalesce(t.checksum, dlq_payload_checksum(t.payload)), t.dlq_id, t.strategy,
+           t.strategy = 'truncation_closed'
       FROM (SELECT u.source, u.inode, u.off, u.payload::jsonb AS payload, u.checksum, u.dlq_id, u.strategy
               FROM unnest(%s::text[], %s::text[], %s::bigint[], {JSON_TEXTS_SQL}, %s::text[], %s::bigint[],
                           %s::text[]) AS u(source, inode, off, payload, checksum, dlq_id, strategy)

@@ -25,6 +25,7 @@ from dlq_assets.reader import read_records
 from dlq_assets.repair import (
     MAX_GROUP,
     MAX_INPUT_BYTES,
+    STRATEGIES,
     Fragment,
     RepairResult,
     raw_bytes_of,
@@ -122,10 +123,10 @@ def test_tokenizer_doubles_stray_backslashes_only(written: str, value: str) -> N
 
 def test_tokenizer_closes_brackets_after_a_complete_value() -> None:
     kex = {**LOGIN, "eventid": "cowrie.client.kex", "kexAlgs": ["a", "b"]}
-    assert_repaired(repair_record(line(kex)[:-1]), "tokenizer_fix", kex)
+    assert_repaired(repair_record(line(kex)[:-1]), "truncation_closed", kex)
     nested = {**LOGIN, "late": [{"x": [True]}]}  # closed with a stack: "]}]}", not by counting
     assert line(nested).endswith("]}]}")
-    assert_repaired(repair_record(line(nested)[:-4]), "tokenizer_fix", nested)
+    assert_repaired(repair_record(line(nested)[:-4]), "truncation_closed", nested)
     for value in ("true", "false", "null", '"x"', "[]", "{}", '["a"]'):
         text = '{"a": {"b": [1, VALUE]}}'.replace("VALUE", value)
         for cut in (1, 2, 3):
@@ -150,7 +151,12 @@ def test_tokenizer_closes_brackets_after_a_complete_value() -> None:
         ("", "not_json"),
         ("{invalid json", "not_json"),
         ('{"invalid": json}', "not_json"),
-        ("{'key': 'value'}", "not_json"),
+        ("{'key': ('a', 'tuple')}", "not_json"),  # no JSON value: no Python literal of ours either
+        ("{'key': b'bytes'}", "not_json"),
+        ("{'key': float('nan')}", "not_json"),
+        ("{1: 'a'}", "not_json"),
+        ("{'key': 0x1f}", "not_json"),
+        ("{'key': value}", "not_json"),
         ('{"a": NaN}', "not_storable"),  # jsonutil: NaN is no JSON number, and jsonb has none
         ('{"a": 01}', "not_json"),
         ('{"a": 1.}', "not_json"),
@@ -161,10 +167,10 @@ def test_tokenizer_closes_brackets_after_a_complete_value() -> None:
         ('["not", "an", "obj', "not_an_object"),
         ("123", "not_an_object"),
         ('"a string"', "not_an_object"),
-        (line(LOGIN) + line(LOGIN), "trailing_data"),
+        (line(LOGIN) + " junk", "trailing_data"),
+        (line(LOGIN) + line(LOGIN)[:-1], "trailing_data"),  # a cut value: the record is not split
+        (line(LOGIN) + line({"eventid": "x"}), "trailing_data: value 2 of 2: validation_failed"),
         (line(LOGIN) + "}}", "trailing_data"),
-        ('{"a": "two\nlines"}', "control_character"),
-        ('{"a": "tab\there"}', "control_character"),
         ('{"a": "nul\x00"}', "nul_byte"),
         (line(LOGIN).replace("root", "ro\x00ot"), "nul_byte"),
         (line(LOGIN).replace("root", "ro\\u0000ot"), "not_storable"),
@@ -176,6 +182,70 @@ def test_tokenizer_closes_brackets_after_a_complete_value() -> None:
 )
 def test_refusals(text: str, reason: str) -> None:
     assert_refused(repair_record(text), reason)
+
+
+@pytest.mark.parametrize("character", ["\n", "\t", "\r", "\r\n", "\x1b", "\x7f"])
+@pytest.mark.parametrize("where", ["message", "password", "username"])
+def test_raw_control_characters_in_strings_are_kept_as_data(character: str, where: str) -> None:
+    value = LOGIN[where]
+    event = {**LOGIN, where: value[:2] + character + value[2:]}
+    written = line(event).replace(json.dumps(event[where], ensure_ascii=False), f'"{event[where]}"')
+    assert character in written  # unescaped, as a careless writer writes it
+    assert_repaired(repair_record(written), "control_characters" if character != "\x7f" else "as_is", event)
+    # with another fault the tokenizer fixes, the character is still the writer's
+    assert_repaired(repair_record(written[:-1] + ",}"), "tokenizer_fix", event)
+    assert_repaired(repair_record(written[:-1]), "truncation_closed", event)
+
+
+def test_a_truncation_closed_is_named_and_never_passes_for_whole() -> None:
+    result = repair_record(line(LOGIN)[:-1])
+    assert (result.strategy, result.event) == ("truncation_closed", jsonutil.loads(line(LOGIN)))
+    assert repair_record(line(LOGIN)).strategy == "as_is"
+
+
+@pytest.mark.parametrize("between", ["", " ", "\t", "  \t "])
+def test_values_written_on_one_line_are_split_each_at_its_byte_offset(between: str) -> None:
+    second = {**LOGIN, "username": "пароль", "message": "login attempt [пароль/admin] failed"}
+    third = {**LOGIN, "password": "x"}
+    text = line(LOGIN) + between + line(second) + between + line(third)[:-1] + ",}"  # a trailing comma in one
+    result = repair_record(text.encode())
+    parts = [result, *result.more]
+    assert [p.strategy for p in parts] == ["split"] * 3 and result.reason is None
+    assert [p.event for p in parts] == [LOGIN, second, third]
+    encoded = text.encode()
+    assert [p.at for p in parts] == [0, encoded.index(b'{"eventid"', 1), encoded.rindex(b'{"eventid"')]
+
+
+def test_a_byte_order_mark_before_a_record_is_skipped_and_the_event_starts_after_it() -> None:
+    result = repair_record("\ufeff" + line(LOGIN))
+    assert (result.strategy, result.at, result.event) == ("bom_skipped", 3, LOGIN)
+    result = repair_record("\ufeff" + line(LOGIN) + line(LOGIN))
+    assert [(p.strategy, p.at) for p in (result, *result.more)] == [("split", 3), ("split", 3 + len(line(LOGIN)))]
+    assert repair_record("\ufeff" + line(LOGIN)[:-1]).strategy == "truncation_closed"
+
+
+def test_a_python_literal_dict_is_read_without_evaluating_it() -> None:
+    event = {
+        **LOGIN,
+        "eventid": "cowrie.session.file_download",
+        "url": "http://198.51.100.7/x",
+        "outfile": "var/lib/cowrie/downloads/" + "a" * 64,
+        "shasum": "a" * 64,
+        "duplicate": True,
+        "destfile": None,
+        "sizes": [1, -2, 3.5, 1.1534101963043213, 1e-05],
+        "message": 'it\'s "quoted" \\ é ✓ \x1b',
+    }
+    result = repair_record(repr(event))
+    assert (result.strategy, result.reason) == ("python_literal", None)
+    assert result.event["duplicate"] is True and result.event["destfile"] is None
+    assert result.event["sizes"] == [1, -2, Decimal("3.5"), Decimal("1.1534101963043213"), Decimal("0.00001")]
+    assert {k: v for k, v in result.event.items() if k != "sizes"} == {k: v for k, v in event.items() if k != "sizes"}
+    assert jsonutil.loads(result.text) == result.event  # the text handed to jsonb is JSON
+    # Python's repr of a dict with no Cowrie event in it is refused by the catalogue, not read as a JSON fault.
+    assert_refused(repair_record("{'key': 'value'}"), "validation_failed")
+    assert_refused(repair_record("{'a': __import__('os').system('true')}"), "not_json")  # never evaluated
+    assert_refused(repair_record(repr({**LOGIN, "x": "\x00"})), "not_json")  # jsonb holds no NUL
 
 
 def test_bytes_that_are_not_utf8_and_inputs_that_are_not_text_are_refused() -> None:
@@ -244,12 +314,12 @@ def test_closing_policy_a_record_that_lost_a_whole_trailing_pair_other_than_sess
     assert reason is None and validate_event(jsonutil.loads(fixed)).valid
     assert_refused(repair_record(lost_sensor), "unclosed: lacks sensor")
     # The same record that lost only its closing brace holds all four and is repaired.
-    assert_repaired(repair_record(LOGIN_2018[:-1]), "tokenizer_fix", json.loads(LOGIN_2018))
+    assert_repaired(repair_record(LOGIN_2018[:-1]), "truncation_closed", json.loads(LOGIN_2018))
     # Current layout: a cut that lost any whole pair lost session, so catalogue validation refuses it anyway.
     text = line(LOGIN)
     lost_session = text[: text.index(', "session"')]
     assert_refused(repair_record(lost_session), "validation_failed: missing_session")
-    assert_repaired(repair_record(text[:-1]), "tokenizer_fix", LOGIN)
+    assert_repaired(repair_record(text[:-1]), "truncation_closed", LOGIN)
     # A layout with session first: losing src_ip would validate, but the record lacks src_ip: refused.
     session_first = line({"session": LOGIN["session"], **{k: v for k, v in LOGIN.items() if k != "session"}})
     assert_refused(repair_record(session_first[: session_first.index(', "src_ip"')]), "unclosed: lacks src_ip")
@@ -312,25 +382,28 @@ def test_stitch_a_pretty_printed_event_keeps_the_newlines() -> None:
     assert canonical(stitched.event) == canonical(jsonutil.loads(line(KEX)))
 
 
-def test_stitch_a_split_string_drops_the_newline() -> None:
+def test_stitch_a_split_string_keeps_the_writers_newline() -> None:
     text = line(LOGIN)
     at = text.index("attempt") + 3
-    fragments = fragments_of(text[:at] + "\n" + text[at:])
+    written = text[:at] + "\n" + text[at:]
+    fragments = fragments_of(written)
     assert [repair_record(f.raw).reason for f in fragments] == ["truncated_value", "not_json"]
     [stitched] = stitch_fragments(fragments)
-    assert stitched.event["message"] == LOGIN["message"]
+    assert stitched.event["message"] == "login att\nempt [root/admin] failed"
+    assert stitched.event == jsonutil.loads(written, control_characters=True)
+    # A newline right after a backslash: "\" + newline is no escape, and dropping the newline would change the
+    # value: refused.
     quoted = {**LOGIN, "eventid": "cowrie.command.input", "input": 'echo "hi"'}
     text = line(quoted)
-    at = text.index('\\"hi') + 1  # between a backslash and the quote it escapes, as the reader cuts there
-    [stitched] = stitch_fragments(fragments_of(text[:at] + "\n" + text[at:]))
-    assert stitched.event == jsonutil.loads(text)
+    at = text.index('\\"hi') + 1
+    assert stitch_fragments(fragments_of(text[:at] + "\n" + text[at:])) == []
 
 
 def test_stitch_mixed_pretty_and_split_and_crlf() -> None:
     pretty = json.dumps(KEX, indent=2)
     at = pretty.index("fingerprint")
     [stitched] = stitch_fragments(fragments_of(pretty[:at] + "\n" + pretty[at:]))
-    assert canonical(stitched.event) == canonical(jsonutil.loads(line(KEX)))
+    assert stitched.event["message"] == KEX["message"].replace("fingerprint", "\nfingerprint")
     [stitched] = stitch_fragments(fragments_of(pretty.replace("\n", "\r\n"), "\r\n"))
     assert stitched.event == jsonutil.loads(line(KEX))
     # In a string, a two-byte gap may have been "\r\n" or a blank the reader stripped before "\n": refused.
@@ -534,8 +607,13 @@ def _score_repair_event(case: dict[str, Any], overridden: bool) -> bool:
             return canonical(result.event) == canonical(jsonutil.loads(case["input"]))
         want = expected.get("event") or expected.get("event_subset") or {}
         return all(result.event.get(k) == v for k, v in want.items())
-    if outcome == "split":  # one event per record: a record holding two is refused (trailing_data)
-        return False
+    if outcome == "split":  # one event per value, each at its own offset
+        events = [result.event, *(part.event for part in result.more)] if result.event is not None else []
+        wanted = expected["events"]
+        return len(events) == len(wanted) and all(
+            part is not None and all(part.get(k) == v for k, v in want.items())
+            for part, want in zip(events, wanted, strict=True)
+        )
     if result.event is not None or result.reason is None:  # every other outcome: nothing promoted
         return False
     if _REASONS.get(expected.get("reason"), "") not in result.reason:
@@ -731,8 +809,8 @@ def _decoded_strings(text: str) -> set[str]:
     found = set()
     for match in _STRING_LITERAL.finditer(text):
         body = _ESCAPE.sub(lambda m: m.group() if m.group(1) else "\\\\", match.group(1))
-        with contextlib.suppress(ValueError):  # a raw control character: no string the repair could return
-            found.add(json.loads(f'"{body}"'))
+        with contextlib.suppress(ValueError):
+            found.add(json.loads(f'"{body}"', strict=False))  # raw control characters are the writer's data
     return found
 
 
@@ -787,16 +865,17 @@ def test_repair_never_raises_and_never_invents(raw: str | bytes) -> None:
     if result.event is None:
         assert result.strategy is None and isinstance(result.reason, str) and result.reason
         return
-    assert result.strategy in ("as_is", "tokenizer_fix") and result.reason is None
-    assert validate_event(result.event).valid
+    assert result.strategy in set(STRATEGIES) - {"stitch"} and result.reason is None
     text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
     strings = _decoded_strings(text)
     numbers = {Decimal(token) for token in _NUMBER_TOKEN.findall(text)}
-    for leaf in _leaves(result.event):
-        if isinstance(leaf, str):
-            assert leaf in strings, leaf
-        elif isinstance(leaf, Decimal):
-            assert leaf in numbers, leaf
+    for part in (result, *result.more):
+        assert part.event is not None and validate_event(part.event).valid
+        for leaf in _leaves(part.event):
+            if isinstance(leaf, str):
+                assert leaf in strings, leaf
+            elif isinstance(leaf, Decimal):
+                assert leaf in numbers, leaf
 
 
 def _the_tokenizer_alone(raw: str | bytes) -> RepairResult:

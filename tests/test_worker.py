@@ -81,7 +81,7 @@ def test_a_corrupted_log_is_repaired_without_a_single_wrong_repair(
     assert len(repaired) == conn.execute("SELECT count(*) FROM raw_events").fetchone()[0] - raw_before
     wrong = [off for off, text, _ in repaired if text != jsonutil.canonical_json(originals[off])]
     assert wrong == []
-    assert {s for _, _, s in repaired} >= {"tokenizer_fix", "stitch"}
+    assert {s for _, _, s in repaired} >= {"tokenizer_fix", "control_characters"}
     recoverable = sum(1 for t in truth if t.recoverable and t.corruption not in ("clean", "pretty"))
     assert len(repaired) >= 0.9 * recoverable
     # The unrepairable ones wait with a clear error and a backoff; each batch wrote its metrics row.
