@@ -202,16 +202,21 @@ class _Scanner:
             elif c == _NL:
                 # A raw newline inside a string is a producer's unescaped newline (data) unless the next line
                 # opens a record: then the string was cut there. Outside strings a column-0 "{" opens the next one.
+                # A byte-order mark there (a file with one appended to the log) comes before that "{".
                 j = i + 1
                 while True:
                     while j < len(buf) and in_string and buf[j] in _LINE_BLANKS:
                         j += 1
-                    if j < len(buf):
+                    if j < len(buf) and not (buf[j] == _BOM[0] and len(buf) - j < len(_BOM)):
                         break
                     dropped, more = yield from self._more()
                     i, j = i - dropped, j - dropped
                     if not more:
+                        if j < len(buf):
+                            break
                         return len(buf), True, too_deep
+                if buf.startswith(_BOM, j) and (j + len(_BOM) < len(buf) or self._fill()):
+                    j += len(_BOM)
                 if buf[j] == _BRACE:
                     if in_string:
                         self.keep_blanks = True

@@ -188,7 +188,7 @@ def test_extra_bytes_after_the_close_make_the_whole_line_the_record(data: bytes)
 
 @pytest.mark.parametrize("between", [b"", b" ", b"\t", b" \t  "])
 def test_values_concatenated_on_one_line_are_records_of_their_own(between: bytes) -> None:
-    data = b'{"a": 1}' + between + b'{"b": [2]}' + between + b'[3]' + between + b'{"c": "cut'
+    data = b'{"a": 1}' + between + b'{"b": [2]}' + between + b"[3]" + between + b'{"c": "cut'
     first, second = 8 + len(between), 18 + 2 * len(between)
     assert [(r.offset, r.raw, r.error) for r in read(data)] == [
         (0, b'{"a": 1}', None),
@@ -211,6 +211,17 @@ def test_a_byte_order_mark_before_a_record_is_skipped_and_flagged(chunk_size: in
         (45, b'\xef\xbb{"e": 5}', False),  # not a whole mark: bytes of the record, kept
     ]
     assert [r.error for r in records] == [None, None, None, None, "invalid_utf8"]
+
+
+@pytest.mark.parametrize("chunk_size", [1, 2, 3, 64])
+@pytest.mark.parametrize("cut", [b'{"a": "cut', b'{"a": [1, 2'])
+def test_a_byte_order_mark_opening_the_next_line_ends_a_cut_record(chunk_size: int, cut: bytes) -> None:
+    data = cut + b"\n\xef\xbb\xbf" + b'{"b": 1}\n'
+    records = read(data, chunk_size=chunk_size)
+    assert [(r.offset, r.raw, r.error, r.bom) for r in records] == [
+        (0, cut, "truncated", False),
+        (len(cut) + 4, b'{"b": 1}', None, True),
+    ]
 
 
 def test_a_cut_record_followed_on_its_line_by_a_whole_one_is_split_when_asked() -> None:
