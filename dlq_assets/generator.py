@@ -9,13 +9,19 @@ from __future__ import annotations
 
 import hashlib
 import ipaddress
+import itertools
 import json
 import os
 import random
-from collections.abc import Callable, Iterator, Sequence
+import re
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from typing import Any
+
+from dlq_assets.cowrie import validate_event
 
 KINDS = (
     "pretty",
@@ -26,6 +32,14 @@ KINDS = (
     "binary_junk",
     "missing_field",
     "invalid_value",
+    "control_character",
+    "concatenated",
+    "restart",
+    "python_literal",
+    "bom",
+    "cut_at_field",
+    "nan",
+    "latin1",
 )
 REQUIRED_FIELDS = ("eventid", "timestamp", "session")
 DEFAULT_START = datetime(2024, 1, 15, 8, 0, tzinfo=UTC)
@@ -123,7 +137,13 @@ _DROPPERS = ("x86", "arm7", "mips", "mpsl", "bins.sh", "sshd", "kworker")
 
 @dataclass(frozen=True)
 class TruthRecord:
-    """What was written for one event, and whether the original can be rebuilt from the bytes alone."""
+    """What was written for one event, and whether the original can be rebuilt from the bytes alone.
+
+    ``offset`` is the record's first byte in the file (a BOM before it is not part of it) and ``length`` its
+    size as written. ``original`` is the event the producer meant to write: for ``split_line`` and
+    ``control_character`` its value holds the raw character. ``corruption`` is a kind of ``KINDS``, "clean",
+    or "after_restart" for the whole event written right after a ``restart`` cut.
+    """
 
     offset: int
     length: int
@@ -282,15 +302,67 @@ def generate_events(n: int, *, seed: int = 0, start: datetime | None = None) -> 
 
 # --- corruption ---------------------------------------------------------------------------------------------
 
+BOM = b"\xef\xbb\xbf"
+# Fields whose format the Cowrie validator checks: a control character in them would make the original invalid.
+_FORMATTED = frozenset({"eventid", "timestamp", "session", "src_ip", "dst_ip", "shasum", "sha256"})
+_CONTROLS = ("\t", "\r", "\r\n")
+_JOINS = ("", " ", "\t")
+_NON_FINITE = ("NaN", "Infinity", "-Infinity")
+_FIELD_CUT_ENDS = ("", ",", ", ")
+_LATIN1_BEYOND_ASCII = re.compile("[\x80-\xff]")  # one byte in Latin-1, two in UTF-8
+_ENCODE = json.JSONEncoder(ensure_ascii=False).encode  # json.dumps(ensure_ascii=False) builds one per call
+
 
 def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    """``json.dumps(value, ensure_ascii=False)``; a Decimal (a number read exactly) keeps its digits."""
+    try:
+        return _ENCODE(value)
+    except TypeError:  # json cannot write a Decimal: the value is written piece by piece
+        pass
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_dumps(k)}: {_dumps(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_dumps(v) for v in value) + "]"
+    raise TypeError(f"{type(value).__name__} is not written as JSON")
+
+
+def _indented(value: Any, depth: int = 0) -> str:
+    """``json.dumps(value, indent=2, ensure_ascii=False)``, Decimals as :func:`_dumps` writes them."""
+    inner, outer = "\n" + "  " * (depth + 1), "\n" + "  " * depth
+    if isinstance(value, dict) and value:
+        items = (f"{_dumps(k)}: {_indented(v, depth + 1)}" for k, v in value.items())
+        return "{" + inner + ("," + inner).join(items) + outer + "}"
+    if isinstance(value, list | tuple) and value:
+        return "[" + inner + ("," + inner).join(_indented(v, depth + 1) for v in value) + outer + "]"
+    return _dumps(value)
+
+
+def _py_repr(value: Any) -> str:
+    """``repr(value)`` as ``str(event)`` logs it; a Decimal as the float literal it stands for."""
+    if isinstance(value, Decimal):
+        return str(value)
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_py_repr(k)}: {_py_repr(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_py_repr(v) for v in value) + "]"
+    return repr(value)
 
 
 def _line(event: dict[str, Any], key: str | None = None, text: str = "") -> str:
     """``json.dumps(event)`` with the value of ``key`` written as ``text`` (so one value can be damaged)."""
     items = (f"{_dumps(k)}: {text if k == key else _dumps(v)}" for k, v in event.items())
     return "{" + ", ".join(items) + "}"
+
+
+def _around(event: dict[str, Any], key: str) -> tuple[str, str]:
+    """The text of ``_line(event)`` before and after the value of ``key``."""
+    keys = list(event)
+    at = keys.index(key)
+    head = "".join(f"{_dumps(k)}: {_dumps(event[k])}, " for k in keys[:at])
+    tail = "".join(f", {_dumps(k)}: {_dumps(event[k])}" for k in keys[at + 1 :])
+    return "{" + head + _dumps(key) + ": ", tail + "}"
 
 
 def _tokens(text: str) -> list[str]:
@@ -319,8 +391,36 @@ def _strings(event: dict[str, Any]) -> list[str]:
     return [k for k, v in event.items() if isinstance(v, str)]
 
 
+@dataclass(frozen=True)
+class _Piece:
+    """Bytes of one line: a record (``original`` set) or what stands between records (a BOM, a separator).
+
+    ``kind`` None means the kind drawn for the line.
+    """
+
+    data: bytes
+    original: dict[str, Any] | None = None
+    recoverable: bool = False
+    kind: str | None = None
+
+
+_Window = Sequence[dict[str, Any]]  # the event to write, then up to two that follow it (for kinds that take them)
+_Corruption = Callable[[_Window, random.Random], list[_Piece] | None]
+_Damage = Callable[[dict[str, Any], random.Random], tuple[bytes, bool] | None]
+
+
+def _one(damage: _Damage) -> _Corruption:
+    """A kind that damages one event alone, as a writer of its line."""
+
+    def write(window: _Window, rng: random.Random) -> list[_Piece] | None:
+        done = damage(window[0], rng)
+        return None if done is None else [_Piece(done[0], window[0], done[1])]
+
+    return write
+
+
 def _pretty(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
-    return json.dumps(event, indent=2, ensure_ascii=False).encode(), True
+    return _indented(event).encode(), True
 
 
 def _truncated(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
@@ -344,20 +444,43 @@ def _bad_escape(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool]
     return _line(event, key, damaged[key]).encode(), True
 
 
-def _split_line(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
-    # Split between two non-blank characters, never inside an escape, never before a bracket: the reader
-    # strips blanks around records and would start a record at a column-0 bracket.
-    cuts = []
-    for key in _strings(event):
-        tokens = _tokens(_dumps(event[key]))
-        cuts += [
-            (key, i)
-            for i in range(2, len(tokens) - 1)
-            if not tokens[i - 1].isspace() and not tokens[i].isspace() and tokens[i] not in ("{", "[")
-        ]
-    key, i = rng.choice(cuts)
-    tokens = _tokens(_dumps(event[key]))
-    return _line(event, key, "".join(tokens[:i]) + "\n" + "".join(tokens[i:])).encode(), True
+def _place(event: dict[str, Any], rng: random.Random) -> tuple[str, int] | None:
+    """Where in a string value a producer's raw character lands, drawn so that every sort of place turns up:
+    the value's start or end, beside a space, right before a bracket (the next line then opens with it), or
+    anywhere. A position between characters of the value is never inside an escape sequence."""
+    keys = [k for k in _strings(event) if k not in _FORMATTED]
+    if not keys:
+        return None
+    places: dict[str, list[tuple[str, int]]] = {"edge": [], "space": [], "bracket": []}
+    for key in keys:
+        value = event[key]
+        places["edge"] += [(key, 0), (key, len(value))]
+        places["space"] += [(key, i + side) for i, char in enumerate(value) if char == " " for side in (0, 1)]
+        places["bracket"] += [(key, i) for i, char in enumerate(value) if char in "{["]
+    sort = rng.choice([*(sort for sort, found in places.items() if found), "anywhere"])
+    if sort != "anywhere":
+        return rng.choice(places[sort])
+    key = rng.choice(keys)
+    return key, rng.randint(0, len(event[key]))
+
+
+def _raw_in_value(event: dict[str, Any], rng: random.Random, chars: str) -> list[_Piece] | None:
+    """The producer's value holds ``chars`` and they are written raw: the bytes still say exactly what it meant."""
+    if (place := _place(event, rng)) is None:
+        return None
+    key, i = place
+    value = event[key]
+    before, after = _around(event, key)
+    text = before + _dumps(value[:i])[:-1] + chars + _dumps(value[i:])[1:] + after
+    return [_Piece(text.encode(), {**event, key: value[:i] + chars + value[i:]}, True)]
+
+
+def _split_line(window: _Window, rng: random.Random) -> list[_Piece] | None:
+    return _raw_in_value(window[0], rng, "\n")
+
+
+def _control_character(window: _Window, rng: random.Random) -> list[_Piece] | None:
+    return _raw_in_value(window[0], rng, rng.choice(_CONTROLS))
 
 
 def _binary_junk(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
@@ -385,15 +508,86 @@ def _invalid_value(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bo
     return _line(damaged).encode(), False
 
 
-_CORRUPTIONS: dict[str, Callable[[dict[str, Any], random.Random], tuple[bytes, bool] | None]] = {
-    "pretty": _pretty,
-    "truncated": _truncated,
-    "trailing_comma": _trailing_comma,
-    "bad_escape": _bad_escape,
+def _concatenated(window: _Window, rng: random.Random) -> list[_Piece] | None:
+    """Two or three events on one line (a lost newline, two writers): each is whole, so each is recoverable."""
+    if len(window) < 2:
+        return None
+    pieces = [_Piece(_line(window[0]).encode(), window[0], True)]
+    for event in window[1 : rng.randint(2, len(window))]:
+        pieces += [_Piece(rng.choice(_JOINS).encode()), _Piece(_line(event).encode(), event, True)]
+    return pieces
+
+
+def _restart(window: _Window, rng: random.Random) -> list[_Piece] | None:
+    """A writer that died mid-record and restarted: the cut record runs straight into the next one.
+
+    The cut stops short of the record's last two bytes, so what is left is never a whole value nor only the
+    closing brace away from one (which ``truncated`` counts as recoverable).
+    """
+    if len(window) < 2:
+        return None
+    data = _line(window[0]).encode()
+    cut = rng.randint(1, len(data) - 2)
+    return [
+        _Piece(data[:cut], window[0], False),
+        _Piece(_line(window[1]).encode(), window[1], True, "after_restart"),
+    ]
+
+
+def _python_literal(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
+    """A producer that logged ``str(event)``: Python's literal syntax is unambiguous, so nothing is lost."""
+    return _py_repr(event).encode(), True
+
+
+def _bom(window: _Window, rng: random.Random) -> list[_Piece] | None:
+    """A file that began with a BOM appended to the log: the mark stands right before the record."""
+    return [_Piece(BOM), _Piece(_line(window[0]).encode(), window[0], True)]
+
+
+def _cut_at_field(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
+    """Cut after a whole ``"key": value`` pair that is not the last: the record looks complete so far, but
+    the fields after the cut are gone."""
+    if len(event) < 2:
+        return None
+    items = [f"{_dumps(k)}: {_dumps(v)}" for k, v in event.items()]
+    kept = rng.randint(1, len(items) - 1)
+    return ("{" + ", ".join(items[:kept]) + rng.choice(_FIELD_CUT_ENDS)).encode(), False
+
+
+def _nan(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
+    """A number written as NaN or ±Infinity (a failed float computation): the number itself is gone."""
+    numbers = [k for k, v in event.items() if isinstance(v, int | float | Decimal) and not isinstance(v, bool)]
+    if not numbers:
+        return None
+    return _line(event, rng.choice(numbers), rng.choice(_NON_FINITE)).encode(), False
+
+
+def _latin1(event: dict[str, Any], rng: random.Random) -> tuple[bytes, bool] | None:
+    """A producer that encodes its lines in Latin-1 (characters outside it become ``?``, as Java's encoder
+    writes them). The bytes read as Latin-1, CP1252, CP1251, ... alike: no reading is certain."""
+    text = _line(event)
+    if not _LATIN1_BEYOND_ASCII.search(text):
+        return None  # nothing would differ from UTF-8 but lost characters: not this kind of damage
+    return text.encode("latin-1", errors="replace"), False
+
+
+_CORRUPTIONS: dict[str, _Corruption] = {
+    "pretty": _one(_pretty),
+    "truncated": _one(_truncated),
+    "trailing_comma": _one(_trailing_comma),
+    "bad_escape": _one(_bad_escape),
     "split_line": _split_line,
-    "binary_junk": _binary_junk,
-    "missing_field": _missing_field,
-    "invalid_value": _invalid_value,
+    "binary_junk": _one(_binary_junk),
+    "missing_field": _one(_missing_field),
+    "invalid_value": _one(_invalid_value),
+    "control_character": _control_character,
+    "concatenated": _concatenated,
+    "restart": _restart,
+    "python_literal": _one(_python_literal),
+    "bom": _bom,
+    "cut_at_field": _one(_cut_at_field),
+    "nan": _one(_nan),
+    "latin1": _one(_latin1),
 }
 
 
@@ -405,12 +599,19 @@ def write_corrupted_log(
     corruption_rate: float = 0.3,
     kinds: Sequence[str] | None = None,
     truth_path: str | os.PathLike[str] | None = None,
+    events: Iterable[dict[str, Any]] | None = None,
+    bom: bool = False,
 ) -> list[TruthRecord]:
-    """Write ``generate_events(n_events, seed=seed)`` one per line, a ``corruption_rate`` share damaged.
+    """Write ``generate_events(n_events, seed=seed)`` one per line, a ``corruption_rate`` share of lines damaged.
 
-    The file is written event by event. A kind that cannot apply to the drawn event (``bad_escape`` needs a
-    literal backslash) is deferred to the next event that can take it and would otherwise be clean, so each
-    kind keeps its share. Returns one truth record per written record, in file order.
+    ``events`` replaces the generated events (the first ``n_events`` of them are used, read lazily): real logs
+    read with ``parse_float=Decimal`` are written back with their numbers' own digits. The file is written
+    line by line. A kind that cannot apply to the drawn event (``bad_escape`` needs a literal backslash) is
+    deferred to the next event that can take it and would otherwise be clean, so each kind keeps its share.
+    ``concatenated`` and ``restart`` take the next events onto the drawn one's line, so a little more than
+    ``corruption_rate`` of the events is damaged. ``bom`` starts the file with a UTF-8 byte-order mark.
+    Returns one truth record per event, in file order; a record whose original is no valid Cowrie event is
+    never recoverable.
     """
     chosen = tuple(kinds) if kinds is not None else KINDS
     if unknown := set(chosen) - set(KINDS):
@@ -418,27 +619,42 @@ def write_corrupted_log(
     if not chosen or not 0.0 <= corruption_rate <= 1.0:
         raise ValueError("need at least one kind and 0 <= corruption_rate <= 1")
     rng = random.Random(f"{seed}:corruption")  # separate stream: the events equal generate_events(seed)
+    source = _iter_events(n_events, seed, None) if events is None else itertools.islice(events, n_events)
+    window: deque[dict[str, Any]] = deque()
     truth: list[TruthRecord] = []
     deferred: list[str] = []
     offset = 0
     with open(path, "wb") as out:
-        for event in _iter_events(n_events, seed, None):
+        if bom:
+            out.write(BOM)
+            offset = len(BOM)
+        while True:
+            window.extend(itertools.islice(source, 3 - len(window)))
+            if not window:
+                break
             drawn = rng.choice(chosen) if rng.random() < corruption_rate else None
             candidates = [drawn] if drawn else dict.fromkeys(deferred)
-            kind, data, recoverable = "clean", b"", True
+            kind, pieces = "clean", None
             for candidate in candidates:
-                if done := _CORRUPTIONS[candidate](event, rng):
-                    kind, (data, recoverable) = candidate, done
+                if (pieces := _CORRUPTIONS[candidate](tuple(window), rng)) is not None:
+                    kind = candidate
                     if not drawn:
                         deferred.remove(candidate)
                     break
-            else:
+            if pieces is None:
                 if drawn:
                     deferred.append(drawn)
-                data = _line(event).encode()
-            out.write(data + b"\n")
-            truth.append(TruthRecord(offset, len(data), kind, event, recoverable))
-            offset += len(data) + 1
+                pieces = [_Piece(_line(window[0]).encode(), window[0], True)]
+            if bom and not truth and pieces[0].data == BOM:
+                del pieces[0]  # the file's own mark already stands before the first record
+            for piece in pieces:
+                if piece.original is not None:
+                    recoverable = piece.recoverable and validate_event(piece.original).valid
+                    truth.append(TruthRecord(offset, len(piece.data), piece.kind or kind, piece.original, recoverable))
+                    window.popleft()
+                offset += len(piece.data)
+            out.write(b"".join(piece.data for piece in pieces) + b"\n")
+            offset += 1
     if truth_path is not None:
         with open(truth_path, "w", encoding="utf-8") as out:
             out.writelines(_dumps(asdict(record)) + "\n" for record in truth)

@@ -225,7 +225,7 @@ def test_a_processed_backlog_adds_up(db_url: str, conn: psycopg.Connection, tmp_
     assert p.by_hour["unresolved"].sum() == p.by_source["unresolved"].sum() == p.unresolved
     assert p.by_reason["share"].sum() == pytest.approx(1.0)
     assert p.by_strategy["events"].sum() == p.resolved
-    assert {"repair:tokenizer_fix", "repair:stitch"} <= set(p.by_strategy["resolution_method"])
+    assert {"repair:tokenizer_fix", "repair:control_characters"} <= set(p.by_strategy["resolution_method"])
     assert "unrepairable" in set(p.by_error_class["error_class"])  # what the unrepairable ones wait with
     assert p.top_patterns["example_id"].is_unique
     top_reason = p.by_reason["reason"].iloc[0]

@@ -32,8 +32,11 @@ TIME_BOUND = 120 * SCALE  # seconds for the whole concurrent run: far beyond it 
 @pytest.mark.timeout(4 * TIME_BOUND)
 def test_four_workers_ingest_and_retention_at_once(db_url: str, conn: psycopg.Connection, tmp_path: Path) -> None:
     first, second = tmp_path / "backlog.json", tmp_path / "arriving.json"
-    write_corrupted_log(first, n_events=round(BACKLOG / 0.62), seed=21, corruption_rate=0.7)
-    write_corrupted_log(second, n_events=8_000 * SCALE, seed=22, corruption_rate=0.5)
+    kinds = ("pretty", "truncated", "trailing_comma", "bad_escape", "split_line", "binary_junk", "missing_field")
+    write_corrupted_log(
+        first, n_events=round(BACKLOG / 0.62), seed=21, corruption_rate=0.7, kinds=(*kinds, "invalid_value")
+    )
+    write_corrupted_log(second, n_events=8_000 * SCALE, seed=22, corruption_rate=0.5, kinds=(*kinds, "concatenated"))
     ingest_paths([first], url=db_url)
     before = take_ledger(db_url)
     assert len(before.events) >= BACKLOG * 0.95

@@ -320,7 +320,7 @@ def test_every_tampered_event_is_quarantined_every_time(
         assert json.loads(out)["checksum_ok"] is False
 
 
-SPLIT = {**VALID, "eventid": "cowrie.command.input", "input": "cat /etc/passwd"}
+SPLIT = {**VALID, "eventid": "cowrie.command.input", "input": "echo '{passwd}'"}
 
 
 @pytest.mark.parametrize(
@@ -335,9 +335,9 @@ def test_a_tampered_fragment_is_quarantined_never_stitched(
     db_url: str, conn: psycopg.Connection, tmp_path: Path, tamper: str
 ) -> None:
     text = json.dumps(SPLIT)
-    at = text.index("passwd")
+    at = text.index("{passwd")
     log = tmp_path / "split.json"
-    log.write_text(text[:at] + "\n" + text[at:] + "\n")  # one event cut in two by a stray newline
+    log.write_text(text[:at] + "\n" + text[at:] + "\n")  # a raw newline where the next line reads as a new record
     ingest_paths([log], url=db_url)
     (head, tail) = [i for (i,) in conn.execute("SELECT id FROM dead_letter_events ORDER BY source_offset")]
     conn.execute(f"UPDATE dead_letter_events SET payload = {tamper} WHERE id = %s", (tail,))
