@@ -34,7 +34,7 @@ def test_four_workers_ingest_and_retention_at_once(db_url: str, conn: psycopg.Co
     first, second = tmp_path / "backlog.json", tmp_path / "arriving.json"
     kinds = ("pretty", "truncated", "trailing_comma", "bad_escape", "split_line", "binary_junk", "missing_field")
     write_corrupted_log(
-        first, n_events=round(BACKLOG / 0.62), seed=21, corruption_rate=0.7, kinds=(*kinds, "invalid_value")
+        first, n_events=round(BACKLOG / 0.54), seed=21, corruption_rate=0.7, kinds=(*kinds, "invalid_value")
     )
     write_corrupted_log(second, n_events=8_000 * SCALE, seed=22, corruption_rate=0.5, kinds=(*kinds, "concatenated"))
     ingest_paths([first], url=db_url)
