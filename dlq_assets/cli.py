@@ -105,13 +105,33 @@ def create(ctx: click.Context, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, as_json: bool) -> None:
-    """Read Cowrie JSON logs: valid events to raw_events, everything else to the DLQ."""
-    from dlq_assets.ingest import ingest_paths
+    """Read Cowrie JSON logs, plain or compressed (gzip, bzip2, xz, zstd): valid events to raw_events, everything
+    else to the DLQ. A damaged compressed file is reported on stderr; what it held before the damage is ingested
+    and the rest becomes one dead letter, so the exit code stays 0."""
+    from collections import Counter
 
-    total = sum(p.stat().st_size for p in paths if p.is_file()) or None
+    from dlq_assets.ingest import expand_paths, ingest_paths
+
+    files, _ = expand_paths(paths)
+    total = sum(p.stat().st_size for p in files) or None  # bytes on disk: the bar counts compressed bytes read
     with click.progressbar(length=total or 0, label="ingest", file=sys.stderr, hidden=as_json or not total) as bar:
         report = ingest_paths(paths, url=_url(ctx), batch_size=batch_size, on_batch=bar.update)
-    _emit(report.as_dict(), as_json, _table)
+    for d in report.damaged_files:
+        what = "cut short" if d["reason"] == "compressed_truncated" else "corrupt"
+        click.echo(f"damaged: {d['path']}: {d['compression']} data {what} ({d['message']}); the first "
+                   f"{d['decompressed_offset']} decompressed bytes were ingested, the {d['tail_bytes']} bytes from "
+                   f"compressed offset {d['compressed_offset']} on are one {d['reason']} dead letter",
+                   err=True)  # fmt: skip
+    if skipped := Counter(s["reason"] for s in report.skipped_files):
+        total_skipped = sum(skipped.values())
+        click.echo(f"skipped {total_skipped} director{'y entry' if total_skipped == 1 else 'y entries'}: "
+                   + "; ".join(f"{n} {why}" for why, n in sorted(skipped.items())) + " (listed in --json)",
+                   err=True)  # fmt: skip
+
+    def human(d: dict[str, Any]) -> None:
+        _table(d | {"damaged_files": len(d["damaged_files"]), "skipped_files": len(d["skipped_files"])})
+
+    _emit(report.as_dict(), as_json, human)
 
 
 EXIT_UNHEALTHY = 5

@@ -4,6 +4,10 @@ Every record the reader yields ends in exactly one place: a ``raw_events`` row (
 and byte offset) or a ``dead_letter_events`` row (idempotent on its key). Records jsonb cannot hold are
 wrapped losslessly: ``{"raw_text": ...}`` for UTF-8 text, ``{"raw_base64": ...}`` for bytes that are not.
 Each batch commits on its own, so an interrupted ingest resumes by simply running again.
+
+Compressed logs (gzip, bzip2, xz, zstd: known by their magic bytes, see ``dlq_assets.compressed``) are read as
+their decompressed bytes, and offsets are positions in that stream. When a compressed file is damaged, the
+records before the damage are ingested as usual and the undecodable rest of the file becomes one dead letter.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -24,16 +29,27 @@ import psycopg
 
 from dlq_assets import jsonutil
 from dlq_assets.classify import classify_record
+from dlq_assets.compressed import Damage, LogStream, open_log
 from dlq_assets.cowrie import validate_event
 from dlq_assets.db import database_url
-from dlq_assets.reader import NOT_STORABLE_JSON, Record, read_file
+from dlq_assets.reader import DEFAULT_MAX_RECORD_BYTES, NOT_STORABLE_JSON, Record, read_records
 
 VALIDATION_FAILED = "validation_failed"
 DEFAULT_BATCH_SIZE = 1000
+# The damaged tail of a compressed file is kept up to this many bytes (the file itself stays on disk).
+MAX_TAIL_BYTES = DEFAULT_MAX_RECORD_BYTES
+# Compressed bytes are not text: classified and prioritised like any binary record (classify.py, rule 2).
+TAIL_PRIORITY, TAIL_CLASSIFICATION = 9, "binary"
+# Cowrie's file and its rotated forms, and any other JSON log; each maybe compressed (by name: the content is
+# decided by magic bytes, this only decides which directory entries are logs).
+LOG_NAME = re.compile(r"(?:cowrie\.json(?:\.[0-9]{4}-[0-9]{2}-[0-9]{2}|\.[0-9]+)?|.+\.jsonl?)(?:\.(?:gz|bz2|xz|zst))?")
 
 
 @dataclass
 class IngestReport:
+    """What one ingest did. ``records`` counts the reader's records; a damaged file's tail is one more dead letter
+    (in ``dlq_inserted``/``dlq_duplicates`` and ``dlq_reasons``), listed in ``damaged_files``."""
+
     ingest_id: str
     files: int = 0
     records: int = 0
@@ -42,10 +58,20 @@ class IngestReport:
     dlq_inserted: int = 0
     dlq_duplicates: int = 0
     sanitized: int = 0
+    boms_skipped: int = 0
     dlq_reasons: Counter[str] = field(default_factory=Counter)
+    compressed_files: Counter[str] = field(default_factory=Counter)
+    damaged_files: list[dict[str, Any]] = field(default_factory=list)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
-        return {**self.__dict__, "dlq_reasons": dict(self.dlq_reasons)}
+        return {
+            **self.__dict__,
+            "dlq_reasons": dict(self.dlq_reasons),
+            "compressed_files": dict(self.compressed_files),
+            "damaged_files": [dict(d) for d in self.damaged_files],
+            "skipped_files": [dict(s) for s in self.skipped_files],
+        }
 
 
 @dataclass(frozen=True)
@@ -169,11 +195,15 @@ def _insert_dead_letters(
         """
         INSERT INTO dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload,
                                         payload_checksum, metadata_json, priority, classification)
-        SELECT %(ingest_id)s, %(source)s, %(inode)s, d.off, d.reason, d.payload::jsonb, d.checksum,
+        SELECT %(ingest_id)s, %(source)s::text, %(inode)s::text, d.off, d.reason, d.payload::jsonb, d.checksum,
                d.metadata::jsonb, d.priority, d.classification
           FROM unnest(%(offsets)s::bigint[], %(reasons)s::text[], %(payloads)s::text[], %(checksums)s::text[],
                       %(metadata)s::text[], %(priorities)s::int[], %(classifications)s::text[])
                AS d(off, reason, payload, checksum, metadata, priority, classification)
+         -- a position whose event is written already (repaired from an earlier read of this file): nothing new
+         WHERE NOT EXISTS (SELECT 1 FROM raw_events r
+                            WHERE r.source = %(source)s::text AND r.source_inode = %(inode)s::text
+                              AND r.source_offset = d.off)
         """,
         {
             "ingest_id": ingest_id,
@@ -202,6 +232,54 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
+def _is_event(value: Any) -> bool:
+    """What a whole record is, for the reader to split a cut record from a whole one written after it."""
+    return validate_event(value).valid
+
+
+def _tail_letter(stream: LogStream, damage: Damage) -> tuple[_DeadLetter, int]:
+    """The undecodable rest of a damaged compressed file as one dead letter, and the tail's full length.
+
+    It sits at the decompressed offset where the good data ends, so ingesting the file again finds the same
+    key. It has no ``record_bytes``: it spans no bytes of the decompressed stream, so fragment stitching never
+    takes it for a neighbour.
+    """
+    tail = stream.tail(MAX_TAIL_BYTES)
+    metadata = {
+        "payload_form": "raw_base64",
+        "compression": damage.compression,
+        "compressed_offset": damage.compressed_offset,
+        "detected_at": damage.detected_at,
+        "unverified_from": damage.unverified_from,
+        "tail_bytes": tail.size,
+        "tail_sha256": tail.sha256,
+        "stored_bytes": len(tail.data),
+        "tail_capped": tail.capped,  # only the first stored_bytes of the tail are in the payload
+        "message": damage.message,
+    }
+    payload = {"raw_base64": base64.b64encode(tail.data).decode("ascii")}
+    letter = _DeadLetter(damage.decompressed_offset, damage.reason, payload, metadata, TAIL_PRIORITY,
+                         TAIL_CLASSIFICATION)  # fmt: skip
+    return letter, tail.size
+
+
+def _store(conn: psycopg.Connection[Any], source: str, inode: str, report: IngestReport, batch: list[Record]) -> None:
+    routed = [route(record) for record in batch]
+    raw = [r for r in routed if isinstance(r, _RawRow)]
+    dead = [r for r in routed if isinstance(r, _DeadLetter)]
+    with conn.transaction():
+        raw_inserted = _insert_raw(conn, source, inode, raw)
+        dlq_inserted = _insert_dead_letters(conn, source, inode, report.ingest_id, dead)
+    report.records += len(batch)
+    report.raw_inserted += raw_inserted
+    report.raw_duplicates += len(raw) - raw_inserted
+    report.dlq_inserted += dlq_inserted
+    report.dlq_duplicates += len(dead) - dlq_inserted
+    report.sanitized += sum(1 for r in raw if r.original_text is not None)
+    report.boms_skipped += sum(1 for r in batch if r.bom)
+    report.dlq_reasons.update(d.reason for d in dead)
+
+
 def ingest_file(
     conn: psycopg.Connection[Any],
     path: str | os.PathLike[str],
@@ -210,29 +288,41 @@ def ingest_file(
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
-    """Ingest one file into the database ``conn`` points at, committing batch by batch."""
+    """Ingest one file (plain or compressed) into the database ``conn`` points at, committing batch by batch.
+
+    ``on_batch`` gets the number of bytes of the file (as stored on disk: compressed bytes for a compressed
+    file) read since its last call; over the whole file they add up to the file's size.
+    """
     path = Path(path).resolve()
-    source, inode = str(path), str(path.stat().st_ino)
+    source = str(path)
     try:
         source.encode("utf-8")
     except UnicodeEncodeError:  # a file name in another encoding: no text column can name it
         raise ValueError(f"cannot ingest {source!r}: its path is not valid UTF-8") from None
-    for batch in _batches(read_file(path), batch_size):
-        routed = [route(record) for record in batch]
-        raw = [r for r in routed if isinstance(r, _RawRow)]
-        dead = [r for r in routed if isinstance(r, _DeadLetter)]
-        with conn.transaction():
-            raw_inserted = _insert_raw(conn, source, inode, raw)
-            dlq_inserted = _insert_dead_letters(conn, source, inode, report.ingest_id, dead)
-        report.records += len(batch)
-        report.raw_inserted += raw_inserted
-        report.raw_duplicates += len(raw) - raw_inserted
-        report.dlq_inserted += dlq_inserted
-        report.dlq_duplicates += len(dead) - dlq_inserted
-        report.sanitized += sum(1 for r in raw if r.original_text is not None)
-        report.dlq_reasons.update(d.reason for d in dead)
-        if on_batch:
-            on_batch(sum(len(r.raw) for r in batch))
+    reported = 0
+    with open_log(path) as stream:
+        inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
+        for batch in _batches(read_records(stream, accept=_is_event), batch_size):
+            _store(conn, source, inode, report, batch)
+            if on_batch:
+                on_batch(stream.bytes_read - reported)
+                reported = stream.bytes_read
+        if stream.compression:
+            report.compressed_files[stream.compression] += 1
+        if (damage := stream.damage) is not None:
+            letter, tail_bytes = _tail_letter(stream, damage)
+            with conn.transaction():
+                inserted = _insert_dead_letters(conn, source, inode, report.ingest_id, [letter])
+            report.dlq_inserted += inserted
+            report.dlq_duplicates += 1 - inserted
+            report.dlq_reasons[letter.reason] += 1
+            report.damaged_files.append(
+                {"path": source, "compression": damage.compression, "reason": damage.reason,
+                 "message": damage.message, "decompressed_offset": damage.decompressed_offset,
+                 "compressed_offset": damage.compressed_offset, "tail_bytes": tail_bytes}
+            )  # fmt: skip
+        if on_batch and stream.bytes_read > reported:
+            on_batch(stream.bytes_read - reported)
     report.files += 1
 
 
@@ -243,9 +333,9 @@ def ingest_paths(
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
 ) -> IngestReport:
-    """Ingest Cowrie logs (files, or directories of ``*.json*`` files) and report what went where."""
+    """Ingest Cowrie logs (files, or directories of them: see :func:`expand_paths`) and report what went where."""
     report = IngestReport(ingest_id=uuid.uuid4().hex)
-    files = list(_expand(paths))
+    files, report.skipped_files = expand_paths(paths)
     with psycopg.connect(database_url(url), autocommit=True) as conn:
         if conn.execute("SELECT to_regclass('dead_letter_events')").fetchone() == (None,):
             raise RuntimeError("the DLQ schema is missing from this database: run `dlq create` first")
@@ -254,11 +344,33 @@ def ingest_paths(
     return report
 
 
-def _expand(paths: Iterable[str | os.PathLike[str]]) -> Iterator[Path]:
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[dict[str, str]]]:
+    """The files to ingest, and the directory entries left out with why.
+
+    A file named in ``paths`` is always read, whatever its name. A directory is walked recursively, in sorted
+    path order, taking the regular files whose names match ``LOG_NAME``: ``cowrie.json``, its rotated forms
+    ``cowrie.json.YYYY-MM-DD`` and ``cowrie.json.N``, any ``*.json`` or ``*.jsonl``, each also with ``.gz``,
+    ``.bz2``, ``.xz`` or ``.zst``. Everything else in it is listed as skipped.
+    """
+    files: list[Path] = []
+    skipped: list[dict[str, str]] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            yield from sorted(p for p in entry.rglob("*.json*") if p.is_file())
+            for path in sorted(entry.rglob("*")):
+                if path.is_dir():
+                    if path.is_symlink():
+                        skipped.append({"path": str(path), "reason": "a symbolic link to a directory (not followed)"})
+                elif not path.is_file():
+                    why = "a broken symbolic link" if path.is_symlink() and not path.exists() else "not a regular file"
+                    skipped.append({"path": str(path), "reason": why})
+                elif LOG_NAME.fullmatch(path.name):
+                    files.append(path)
+                else:
+                    skipped.append({"path": str(path), "reason": "name is not a Cowrie JSON log's"})
         elif entry.is_file():
-            yield entry
+            files.append(entry)
+        elif entry.exists():
+            raise ValueError(f"cannot ingest {entry}: not a regular file or a directory")
         else:
             raise FileNotFoundError(f"no such file or directory: {entry}")
+    return files, skipped

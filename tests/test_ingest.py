@@ -12,7 +12,7 @@ import pytest
 
 from dlq_assets import jsonutil
 from dlq_assets.generator import write_corrupted_log
-from dlq_assets.ingest import ingest_paths
+from dlq_assets.ingest import expand_paths, ingest_paths
 from dlq_assets.reader import read_file
 
 CONNECT = {
@@ -27,6 +27,12 @@ CONNECT = {
     "sensor": "hp1",
     "message": "New connection",
 }
+
+
+# Kinds that write each event as exactly one record, valid only when clean or pretty: what the lossless test
+# below counts on (other kinds put several events on a line or cut one into the next).
+ONE_RECORD_KINDS = ("pretty", "truncated", "trailing_comma", "bad_escape", "split_line", "binary_junk",
+                    "missing_field", "invalid_value")  # fmt: skip
 
 
 def dumps(event: dict[str, Any]) -> str:
@@ -57,7 +63,7 @@ def test_generated_log_every_record_ends_in_exactly_one_place_losslessly(
     db_url: str, conn: psycopg.Connection, tmp_path: Path
 ) -> None:
     log = tmp_path / "cowrie.json"
-    truth = write_corrupted_log(log, n_events=1500, seed=7, corruption_rate=0.35)
+    truth = write_corrupted_log(log, n_events=1500, seed=7, corruption_rate=0.35, kinds=ONE_RECORD_KINDS)
     data = log.read_bytes()
     records = list(read_file(log))
     report = ingest_paths([log], url=db_url, batch_size=200)
@@ -182,3 +188,46 @@ def test_a_copy_of_a_file_elsewhere_is_a_different_source(
     second = write_log(tmp_path / "b.json", dumps(CONNECT), "garbage")
     ingest_paths([first, second], url=db_url)
     assert len(rows(conn, "raw_events")) == 2 and len(rows(conn, "dead_letter_events")) == 2
+
+
+def test_a_directory_takes_cowrie_names_and_rotated_forms_and_lists_what_it_skips(tmp_path: Path) -> None:
+    taken = ["cowrie.json", "cowrie.json.2026-03-01", "cowrie.json.2026-03-01.gz", "cowrie.json.7",
+             "cowrie.json.7.bz2", "events.jsonl.zst", "old/cowrie.json.2026-02-28.xz", "other.json"]  # fmt: skip
+    left = {"cowrie.log": "name is not a Cowrie JSON log's", "cowrie.json.2026-03-01.gz.tmp":
+            "name is not a Cowrie JSON log's", "cowrie.json.bak": "name is not a Cowrie JSON log's",
+            "cowrie.json.2026-3-1": "name is not a Cowrie JSON log's", "notes.txt": "name is not a Cowrie JSON "
+            "log's"}  # fmt: skip
+    (tmp_path / "old").mkdir()
+    for name in [*taken, *left]:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "gone.json").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "linked").symlink_to(tmp_path / "old")
+    files, skipped = expand_paths([tmp_path])
+    assert files == sorted(tmp_path / name for name in taken)  # sorted by path: the same order every time
+    assert sorted((s["path"], s["reason"]) for s in skipped) == sorted(
+        [(str(tmp_path / name), why) for name, why in left.items()]
+        + [(str(tmp_path / "gone.json"), "a broken symbolic link"),
+           (str(tmp_path / "linked"), "a symbolic link to a directory (not followed)")]
+    )  # fmt: skip
+    named, nothing_skipped = expand_paths([tmp_path / "notes.txt", tmp_path / "cowrie.log"])
+    assert (named, nothing_skipped) == ([tmp_path / "notes.txt", tmp_path / "cowrie.log"], [])
+
+
+def test_a_file_named_explicitly_is_read_whatever_its_name_and_skips_are_reported(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    odd = write_log(tmp_path / "capture.txt", dumps(CONNECT))
+    (tmp_path / "logs").mkdir()
+    write_log(tmp_path / "logs" / "capture.txt", dumps(CONNECT))
+    report = ingest_paths([odd, tmp_path / "logs"], url=db_url)
+    assert (report.files, report.raw_inserted) == (1, 1)
+    assert report.skipped_files == [{"path": str(tmp_path / "logs" / "capture.txt"),
+                                     "reason": "name is not a Cowrie JSON log's"}]  # fmt: skip
+    assert json.loads(json.dumps(report.as_dict())) == report.as_dict()
+
+
+def test_a_byte_order_mark_is_skipped_and_counted(db_url: str, conn: psycopg.Connection, tmp_path: Path) -> None:
+    log = write_log(tmp_path / "bom.json", b"\xef\xbb\xbf" + dumps(CONNECT).encode(), dumps(CONNECT))
+    report = ingest_paths([log], url=db_url)
+    assert (report.boms_skipped, report.raw_inserted, report.dlq_inserted) == (1, 2, 0)
+    assert report.compressed_files == {} and report.damaged_files == []
