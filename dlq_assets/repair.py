@@ -170,8 +170,8 @@ def tokenizer_fix(text: str, *, close: bool = True) -> tuple[str | None, str | N
         return None, exc.reason
 
 
-def _fix(text: str, close: bool) -> tuple[str, bool]:
-    """The fixed text, and whether brackets had to be closed."""
+def _fix(text: str, close: bool) -> tuple[str, int]:
+    """The fixed text, and how many brackets had to be closed."""
     n = len(text)
     i = _WS.match(text).end()
     if i == n or text[i] != "{":
@@ -244,7 +244,7 @@ def _fix(text: str, close: bool) -> tuple[str, bool]:
     if not close:
         raise _Refused(UNCLOSED)
     out.extend(_CLOSERS[b] for b in reversed(stack))
-    return "".join(out), True
+    return "".join(out), len(stack)
 
 
 def _string(text: str, i: int, out: list[str]) -> int:
@@ -449,6 +449,8 @@ def _repair_text(text: str, *, close: bool) -> RepairResult:
         return _refused(exc.reason)
     if strategy != AS_IS and _CONTROL.search(fixed):  # raw in a string, or a blank jsonb takes: let the writer
         fixed = None  # render the canonical form (jsonb refuses a raw control character inside a string)
+    if closed > 1:  # a list or object inside the event was cut too: it may have lost elements, not only pairs
+        return _refused(f"{TRUNCATED_VALUE}: a nested value is open")
     result = _checked(value, TRUNCATION_CLOSED if closed else strategy, fixed)
     if closed and result.event is not None and (absent := [k for k in _APPENDED_LAST if k not in value]):
         return _refused(f"{UNCLOSED}: lacks {', '.join(absent)}")

@@ -63,9 +63,11 @@ def score(conn: psycopg.Connection, source: Path, truth: Sequence[TruthRecord]) 
         if len(found) > 1:
             counts["duplicated"] += 1
         if found:
-            exact = found[0][0] == jsonutil.canonical_json(record.original)
-            counts["exact" if exact else "wrong"] += 1
-            counts[f"{'exact' if exact else 'wrong'}:{record.corruption}"] += 1
+            payload, partial, _ = found[0]
+            exact = payload == jsonutil.canonical_json(record.original)
+            verdict = "exact" if exact else "partial" if partial and _holds_part_of(payload, record) else "wrong"
+            counts[verdict] += 1
+            counts[f"{verdict}:{record.corruption}"] += 1
             counts["damaged_exact"] += exact and damaged
             counts["exact_but_not_recoverable"] += exact and not record.recoverable
             continue
@@ -74,6 +76,12 @@ def score(conn: psycopg.Connection, source: Path, truth: Sequence[TruthRecord]) 
         covered = any(start <= record.offset < start + (size or 0) for start, size in unresolved)
         counts["lost"] += not covered
     return counts
+
+
+def _holds_part_of(payload: str, record: TruthRecord) -> bool:
+    """A partial event (a cut record closed) holds some of the original's attributes, each with its value."""
+    event, original = jsonutil.loads(payload), jsonutil.loads(jsonutil.canonical_json(record.original))
+    return all(key in original and original[key] == value for key, value in event.items())
 
 
 def run(url: str, log: Path, truth: Sequence[TruthRecord], conn: psycopg.Connection) -> Counter[str]:
@@ -95,7 +103,7 @@ def report(counts: Counter[str]) -> str:
     share = counts["exact"] / counts["recoverable"] if counts["recoverable"] else 1.0
     return (
         f"records={counts['records']} recoverable={counts['recoverable']} exact={counts['exact']} ({share:.2%}) "
-        f"wrong={counts['wrong']} missed={counts['missed']} invented={counts['invented']} "
+        f"partial={counts['partial']} wrong={counts['wrong']} missed={counts['missed']} invented={counts['invented']} "
         f"duplicated={counts['duplicated']} lost={counts['lost']} left={counts['left']}\n  "
         + ", ".join(f"{k}={v}" for k, v in sorted(counts.items()) if ":" in k)
     )

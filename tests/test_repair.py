@@ -124,9 +124,13 @@ def test_tokenizer_doubles_stray_backslashes_only(written: str, value: str) -> N
 def test_tokenizer_closes_brackets_after_a_complete_value() -> None:
     kex = {**LOGIN, "eventid": "cowrie.client.kex", "kexAlgs": ["a", "b"]}
     assert_repaired(repair_record(line(kex)[:-1]), "truncation_closed", kex)
-    nested = {**LOGIN, "late": [{"x": [True]}]}  # closed with a stack: "]}]}", not by counting
+    nested = {**LOGIN, "late": [{"x": [True]}]}  # the tokenizer closes with a stack: "]}]}", not by counting
     assert line(nested).endswith("]}]}")
-    assert_repaired(repair_record(line(nested)[:-4]), "truncation_closed", nested)
+    assert tokenizer_fix(line(nested)[:-4]) == (line(nested), None)
+    # ... but a repair closes the event only: a list cut open may have lost elements, not just later pairs
+    assert_refused(repair_record(line(nested)[:-4]), "truncated_value: a nested value is open")
+    kex_cut = line(kex)[: line(kex).index('"b"') + 3]
+    assert_refused(repair_record(kex_cut), "truncated_value: a nested value is open")
     for value in ("true", "false", "null", '"x"', "[]", "{}", '["a"]'):
         text = '{"a": {"b": [1, VALUE]}}'.replace("VALUE", value)
         for cut in (1, 2, 3):
