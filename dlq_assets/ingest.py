@@ -232,7 +232,7 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
-def _is_event(value: Any) -> bool:
+def is_event(value: Any) -> bool:
     """What a whole record is, for the reader to split a cut record from a whole one written after it."""
     return validate_event(value).valid
 
@@ -302,7 +302,7 @@ def ingest_file(
     reported = 0
     with open_log(path) as stream:
         inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
-        for batch in _batches(read_records(stream, accept=_is_event), batch_size):
+        for batch in _batches(read_records(stream, accept=is_event), batch_size):
             _store(conn, source, inode, report, batch)
             if on_batch:
                 on_batch(stream.bytes_read - reported)
