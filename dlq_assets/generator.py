@@ -528,9 +528,12 @@ def _restart(window: _Window, rng: random.Random) -> list[_Piece] | None:
         return None
     data = _line(window[0]).encode()
     cut = rng.randint(1, len(data) - 2)
+    # Cut where a value is due (after ":", ",", "[" or "{"), the whole record may as well be a nested value of
+    # the cut one whose closing brackets are missing: two readings, so the bytes do not say which it was.
+    unambiguous = not data[:cut].rstrip(b" \t").endswith((b":", b",", b"[", b"{"))
     return [
         _Piece(data[:cut], window[0], False),
-        _Piece(_line(window[1]).encode(), window[1], True, "after_restart"),
+        _Piece(_line(window[1]).encode(), window[1], unambiguous, "after_restart"),
     ]
 
 

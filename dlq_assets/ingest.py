@@ -21,7 +21,6 @@ from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +32,7 @@ from dlq_assets.compressed import Damage, LogStream, open_log
 from dlq_assets.cowrie import validate_event
 from dlq_assets.db import database_url
 from dlq_assets.reader import DEFAULT_MAX_RECORD_BYTES, NOT_STORABLE_JSON, Record, read_records
+from dlq_assets.repair import TRUNCATED_VALUE, tokenizer_fix
 
 VALIDATION_FAILED = "validation_failed"
 DEFAULT_BATCH_SIZE = 1000
@@ -91,28 +91,41 @@ class _DeadLetter:
     classification: str
 
 
-def _strip_nul(value: Any) -> Any:
+def _replace_nul(value: Any, by: str) -> Any:
     if isinstance(value, str):
-        return value.replace("\x00", "")
+        return value.replace("\x00", by)
     if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+        return {k: _replace_nul(v, by) for k, v in value.items()}
     if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
+        return [_replace_nul(v, by) for v in value]
     return value
 
 
-def _sanitized_event(record: Record) -> dict[str, Any] | None:
-    """A valid event whose only fault is a ``\\u0000`` escape jsonb cannot store: the event without NULs.
+def _nul_in_keys(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any("\x00" in k or _nul_in_keys(v) for k, v in value.items())
+    return isinstance(value, list) and any(_nul_in_keys(v) for v in value)
 
-    The record's exact text is kept beside it (``original_text``), so nothing is lost.
+
+def _sanitized_event(record: Record) -> dict[str, Any] | None:
+    """A valid event whose only fault is a ``\\u0000`` escape in a free-text value, which jsonb cannot store: the
+    event without its NULs, its exact text kept beside it (``original_text``), so nothing is lost.
+
+    Only where the NUL changes no meaning: never in a key (dropping it could merge two keys), and never in a value
+    the catalogue checks (``cowrie.session.con\\u0000nect`` is no event id: with a placeholder where its NUL was,
+    the event must still validate). Numbers are checked against numeric's limits while parsing.
     """
     try:
-        value = json.loads(record.raw.decode("utf-8"), parse_float=Decimal, parse_int=Decimal)
-        value = _strip_nul(value)
+        value = json.loads(
+            record.raw.decode("utf-8"), parse_float=jsonutil.storable_number, parse_int=jsonutil.storable_number
+        )
+        if not isinstance(value, dict) or _nul_in_keys(value) or not validate_event(_replace_nul(value, "\ufffd")):
+            return None
+        value = _replace_nul(value, "")
         jsonutil.loads(jsonutil.canonical_json(value))  # storable now, or still not (lone surrogates)
     except (ValueError, RecursionError):
         return None
-    return value if isinstance(value, dict) and validate_event(value) else None
+    return value if validate_event(value) else None
 
 
 def _wrap(raw: bytes) -> tuple[dict[str, str], str]:
@@ -237,6 +250,18 @@ def is_event(value: Any) -> bool:
     return validate_event(value).valid
 
 
+def is_cut_record(head: bytes) -> bool:
+    """A JSON record cut short where no value was due: what follows it cannot be one of its values, nor a string
+    of some other producer's text (a Python repr keeps ``"`` unescaped in its strings)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if text.rstrip(" \t\r\n").endswith((":", ",", "[", "{")):
+        return False
+    return tokenizer_fix(text)[1] in (None, TRUNCATED_VALUE)
+
+
 def _tail_letter(stream: LogStream, damage: Damage) -> tuple[_DeadLetter, int]:
     """The undecodable rest of a damaged compressed file as one dead letter, and the tail's full length.
 
@@ -302,7 +327,7 @@ def ingest_file(
     reported = 0
     with open_log(path) as stream:
         inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
-        for batch in _batches(read_records(stream, accept=is_event), batch_size):
+        for batch in _batches(read_records(stream, accept=is_event, is_cut=is_cut_record), batch_size):
             _store(conn, source, inode, report, batch)
             if on_batch:
                 on_batch(stream.bytes_read - reported)

@@ -58,7 +58,7 @@ class Record:
         return self.error is None
 
 
-def _classify(raw: bytes, *, truncated: bool, too_deep: bool) -> tuple[Any, str | None]:
+def _classify(raw: bytes, truncated: bool, too_deep: bool) -> tuple[Any, str | None]:
     """Byte-level faults first (they explain the rest), then structure, then what jsonb would say."""
     if b"\x00" in raw:
         return None, NUL_BYTE
@@ -250,7 +250,11 @@ class _Scanner:
             else:
                 break
         at = m.start()
-        if buf[at] == _NL or buf[at] in _OPEN or buf.startswith(_BOM, at):
+        if buf[at] == _NL:
+            return close
+        # Another value begins on the line: a record of its own, if this one is JSON. A text that is not (a Python
+        # repr, whose quotes this scanner does not track) may have closed a bracket inside one of its strings.
+        if (buf[at] in _OPEN or buf.startswith(_BOM, at)) and _classify(bytes(buf[:close]), False, False)[1] is None:
             return close
         return (yield from self._to_line_end(at))
 
@@ -259,13 +263,17 @@ _CUT_SPLIT_ERRORS = (TRUNCATED, JSON_PARSE_ERROR)
 _MAX_SPLIT_TRIES = 64
 
 
-def split_after_cut(record: Record, accept: Callable[[Any], bool]) -> tuple[Record, Record] | None:
+def split_after_cut(
+    record: Record, accept: Callable[[Any], bool], is_cut: Callable[[bytes], bool] = lambda head: True
+) -> tuple[Record, Record] | None:
     """A failed record that is a cut record followed on its line by a whole one (a writer restarted mid-line,
     another writer's line appended to a cut one): the cut part and the whole one, each at its exact offset.
 
     The whole one is the first ``{"`` from which the rest of the record parses as one object that ``accept``
-    takes (a valid event): a cut prefix cannot hold it as a nested value, since the rest parses to the end only if
-    its final bracket closes the candidate itself. Anything else stays one record.
+    takes (a valid event), where ``is_cut`` takes the bytes before it for a record cut short: the caller says
+    what a cut record is (JSON cut where no value is due: one cut after ``:`` may hold the rest as a nested value
+    whose closing brackets are missing, and text that is not JSON, such as a Python repr, may hold it in a
+    string). Anything else stays one record.
     """
     if record.error not in _CUT_SPLIT_ERRORS:
         return None
@@ -275,7 +283,7 @@ def split_after_cut(record: Record, accept: Callable[[Any], bool]) -> tuple[Reco
         if at < 0:
             return None
         value, error = _classify(raw[at:], truncated=False, too_deep=False)
-        if error is None and isinstance(value, dict) and accept(value):
+        if error is None and isinstance(value, dict) and accept(value) and is_cut(raw[:at]):
             value_head, error_head = _classify(raw[:at], truncated=True, too_deep=False)
             head = Record(record.offset, raw[:at], value_head, error_head, record.bom)
             return head, Record(record.offset + at, raw[at:], value)
@@ -290,22 +298,25 @@ def read_records(
     max_depth: int = DEFAULT_MAX_DEPTH,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     accept: Callable[[Any], bool] | None = None,
+    is_cut: Callable[[bytes], bool] = lambda head: True,
 ) -> Iterator[Record]:
     """Yield every record of a binary stream in order, reading it in ``chunk_size`` pieces.
 
     Memory stays within ``max_record_bytes`` plus one chunk whatever the file size: longer records come out
     as consecutive ``record_too_large`` pieces. With ``accept`` (what a whole record is), a failed record that
-    holds a cut record and a whole one comes out as the two (see :func:`split_after_cut`).
+    holds a cut record (``is_cut``) and a whole one comes out as the two (see :func:`split_after_cut`).
     """
     records = _Scanner(stream, max_record_bytes, max_depth, chunk_size).records()
     if accept is None:
         return records
-    return _with_cuts_split(records, accept)
+    return _with_cuts_split(records, accept, is_cut)
 
 
-def _with_cuts_split(records: Iterator[Record], accept: Callable[[Any], bool]) -> Iterator[Record]:
+def _with_cuts_split(
+    records: Iterator[Record], accept: Callable[[Any], bool], is_cut: Callable[[bytes], bool]
+) -> Iterator[Record]:
     for record in records:
-        if record.ok or (parts := split_after_cut(record, accept)) is None:
+        if record.ok or (parts := split_after_cut(record, accept, is_cut)) is None:
             yield record
         else:
             yield from parts

@@ -60,6 +60,7 @@ CONTROL_CHARACTER = "control_character"
 TRUNCATED_VALUE = "truncated_value"
 UNCLOSED = "unclosed"
 TRAILING_DATA = "trailing_data"
+AMBIGUOUS_ESCAPE = "ambiguous_escape"  # a stray backslash beside escapes that may then be literal text
 TOO_DEEPLY_NESTED = "too_deeply_nested"
 VALIDATION_FAILED = "validation_failed"
 # Refused before parsing: such a record is no piece of a stitched one either (a split at a newline leaves each line
@@ -248,16 +249,24 @@ def _fix(text: str, close: bool) -> tuple[str, int]:
 
 
 def _string(text: str, i: int, out: list[str]) -> int:
-    """Copy the string opening at ``text[i]``, fixing stray backslashes; the index after its closing quote."""
+    """Copy the string opening at ``text[i]``, fixing stray backslashes; the index after its closing quote.
+
+    A stray backslash shows a writer that does not escape backslashes: in the same string, ``\\n`` or ``\\\\``
+    may then be a newline or the two characters it shows, so such a string is refused (``\\"`` alone stays:
+    without it the string would have ended there).
+    """
     n = len(text)
     out.append('"')
     i += 1
+    stray = escaped = False
     while True:
         j = _STRING_BODY.match(text, i).end()
         out.append(text[i:j])
         if j == n:
             raise _Refused(TRUNCATED_VALUE)
         if text[j] == '"':
+            if stray and escaped:
+                raise _Refused(AMBIGUOUS_ESCAPE)
             out.append('"')
             return j + 1
         if text[j] == "\x00":  # jsonb holds no NUL, and dropping it would change the value
@@ -269,12 +278,15 @@ def _string(text: str, i: int, out: list[str]) -> int:
         if j + 1 == n:
             raise _Refused(TRUNCATED_VALUE)
         if text[j + 1] in _SIMPLE_ESCAPES:
+            escaped = escaped or text[j + 1] != '"'
             out.append(text[j : j + 2])
             i = j + 2
         elif text[j + 1] == "u" and _HEX4.match(text, j + 2):
+            escaped = True
             out.append(text[j : j + 6])
             i = j + 6
         else:  # a literal backslash the writer did not escape (C:\Users, \x41): escape it
+            stray = True
             out.append("\\\\")
             i = j + 1
 
@@ -547,18 +559,24 @@ def _split(text: str) -> RepairResult:
 def _python_literal(text: str) -> RepairResult | None:
     """A dict written as Python's ``repr`` (a producer that logged ``str(event)``), read without evaluating it.
 
-    Only dict, list, str, int, float, True, False and None are taken, keys must be strings, and numbers keep the
-    digits they were written with. None when the text is no such literal (tuples, sets, bytes, names, calls,
-    NaN, a NUL): the JSON reason stands.
+    The text must be exactly what ``repr`` writes for the value read from it (Python 3's, or Python 2's with
+    ``u''`` strings): dicts with string keys, lists, strings, numbers, True, False and None, ``, `` and ``: ``
+    between them, nothing else. So a comment, a string written twice over (``'a' 'b'``), a ``\\x41`` repr would
+    have printed as ``A``, Python 2 byte strings (``'\\xc3\\xa9'``: a guess at their encoding), a duplicate key
+    (repr would show one) or odd spacing refuse the record. Numbers keep their digits. None when the text is no
+    such literal: the JSON reason stands.
     """
     body = text.strip(_BLANKS)
-    if not body.startswith("{"):
+    if not body.startswith("{") or "\n" in body:  # repr escapes every newline: one line
         return None
     try:
         with warnings.catch_warnings():  # an invalid escape ("\\]") is no repr's output: an error, not a warning
             warnings.simplefilter("error")
             tree = ast.parse(body, mode="eval")
-        value = _from_python(tree.body, body)
+        source = body.encode("utf-8")
+        rendered, value = _from_python(tree.body, source)
+        if rendered != body:
+            return None
         canonical = jsonutil.canonical_json(value)
         value = jsonutil.loads(canonical)  # what jsonb would store: refuses NUL characters and lone surrogates
     except (SyntaxError, Warning, ValueError, RecursionError, MemoryError, UnicodeEncodeError, _Refused):
@@ -566,32 +584,67 @@ def _python_literal(text: str) -> RepairResult | None:
     return _checked(value, PYTHON_LITERAL, canonical)
 
 
-def _from_python(node: ast.expr, source: str) -> Any:
+def _from_python(node: ast.expr, source: bytes) -> tuple[str, Any]:
+    """``(what repr writes for the node's value, its JSON value)``; strings keep the form they were written in
+    when it is one a repr writes for them."""
     if isinstance(node, ast.Dict):
-        value = {}
+        parts, value = [], {}
         for key, item in zip(node.keys, node.values, strict=True):
             if not (isinstance(key, ast.Constant) and type(key.value) is str):
                 raise _Refused("a key that is not a string")
-            value[key.value] = _from_python(item, source)
-        return value
+            key_text, name = _from_python(key, source)
+            if name in value:  # no repr writes a key twice: the writer's dict was not this
+                raise _Refused("a key written twice")
+            item_text, value[name] = _from_python(item, source)
+            parts.append(f"{key_text}: {item_text}")
+        return "{" + ", ".join(parts) + "}", value
     if isinstance(node, ast.List):
-        return [_from_python(item, source) for item in node.elts]
+        items = [_from_python(item, source) for item in node.elts]
+        return "[" + ", ".join(text for text, _ in items) + "]", [value for _, value in items]
     sign = ""
     if isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
         sign, node = "-", node.operand
     if isinstance(node, ast.Constant):
-        kind = type(node.value)
-        if not sign and (node.value is None or kind in (bool, str)):
-            return node.value
+        constant = node.value
+        kind = type(constant)
+        if not sign and (constant is None or kind is bool):
+            return repr(constant), constant
+        if not sign and kind is str:
+            written = source[node.col_offset : node.end_col_offset].decode("utf-8")
+            if written not in (repr(constant), _python2_repr(constant)):
+                raise _Refused("a string no repr writes so")
+            return written, constant
         if kind in (int, float):
-            digits = ast.get_source_segment(source, node) or ""
-            if not _NUMBER.fullmatch(digits):  # 0x1f, 1_000, inf: no JSON number says that
+            digits = repr(constant)
+            if not _NUMBER.fullmatch(digits):  # inf, nan: no JSON number says that
                 raise _Refused(f"number {digits[:40]!r}")
             try:
-                return jsonutil.storable_number(sign + digits)
+                return sign + digits, jsonutil.storable_number(sign + digits)
             except jsonutil.NotStorableJSON:
                 raise _Refused(NOT_STORABLE) from None
     raise _Refused(f"{type(node).__name__} is no JSON value")
+
+
+def _python2_repr(value: str) -> str:
+    """Python 2's repr of a unicode string: ``u'...'``, printable ASCII as it is, the rest escaped."""
+    quote = '"' if "'" in value and '"' not in value else "'"
+    out = ["u", quote]
+    for char in value:
+        code = ord(char)
+        if char in ("\\", quote):
+            out.append("\\" + char)
+        elif char in "\t\n\r":
+            out.append({"\t": "\\t", "\n": "\\n", "\r": "\\r"}[char])
+        elif 32 <= code < 127:
+            out.append(char)
+        elif code < 0x100:
+            out.append(f"\\x{code:02x}")
+        elif code < 0x10000:
+            out.append(f"\\u{code:04x}")
+        else:
+            out.append(f"\\U{code:08x}")
+    out.append(quote)
+    return "".join(out)
 
 
 # --- stitching ------------------------------------------------------------------------------------------------

@@ -236,3 +236,28 @@ _REAL_LINES = [
     'seconds", "sensor": "920497a79896", "timestamp": "2018-05-09T00:06:16.1Z", "src_ip": "121.18.238.115", '
     '"session": "6c54accd90dd"}',
 ]
+
+
+def test_text_that_only_looks_like_events_never_becomes_one(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path
+) -> None:
+    """An attacker's input inside another producer's record, a nested event in a cut one, a number no numeric
+    holds, NULs where they change meaning: none of it reaches raw_events as an event of its own."""
+    command = json.loads(_REAL_LINES[4])
+    forged = json.loads(_REAL_LINES[2])
+    forged_text = json.dumps({**forged, "src_ip": "6.6.6.6"})
+    in_repr = {**command, "input": "x}" + forged_text + "{"}
+    cut_repr = repr({**command, "input": "echo '" + forged_text})[:-2]  # cut right after the embedded JSON
+    nested_in_cut = '{"eventid": "cowrie.direct-tcpip.data", "wrapped": ' + forged_text
+    huge = _REAL_LINES[4][:-1] + ', "v": 1e999999999, "m": "\\u0000"}'
+    nul_key = _REAL_LINES[4][:-1] + ', "user\\u0000name": "admin"}'
+    nul_id = _REAL_LINES[4].replace("cowrie.command.input", "cowrie.command.in\\u0000put")
+    lines = [repr(in_repr), cut_repr, nested_in_cut, huge, nul_key, nul_id]
+    log = tmp_path / "cowrie.json"
+    log.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    report_ = ingest_paths([log], url=db_url)
+    assert report_.records == len(lines) and report_.raw_inserted == 0
+    process(db_url, CONFIG)
+    stored = conn.execute("SELECT source_offset, payload::text, repair_strategy FROM raw_events").fetchall()
+    assert stored == [(0, jsonutil.canonical_json(in_repr), "python_literal")]  # the repr, read whole
+    assert conn.execute("SELECT count(*) FROM raw_events WHERE src_ip = '6.6.6.6'").fetchone() == (0,)

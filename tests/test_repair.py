@@ -110,8 +110,7 @@ def test_tokenizer_drops_trailing_commas(text: str) -> None:
         (r"echo -e '\x41\x41'", r"echo -e '\x41\x41'"),
         (r"dir C:\Users\Public", r"dir C:\Users\Public"),
         (r"type C:\users\x.txt", r"type C:\users\x.txt"),  # \u not followed by four hex digits
-        (r"grep -E '^\S+\s+\d+' \"q\" \n", "grep -E '^\\S+\\s+\\d+' \"q\" \n"),  # valid escapes stay escapes
-        (r"\u00e9\u00", "é\\u00"),
+        (r"grep -E '^\S+\s+\d+' \"q\"", "grep -E '^\\S+\\s+\\d+' \"q\""),  # an escaped quote stays one
     ],
 )
 def test_tokenizer_doubles_stray_backslashes_only(written: str, value: str) -> None:
@@ -119,6 +118,16 @@ def test_tokenizer_doubles_stray_backslashes_only(written: str, value: str) -> N
     result = repair_record(text)
     assert result.strategy == "tokenizer_fix" and result.event is not None
     assert result.event["input"] == value
+
+
+@pytest.mark.parametrize(
+    "written",
+    [r"grep -E '^\S+' \n", r"C:\Users\new\file.txt", r"\u00e9\u00", r"C:\Temp\\x", r"a\/b \q"],
+)
+def test_a_stray_backslash_beside_escapes_is_two_readings_and_refused(written: str) -> None:
+    text = line({**LOGIN, "input": "PLACEHOLDER"}).replace("PLACEHOLDER", written)
+    assert_refused(repair_record(text), "ambiguous_escape")
+    assert_refused(repair_record(text[:-1] + ",}"), "ambiguous_escape")
 
 
 def test_tokenizer_closes_brackets_after_a_complete_value() -> None:
