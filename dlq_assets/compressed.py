@@ -74,6 +74,7 @@ class Damage:
     detected_at: int
     unverified_from: int
     message: str
+    unit_offset: int = 0  # where the damaged member/stream/frame starts in the file (its compressed bytes)
 
 
 @dataclass(frozen=True)
@@ -319,6 +320,7 @@ class LogStream(io.RawIOBase):
         self.damage = Damage(
             COMPRESSED_CORRUPT, self.compression, self._emitted, end, at, self._emitted,
             f"the data at byte {at}, after a complete {self.compression} {unit}, is not a {self.compression} {unit}",
+            end,
         )  # fmt: skip
         return None
 
@@ -407,6 +409,7 @@ class LogStream(io.RawIOBase):
             detected_at,
             unit_out,
             TRUNCATED_MESSAGE if exc is None else _message(exc),
+            start,
         )
 
 

@@ -13,13 +13,14 @@ records before the damage are ingested as usual and the undecodable rest of the 
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -28,7 +29,7 @@ import psycopg
 
 from dlq_assets import jsonutil
 from dlq_assets.classify import classify_record
-from dlq_assets.compressed import Damage, LogStream, open_log
+from dlq_assets.compressed import COMPRESSED_CORRUPT, Damage, LogStream, open_log
 from dlq_assets.cowrie import validate_event
 from dlq_assets.db import database_url
 from dlq_assets.reader import DEFAULT_MAX_RECORD_BYTES, NOT_STORABLE_JSON, Record, read_records
@@ -245,6 +246,39 @@ def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
         yield batch
 
 
+_PROBE_PIECE = 1 << 20
+
+
+def _corruption(path: Path) -> Damage | None:
+    """The damage of a compressed file whose data turned out corrupt (not merely cut short), found by decoding it
+    once to its end before anything is ingested: integrity checks sit at the end of each member."""
+    with open_log(path) as probe:
+        if probe.compression is None:
+            return None
+        while probe.read(_PROBE_PIECE):
+            pass
+        damage = probe.damage
+    return damage if damage is not None and damage.reason == COMPRESSED_CORRUPT else None
+
+
+class _Prefix(io.RawIOBase):
+    """The first ``size`` bytes of a stream."""
+
+    def __init__(self, stream: LogStream, size: int) -> None:
+        super().__init__()
+        self.stream, self.left = stream, size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.left
+        data = self.stream.read(min(size, self.left)) if self.left else b""
+        self.left -= len(data)
+        return data
+
+
 def is_event(value: Any) -> bool:
     """What a whole record is, for the reader to split a cut record from a whole one written after it."""
     return validate_event(value).valid
@@ -325,15 +359,27 @@ def ingest_file(
     except UnicodeEncodeError:  # a file name in another encoding: no text column can name it
         raise ValueError(f"cannot ingest {source!r}: its path is not valid UTF-8") from None
     reported = 0
+    corrupt = _corruption(path)
     with open_log(path) as stream:
         inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
-        for batch in _batches(read_records(stream, accept=is_event, is_cut=is_cut_record), batch_size):
+        # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes
+        # decoded from it may be wrong, and the member's compressed bytes go to the tail's dead letter instead.
+        records = read_records(
+            stream if corrupt is None else _Prefix(stream, corrupt.unverified_from),
+            accept=is_event,
+            is_cut=is_cut_record,
+        )
+        for batch in _batches(records, batch_size):
             _store(conn, source, inode, report, batch)
             if on_batch:
                 on_batch(stream.bytes_read - reported)
                 reported = stream.bytes_read
         if stream.compression:
             report.compressed_files[stream.compression] += 1
+        if corrupt is not None:
+            stream.damage = replace(
+                corrupt, decompressed_offset=corrupt.unverified_from, compressed_offset=corrupt.unit_offset
+            )
         if (damage := stream.damage) is not None:
             letter, tail_bytes = _tail_letter(stream, damage)
             with conn.transaction():
