@@ -329,12 +329,12 @@ def read_file(
     max_depth: int = DEFAULT_MAX_DEPTH,
     chunk_size: int = DEFAULT_CHUNK_SIZE,
     accept: Callable[[Any], bool] | None = None,
+    is_cut: Callable[[bytes], bool] = lambda head: True,
 ) -> Iterator[Record]:
     """Stream the records of a file opened in binary mode (the file closes when the iterator is exhausted)."""
+    options = {"max_record_bytes": max_record_bytes, "max_depth": max_depth, "chunk_size": chunk_size}
     with open(path, "rb") as stream:
-        yield from read_records(
-            stream, max_record_bytes=max_record_bytes, max_depth=max_depth, chunk_size=chunk_size, accept=accept
-        )
+        yield from read_records(stream, **options, accept=accept, is_cut=is_cut)
 
 
 __all__ = [

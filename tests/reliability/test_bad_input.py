@@ -24,7 +24,7 @@ from dlq_assets.cli import main
 from dlq_assets.cowrie import validate_event
 from dlq_assets.generator import generate_events
 from dlq_assets.handlers import HandlerRegistry
-from dlq_assets.ingest import _RawRow, ingest_paths, is_event, route
+from dlq_assets.ingest import _RawRow, ingest_paths, is_cut_record, is_event, route
 from dlq_assets.reader import Record, read_file, read_records
 from dlq_assets.repair import Fragment, raw_bytes_of, repair_record, stitch_fragments
 from dlq_assets.resources import CircuitBreaker, DLQDatabase
@@ -183,7 +183,7 @@ def test_fuzzed_logs_are_ingested_once_and_losslessly(
     path = tmp_path / f"{uuid.uuid4().hex}.json"
     path.write_bytes(data)
     report = ingest_paths([path], url=db_url)
-    records = list(read_file(path, accept=is_event))
+    records = list(read_file(path, accept=is_event, is_cut=is_cut_record))
     assert report.records == len(records) == report.raw_inserted + report.dlq_inserted
     raw_rows = conn.execute(
         "SELECT source_offset, payload::text, original_text FROM raw_events WHERE source = %s", (str(path),)

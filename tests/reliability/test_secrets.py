@@ -111,7 +111,8 @@ def test_working_commands_logs_and_dagster_never_show_the_password(
                      ["redrive", "--reason", "x", "--dry-run"], ["monitor", "--duration", "0.01", "--json"],
                      ["demo", "--events", "20", "--out", str(tmp_path / "demo"), "--json"]):  # fmt: skip
             result = runner.invoke(main, ["--database-url", url, *args])
-            assert result.exit_code in (0, 5), (args, result.output)  # 5: health found a breach
+            # 5: health found a breach; 6: inspect's event retired by the first round's retention
+            assert result.exit_code in (0, 5, 6), (args, result.output)
             assert_no_secret(result.output)
         ingest_paths([log], url=url)
         process(url, WorkerConfig(batch_size=50, min_batch_size=10))
