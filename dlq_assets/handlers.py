@@ -148,6 +148,8 @@ def _resolved(event: ClaimedEvent, result: RepairResult) -> Outcome:
     """A repaired record's outcome: its event, and a split record's further events, each at its own position."""
     strategy = result.strategy or ""
     target = _target(event, result.event or {}, strategy, result.text, at=result.at)
+    if not result.more:
+        return Outcome(event.id, "resolved", _method(strategy), None, None, target)
     more = tuple(
         _target(event, part.event or {}, strategy, part.text, at=part.at, part=k)
         for k, part in enumerate(result.more, 1)

@@ -446,7 +446,7 @@ def _repair_text(text: str, *, close: bool) -> RepairResult:
                 value = _load(text)
         except ValueError as error:
             if str(error).startswith(_CONTROL_ERROR) and (value := _lenient(text)) is not None:
-                strategy = CONTROL_CHARACTERS
+                strategy, fixed = CONTROL_CHARACTERS, None  # jsonb refuses the raw character: the writer renders
             else:
                 strategy = TOKENIZER_FIX
                 if quick := _quick_fix(text, error, close):
@@ -457,10 +457,10 @@ def _repair_text(text: str, *, close: bool) -> RepairResult:
                         value = _load(fixed, control_characters=True)
                     except ValueError:  # the tokenizer let through what the parser refuses: refuse, never raise
                         return _refused(NOT_JSON)
+                    if _CONTROL.search(fixed):  # raw in a string (jsonb refuses it), or a blank: the writer
+                        fixed = None  # renders the canonical form
     except _Refused as exc:
         return _refused(exc.reason)
-    if strategy != AS_IS and _CONTROL.search(fixed):  # raw in a string, or a blank jsonb takes: let the writer
-        fixed = None  # render the canonical form (jsonb refuses a raw control character inside a string)
     if closed > 1:  # a list or object inside the event was cut too: it may have lost elements, not only pairs
         return _refused(f"{TRUNCATED_VALUE}: a nested value is open")
     result = _checked(value, TRUNCATION_CLOSED if closed else strategy, fixed)

@@ -429,12 +429,9 @@ class Worker:
         try:
             with conn.transaction():
                 states = self._complete(conn, lease, outcomes)
-                targets = [
-                    target
-                    for o in outcomes
-                    if o.target is not None and states.get(o.event_id) == "resolved"
-                    for target in (o.target, *o.more)
-                ]
+                resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
+                targets = [o.target for o in resolved]
+                targets += [target for o in resolved if o.more for target in o.more]  # a split record's others
                 _write_targets(conn, targets)
                 counts = _counts(states, uncounted)
                 self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
