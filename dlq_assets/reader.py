@@ -91,16 +91,19 @@ class _Scanner:
         self.base = 0  # absolute offset of buf[0]
         self.oversized = False
         self.keep_blanks = False  # the record was cut inside a string: its trailing blanks are data
+        self.bom = False  # a byte-order mark stood before the record being read
 
     def records(self) -> Iterator[Record]:
         buf = self.buf
-        bom = False
+        boms: list[int] = []  # offsets of the marks skipped since the last record
         while True:
             m = _NON_WS.search(buf)
             if m is None:  # whitespace between records is dropped as it is read: memory stays bounded
                 self.base += len(buf)
                 buf.clear()
-                if not self._fill():
+                if not self._fill():  # a mark no record follows is kept as a record: no byte goes unaccounted
+                    for offset in boms:
+                        yield from self._lone_mark(offset)
                     return
                 continue
             del buf[: m.start()]
@@ -108,10 +111,12 @@ class _Scanner:
             if buf[0] == _BOM[0] and len(buf) < len(_BOM) and self._fill():
                 continue  # a BOM may straddle two chunks: look again with more bytes
             if buf.startswith(_BOM):  # an encoding mark, not data: skipped and flagged on the next record
+                boms.append(self.base)
                 del buf[: len(_BOM)]
                 self.base += len(_BOM)
-                bom = True
                 continue
+            self.bom = bool(boms)  # flags the record's first piece
+            boms.clear()
             self.oversized = self.keep_blanks = False
             if buf[0] in _OPEN:
                 end, truncated, too_deep = yield from self._bracketed()
@@ -124,13 +129,19 @@ class _Scanner:
                 end -= self.cap
             raw = bytes(buf[:end])
             if self.oversized:
-                yield Record(self.base, raw, error=RECORD_TOO_LARGE, bom=bom)
+                yield Record(self.base, raw, error=RECORD_TOO_LARGE, bom=self.bom)
             else:
                 value, error = _classify(raw, truncated=truncated, too_deep=too_deep)
-                yield Record(self.base, raw, value, error, bom)
-            bom = False
+                yield Record(self.base, raw, value, error, self.bom)
             del buf[:end]
             self.base += end
+
+    def _lone_mark(self, offset: int) -> Iterator[Record]:
+        if len(_BOM) <= self.cap:
+            yield Record(offset, _BOM, *_classify(_BOM, truncated=False, too_deep=False))
+        else:
+            for start in range(0, len(_BOM), self.cap):
+                yield Record(offset + start, _BOM[start : start + self.cap], error=RECORD_TOO_LARGE)
 
     def _fill(self) -> bool:
         chunk = self.stream.read(self.chunk_size)
@@ -143,7 +154,8 @@ class _Scanner:
         """Cut the first ``size`` bytes off an oversized record so the buffer never outgrows the cap."""
         raw = bytes(self.buf[:size])
         del self.buf[:size]
-        record = Record(self.base, raw, error=RECORD_TOO_LARGE)
+        record = Record(self.base, raw, error=RECORD_TOO_LARGE, bom=self.bom)
+        self.bom = False
         self.base += size
         self.oversized = True
         return record
@@ -254,7 +266,13 @@ class _Scanner:
             return close
         # Another value begins on the line: a record of its own, if this one is JSON. A text that is not (a Python
         # repr, whose quotes this scanner does not track) may have closed a bracket inside one of its strings.
-        if (buf[at] in _OPEN or buf.startswith(_BOM, at)) and _classify(bytes(buf[:close]), False, False)[1] is None:
+        # A record over the size cap is never JSON, however much of it the buffer still holds.
+        if (
+            (buf[at] in _OPEN or buf.startswith(_BOM, at))
+            and not self.oversized
+            and close <= self.cap
+            and _classify(bytes(buf[:close]), False, False)[1] is None
+        ):
             return close
         return (yield from self._to_line_end(at))
 
