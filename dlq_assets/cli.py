@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from pathlib import Path
@@ -21,8 +22,10 @@ from rich.console import Console
 from rich.live import Live
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from rich.text import Text
 
 from dlq_assets import db
+from dlq_assets.display import text, visible
 from dlq_assets.embedded import EmbeddedServer, EmbeddedServerError, default_data_dir
 from dlq_assets.migrations import MigrationError
 
@@ -45,12 +48,31 @@ def _emit(data: dict[str, Any], as_json: bool, human: Callable[[dict[str, Any]],
 def _table(data: dict[str, Any]) -> None:
     width = max(map(len, data), default=0)
     for key, value in data.items():
-        click.echo(f"{key:<{width}}  {value}")
+        click.echo(f"{key:<{width}}  {visible(value)}")
 
 
 def _fail(message: str, code: int = 1) -> NoReturn:
-    click.echo(f"error: {message}", err=True)
+    click.echo(f"error: {visible(message)}", err=True)
     sys.exit(code)
+
+
+EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def _closed_pipe() -> NoReturn:
+    """The reader left (``dlq analyze | head``): stop quietly like any filter. Output still buffered would fail
+    again when the interpreter flushes at exit, so stdout is pointed at /dev/null first."""
+    with suppress(OSError, ValueError):  # not a real file (a test runner's capture): no pipe to flush into
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    sys.exit(EXIT_CLOSED_PIPE)
+
+
+class _Console(Console):
+    """Rich's console, ending on a closed pipe like the rest of the command (Rich's own handler exits 1)."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        _closed_pipe()
 
 
 class _Group(click.Group):
@@ -58,9 +80,17 @@ class _Group(click.Group):
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
-            return super().invoke(ctx)
-        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
-            raise  # click's own control flow (--help, Ctrl-C, usage errors); Exit is a RuntimeError
+            try:
+                return super().invoke(ctx)
+            finally:
+                sys.stdout.flush()  # a reader gone shows here, where it is handled, not in the flush at exit
+        except BrokenPipeError:
+            _closed_pipe()
+        except click.ClickException as exc:
+            exc.message = visible(exc.message)  # it may quote a file name
+            raise
+        except (click.exceptions.Exit, click.exceptions.Abort):
+            raise  # click's own control flow (--help, Ctrl-C); Exit is a RuntimeError
         except (psycopg.Error, MigrationError, EmbeddedServerError, RuntimeError, OSError, ValueError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
@@ -95,7 +125,7 @@ def create(ctx: click.Context, as_json: bool) -> None:
     _emit(
         data,
         as_json,
-        lambda d: click.echo(f"schema at version {version}; applied: {', '.join(d['applied']) or 'nothing'}"),
+        lambda d: click.echo(f"schema at version {version}; applied: {visible(', '.join(d['applied']) or 'nothing')}"),
     )
 
 
@@ -118,14 +148,15 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, as_json
         report = ingest_paths(paths, url=_url(ctx), batch_size=batch_size, on_batch=bar.update)
     for d in report.damaged_files:
         what = "cut short" if d["reason"] == "compressed_truncated" else "corrupt"
-        click.echo(f"damaged: {d['path']}: {d['compression']} data {what} ({d['message']}); the first "
+        path, message = visible(d["path"]), visible(d["message"])
+        click.echo(f"damaged: {path}: {d['compression']} data {what} ({message}); the first "
                    f"{d['decompressed_offset']} decompressed bytes were ingested, the {d['tail_bytes']} bytes from "
                    f"compressed offset {d['compressed_offset']} on are one {d['reason']} dead letter",
                    err=True)  # fmt: skip
     if skipped := Counter(s["reason"] for s in report.skipped_files):
         total_skipped = sum(skipped.values())
         click.echo(f"skipped {total_skipped} director{'y entry' if total_skipped == 1 else 'y entries'}: "
-                   + "; ".join(f"{n} {why}" for why, n in sorted(skipped.items())) + " (listed in --json)",
+                   + "; ".join(f"{n} {visible(why)}" for why, n in sorted(skipped.items())) + " (listed in --json)",
                    err=True)  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
@@ -148,10 +179,10 @@ def _health_table(d: dict[str, Any]) -> None:
     table = Table("metric", "value", box=box.SIMPLE, show_header=False)
     for key, value in d.items():
         if key != "breaches":
-            table.add_row(key, "" if value is None else str(value))
-    Console().print(table)
+            table.add_row(key, text("" if value is None else value))
+    _Console().print(table)
     for name, why in d["breaches"].items():
-        click.echo(f"BREACHED {name}: {why}")
+        click.echo(f"BREACHED {name}: {visible(why)}")
     if not d["breaches"]:
         click.echo("healthy: no threshold breached")
 
@@ -208,10 +239,12 @@ def monitor(ctx: click.Context, duration: float, interval: float, as_json: bool)
                 if time.monotonic() + interval > deadline:
                     return
                 time.sleep(interval)
-        with Live(_monitor_view(_monitor_data(conn, limits)), refresh_per_second=4, transient=False) as live:
+        # Redrawn here only, not by Rich's refresh thread: a closed pipe then ends the command, not that thread.
+        view = _monitor_view(_monitor_data(conn, limits))
+        with Live(view, console=_Console(), auto_refresh=False, transient=False) as live:
             while time.monotonic() + interval <= deadline:
                 time.sleep(interval)
-                live.update(_monitor_view(_monitor_data(conn, limits)))
+                live.update(_monitor_view(_monitor_data(conn, limits)), refresh=True)
 
 
 def _monitor_data(conn: psycopg.Connection[Any], limits: Any) -> dict[str, Any]:
@@ -237,9 +270,9 @@ def _monitor_view(d: dict[str, Any]) -> Table:
     minute = d["last_minute"]
     table.add_row("processed / min", str(minute["processed"]))
     table.add_row("resolved / min", str(minute["resolved"]))
-    table.add_row("open breakers", ", ".join(f"{k}={v}" for k, v in d["open_breakers"].items()) or "none")
+    table.add_row("open breakers", text(", ".join(f"{k}={v}" for k, v in d["open_breakers"].items()) or "none"))
     for name, why in d["breaches"].items():
-        table.add_row(f"[red]{name}[/red]", f"[red]{why}[/red]")
+        table.add_row(Text(name, style="red"), text(why, style="red"))
     return table
 
 
@@ -272,7 +305,10 @@ def analyze(ctx: click.Context, since_hours: float | None, top: int, chart_path:
     _emit(
         data,
         as_json,
-        lambda d: click.echo(patterns.as_markdown(limit=top) + (f"\nchart: {chart_path}" if chart_path else "")),
+        lambda d: click.echo(
+            "\n".join(map(visible, patterns.as_markdown(limit=top).split("\n")))
+            + (f"\nchart: {visible(chart_path)}" if chart_path else "")
+        ),
     )
 
 
@@ -308,7 +344,7 @@ def inspect(ctx: click.Context, event_id: int, as_json: bool) -> None:
 
 
 def _inspect_view(d: dict[str, Any]) -> None:
-    console = Console()
+    console = _Console()
     if d["table_name"] == "poison":
         state = "poisoned"
     elif d["resolved"]:
@@ -318,18 +354,23 @@ def _inspect_view(d: dict[str, Any]) -> None:
     head = Table(box=box.SIMPLE, show_header=False)
     for key in ("id", "reason", "source", "source_offset", "priority", "classification", "retry_count",
                 "resolution_method", "next_attempt_at", "created_at", "idempotency_key"):  # fmt: skip
-        head.add_row(key, str(d[key]))
+        head.add_row(key, text(d[key]))
     head.add_row("state", state)
     head.add_row("checksum", "[green]ok[/green]" if d["checksum_ok"] else "[red]MISMATCH: tampered[/red]")
     console.print(head)
-    console.print("payload:", json.dumps(d["payload"], ensure_ascii=False)[:2000])
-    for title, entries in (("errors", d["error_history"]), ("attempts", d["processing_attempts"])):
+    click.echo(f"payload: {visible(json.dumps(d['payload'], ensure_ascii=False)[:2000])}")
+    for title, history in (("errors", d["error_history"]), ("attempts", d["processing_attempts"])):
+        # The processor role writes processing_attempts: an entry need not be an object.
+        entries = [e if isinstance(e, dict) else {"value": e} for e in history]
+        if not entries:
+            click.echo(f"{title}: none")
+            continue
         table = Table(title=title, box=box.SIMPLE)
-        keys = sorted({k for e in entries for k in e}) or ["-"]
+        keys = sorted({k for e in entries for k in e})
         for key in keys:
-            table.add_column(key)
+            table.add_column(text(key))
         for entry in entries:
-            table.add_row(*(str(entry.get(k, "")) for k in keys))
+            table.add_row(*(text(entry.get(k, "")) for k in keys))
         console.print(table)
 
 
@@ -364,9 +405,9 @@ def locks(ctx: click.Context, release_stale: bool, as_json: bool) -> None:
     def human(d: dict[str, Any]) -> None:
         table = Table("lease", "kind", "events", "expires_at", "stale", "worker", box=box.SIMPLE)
         for lease in d["leases"]:
-            table.add_row(lease["lease"], lease["kind"], str(lease["events"]), str(lease["expires_at"] or "-"),
-                          "[red]yes[/red]" if lease["stale"] else "no", str(lease["worker"]))  # fmt: skip
-        Console().print(table if d["leases"] else "no leases held")
+            table.add_row(text(lease["lease"]), lease["kind"], str(lease["events"]), str(lease["expires_at"] or "-"),
+                          "[red]yes[/red]" if lease["stale"] else "no", text(lease["worker"]))  # fmt: skip
+        _Console().print(table if d["leases"] else "no leases held")
         if release_stale:
             click.echo(f"released {d['released']} events from stale leases")
 
@@ -379,18 +420,25 @@ def locks(ctx: click.Context, release_stale: bool, as_json: bool) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def breaker(ctx: click.Context, action: str, name: str, as_json: bool) -> None:
-    """Circuit breaker: status, or open / close / reset it by hand."""
+    """Circuit breaker: status, or open / close / reset it by hand. Status only reads (dlq_reader may run it):
+    a breaker no worker has checked yet has no row, and is reported as such rather than created."""
     with psycopg.connect(_url(ctx), autocommit=True) as conn:
         if action != "status":
             conn.execute("SELECT dlq_breaker_set(%s, %s)", (name, action))
-        conn.execute("SELECT dlq_breaker_ensure(%s)", (name,))
         cur = conn.execute(
             "SELECT breaker_name, state, failure_count, failure_threshold, timeout_seconds, last_failure_time, "
             "opened_at, next_attempt_time FROM dlq_circuit_breaker_state WHERE breaker_name = %s",
             (name,),
         )
-        data = dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
-    _emit(data, as_json, _table)
+        columns, row = [c.name for c in cur.description], cur.fetchone()
+    if row is None:
+        data = dict.fromkeys(columns) | {"breaker_name": name, "exists": False}
+        _emit(data, as_json, lambda d: click.echo(
+            f"breaker {visible(name)} has no state yet: closed until a worker's first check creates it with the "
+            "default threshold and timeout"
+        ))  # fmt: skip
+        return
+    _emit(dict(zip(columns, row, strict=True)) | {"exists": True}, as_json, _table)
 
 
 @main.command()
@@ -446,6 +494,13 @@ def process(
     with _polled_progress(url, "process", total, done_sql, {}, hidden=as_json):
         report = run_workers(url, config, workers=workers)
     _emit(report.as_dict() | {"batch_seconds": None}, as_json, _process_summary)
+    if report.infrastructure_error:
+        click.echo(
+            f"error: processing stopped by an infrastructure failure, no event was charged an attempt: "
+            f"{visible(report.infrastructure_error)}",
+            err=True,
+        )
+        sys.exit(5)
     if report.breaker_denied:
         sys.exit(4)
 
@@ -457,7 +512,7 @@ def _process_summary(d: dict[str, Any]) -> None:
         f"{d['quarantined']} quarantined, {d['released']} handed back"
     )
     for method, count in sorted(d["strategies"].items(), key=lambda kv: -kv[1]):
-        click.echo(f"  {method:<24} {count}")
+        click.echo(f"  {visible(method):<24} {count}")
     if d["breaker_denied"]:
         click.echo("the circuit breaker is open: nothing more was processed (dlq breaker status)")
 
@@ -519,16 +574,19 @@ def _polled_progress(
     started = datetime.now(UTC)
     stop = threading.Event()
     with Progress(
-        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=Console(stderr=True),
+        TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=_Console(stderr=True),
         transient=True,
     ) as progress:  # fmt: skip
         task = progress.add_task(label, total=total)
 
         def poll() -> None:
-            with psycopg.connect(url, autocommit=True) as conn:
-                while not stop.wait(0.5):
-                    (done,) = conn.execute(done_sql, {**params, "started": started}).fetchone()
-                    progress.update(task, completed=min(int(done), total))
+            try:
+                with psycopg.connect(url, autocommit=True) as conn:
+                    while not stop.wait(0.5):
+                        (done,) = conn.execute(done_sql, {**params, "started": started}).fetchone()
+                        progress.update(task, completed=min(int(done), total))
+            except psycopg.Error:  # the bar stops; the work's own connection reports what failed
+                return
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
@@ -569,7 +627,7 @@ def cleanup(
     verb = "would delete" if dry_run else "deleted"
     _emit(dataclasses.asdict(report), as_json, lambda d: click.echo(
         f"{verb} {d['rows_deleted']} resolved events older than {older_than_days} days in {d['batches']} batches; "
-        f"partitions {'to drop' if dry_run else 'dropped'}: {', '.join(d['partitions_dropped']) or 'none'}"
+        f"partitions {'to drop' if dry_run else 'dropped'}: {visible(', '.join(d['partitions_dropped']) or 'none')}"
     ))  # fmt: skip
 
 
@@ -606,16 +664,16 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
             "database": db.redact(url)}  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
-        click.echo(f"wrote {d['records_written']} records to {d['log']}")
+        click.echo(f"wrote {d['records_written']} records to {visible(d['log'])}")
         click.echo(f"ingested: {report.raw_inserted} valid events -> raw_events, {report.dlq_inserted} -> DLQ "
                    f"({report.raw_duplicates + report.dlq_duplicates} already there)")  # fmt: skip
         click.echo("dead letters by reason:")
         for reason, count in reasons.items():
-            click.echo(f"  {reason:<20} {count}")
+            click.echo(f"  {visible(reason):<20} {count}")
         _process_summary(d["process"])
         click.echo("health:")
         for key, value in health_row.items():
-            click.echo(f"  {key:<28} {value}")
+            click.echo(f"  {key:<28} {visible(value)}")
 
     _emit(data, as_json, human)
 
