@@ -40,7 +40,8 @@ from dlq_assets.worker import LEASE_MODES, WorkerConfig, process
 
 # Per 100 dead letters. Resolvable: repairable raw text (a trailing comma, a lost closing brace) and valid events
 # after a transient failure. Not resolvable: cut values and binary junk (retried later, nothing invented),
-# malicious records (fail validation). Tampered: payload changed after insert, so quarantined.
+# malicious records (never claimed: they wait for security_admin). Tampered: payload changed after insert, so
+# quarantined.
 MIX = {
     "trailing_comma": 30,
     "missing_brace": 30,
@@ -422,6 +423,9 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                    WHEN b.kind = 'tampered' THEN
                        d.quarantined_at IS NOT NULL AND d.classification = 'tampered' AND NOT d.resolved
                        AND r.copies IS NULL
+                   WHEN b.kind = 'malicious' THEN  -- never claimed: untouched until security_admin reviews it
+                       d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
+                       AND d.processing_attempts = '[]' AND r.copies IS NULL
                    ELSE r.copies IS NULL AND (
                        (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
                         AND d.next_attempt_at > now())

@@ -115,6 +115,11 @@ def dlq_processed_batches(
         ),
         workers=config.workers,
     )  # fmt: skip
+    if report.infrastructure_error:  # the run shows red; the events wait, uncharged, behind the open breaker
+        raise dg.Failure(
+            description="processing stopped: infrastructure failure, breaker opened, no event charged an attempt",
+            metadata={"error": report.infrastructure_error, "claimed": report.claimed},
+        )
     with database.connect(autocommit=True) as conn:
         state = breaker.state(conn)
     strategies = sorted(report.strategies.items(), key=lambda kv: -kv[1])

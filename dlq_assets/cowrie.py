@@ -11,7 +11,7 @@ import ipaddress
 import json
 import re
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from functools import cache, lru_cache
 from importlib import resources
@@ -85,14 +85,18 @@ def is_session_id(value: object) -> bool:
     return isinstance(value, str) and _SESSION_RE.fullmatch(value) is not None
 
 
+_MAX_OFFSET = timedelta(hours=15, minutes=59)
+
+
 def _is_timestamp(value: object) -> bool:
     if not isinstance(value, str) or _TIMESTAMP_RE.fullmatch(value) is None:
         return False
     try:
-        datetime.fromisoformat(value)  # the regex fixes the shape; this rejects month 13, hour 24, ...
+        parsed = datetime.fromisoformat(value)  # the regex fixes the shape; this rejects month 13, hour 24, ...
     except ValueError:
         return False
-    return True
+    offset = parsed.utcoffset()  # PostgreSQL's timestamptz refuses offsets past 15:59 (Python takes 23:59)
+    return offset is None or abs(offset) <= _MAX_OFFSET
 
 
 def _is_ip(value: object) -> bool:

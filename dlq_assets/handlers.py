@@ -212,12 +212,17 @@ class CowrieRepairHandler:
         return outcomes
 
 
+def _is_length(value: object) -> bool:
+    """A record length as dlq_record_bytes (sql/0021) reads one: metadata_json is writable by a processor."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15
+
+
 def _waiting_for_fragments(events: list[ClaimedEvent], claimer: Claimer) -> set[int]:
     """Ids of events whose chain of adjacent records (within this batch) borders an unresolved record elsewhere."""
     spans = {
         e.id: (e.source_offset, e.source_offset + e.metadata["record_bytes"])
         for e in events
-        if e.source is not None and e.source_offset is not None and isinstance(e.metadata.get("record_bytes"), int)
+        if e.source is not None and e.source_offset is not None and _is_length(e.metadata.get("record_bytes"))
     }
     by_source: dict[tuple[str, str | None], list[ClaimedEvent]] = defaultdict(list)
     for event in events:

@@ -63,7 +63,13 @@ def snapshot(conn: psycopg.Connection[Any], *, success_window_minutes: int = 60)
         """
     )
     row = cur.fetchone()
-    breakers = dict(conn.execute("SELECT breaker_name, state FROM dlq_circuit_breaker_state WHERE state <> 'closed'"))
+    # Open and still denying (within its timeout, or a probe out): one past its timeout lets the next worker probe.
+    breakers = dict(
+        conn.execute(
+            "SELECT breaker_name, state FROM dlq_circuit_breaker_state "
+            "WHERE state <> 'closed' AND (next_attempt_time IS NULL OR next_attempt_time > now())"
+        )
+    )
     batches, processed, resolved = conn.execute(
         """
         SELECT count(*), coalesce(sum(processed_count), 0), coalesce(sum(repaired_count), 0)

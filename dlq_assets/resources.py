@@ -49,23 +49,39 @@ class DLQDatabase(dg.ConfigurableResource):
         return psycopg.connect(self.resolved_url(), **kwargs)
 
 
+# One row whether or not the breaker exists yet: a missing breaker is closed, with the table's defaults.
+BREAKER_STATE_SQL = """
+SELECT coalesce(b.state, 'closed') AS state, coalesce(b.failure_count, 0) AS failure_count,
+       coalesce(b.failure_threshold, 5) AS failure_threshold, coalesce(b.timeout_seconds, 60) AS timeout_seconds,
+       b.opened_at, b.next_attempt_time
+  FROM (SELECT 1) AS one LEFT JOIN dlq_circuit_breaker_state b ON b.breaker_name = %s
+"""
+
+
 class CircuitBreaker(dg.ConfigurableResource):
     """A named circuit breaker whose state lives in PostgreSQL, so it holds across processes and run workers."""
 
     name: str = Field(default="dlq_processing", description="Breaker name (dlq_circuit_breaker_state.breaker_name).")
-    failure_threshold: int = Field(default=5, ge=1, description="Consecutive failures that open it.")
-    timeout_seconds: int = Field(default=60, ge=0, description="How long it stays open before one probe.")
+    failure_threshold: int | None = Field(
+        default=None, ge=1, le=10000, description="Consecutive failures that open it (None: keep the stored value)."
+    )
+    timeout_seconds: int | None = Field(
+        default=None, ge=1, le=3600, description="How long it stays open before one probe (None: keep the stored)."
+    )
 
     def ensure(self, conn: psycopg.Connection[Any]) -> None:
-        conn.execute("SELECT dlq_breaker_ensure(%s, %s, %s)", (self.name, self.failure_threshold, self.timeout_seconds))
+        """Create the breaker; a threshold or timeout set here is applied too, which takes the owner's or
+        security_admin's rights (processors record outcomes, they do not configure the breaker)."""
+        if self.failure_threshold is None and self.timeout_seconds is None:
+            conn.execute("SELECT dlq_breaker_ensure(%s)", (self.name,))
+        else:
+            conn.execute(
+                "SELECT dlq_breaker_configure(%s, %s, %s)", (self.name, self.failure_threshold, self.timeout_seconds)
+            )
 
     def state(self, conn: psycopg.Connection[Any]) -> dict[str, Any]:
-        self.ensure(conn)
-        cur = conn.execute(
-            "SELECT state, failure_count, failure_threshold, timeout_seconds, opened_at, next_attempt_time "
-            "FROM dlq_circuit_breaker_state WHERE breaker_name = %s",
-            (self.name,),
-        )
+        """Read only (a reader may call it): a breaker not created yet is reported closed, with the defaults."""
+        cur = conn.execute(BREAKER_STATE_SQL, (self.name,))
         return dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
 
     def set(self, conn: psycopg.Connection[Any], action: str) -> dict[str, Any]:

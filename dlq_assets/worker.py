@@ -50,6 +50,26 @@ _CLAIM_COLUMNS = (  # the payload form and a raw record's text read here, not de
 _CLAIMED_FIELDS = 13  # the columns before processing_lock, one per ClaimedEvent field
 
 
+# Failures of the system around the events, not of an event: the connection, resources (disk, memory,
+# connections), an operator or a timeout cancelling a statement, a lock timeout, a deadlock (class 08, 53, 55, 57,
+# 58, 40: OperationalError), a missing privilege, a read-only server, a schema that lost its table or function.
+# A value the target refuses (a data or integrity error, a trigger's RAISE) is the event's.
+_INFRASTRUCTURE_ERRORS = (
+    psycopg.OperationalError,
+    psycopg.InterfaceError,
+    psycopg.errors.InsufficientPrivilege,
+    psycopg.errors.ReadOnlySqlTransaction,
+    psycopg.errors.UndefinedTable,
+    psycopg.errors.UndefinedColumn,
+    psycopg.errors.UndefinedFunction,
+)
+
+
+def is_infrastructure_failure(exc: BaseException) -> bool:
+    """An infrastructure failure opens the breaker and costs no event an attempt (docs/guarantees.md)."""
+    return isinstance(exc, _INFRASTRUCTURE_ERRORS)
+
+
 def _claim_rows(conn: psycopg.Connection[Any], call: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
     """``_CLAIM_COLUMNS`` of a claim function's rows, fetched in binary: the same values, loaded with less work
     than their text (1.33 vs 1.65 ms per 1,000)."""
@@ -102,6 +122,7 @@ class ProcessReport:
     released: int = 0
     not_owned: int = 0
     breaker_denied: bool = False
+    infrastructure_error: str | None = None  # what stopped the run and opened the breaker; no attempt was charged
     stopped_by_signal: bool = False
     seconds: float = 0.0
     strategies: Counter[str] = field(default_factory=Counter)
@@ -126,6 +147,7 @@ class ProcessReport:
             setattr(self, name, getattr(self, name) + getattr(other, name))
         self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
         self.breaker_denied |= other.breaker_denied
+        self.infrastructure_error = self.infrastructure_error or other.infrastructure_error
         self.stopped_by_signal |= other.stopped_by_signal
         self.strategies.update(other.strategies)
         self.batch_seconds.extend(other.batch_seconds)
@@ -234,6 +256,8 @@ class Worker:
         self.registry = registry or default_registry()
         self.stop = _Stop()
         self.worker_name = f"{os.uname().nodename}:{os.getpid()}"
+        self._in_flight: _BatchSession | None = None  # the batch being worked, for giving it back on a failure
+        self._probe: uuid.UUID | None = None  # the half-open probe it holds, if it is one
 
     # -- the loop --------------------------------------------------------------------------------------
     def run(self) -> ProcessReport:
@@ -241,7 +265,6 @@ class Worker:
         restore = self.stop.install()
         started = time.monotonic()
         limiter = RateLimiter(self.config.max_events_per_second, self.config.pause_every, self.config.pause_seconds)
-        batch_size = self.config.batch_size
         try:
             with (
                 _fewer_collections(),
@@ -249,38 +272,57 @@ class Worker:
                 self._journal_connection() as journal,
                 _Heartbeat(self.url, self.config, conn if journal else None) as heartbeat,
             ):
-                # A batch transaction silent for longer than its lease is ended by the server (heartbeats ping).
-                conn.execute(f"SET idle_in_transaction_session_timeout = {self.config.lease_seconds * 1000}")
-                # Claimed rows' created_at load as UTC datetimes, the same instants: psycopg converts a named zone
-                # (the server's Etc/UTC, say) through zoneinfo, 0.75 µs a value against 0.16 for UTC.
-                conn.execute("SET TimeZone = 'UTC'")
-                conn.execute(
-                    "SELECT dlq_breaker_ensure(%s, %s, %s)",
-                    (self.config.breaker_name, self.config.breaker_threshold, self.config.breaker_timeout_seconds),
-                )
-                while not self.stop.event.is_set():
-                    if (
-                        self.config.time_budget_seconds
-                        and time.monotonic() - started >= self.config.time_budget_seconds
-                    ):
-                        break
-                    remaining = None if self.config.limit is None else self.config.limit - report.claimed
-                    if remaining is not None and remaining <= 0:
-                        break
-                    size = batch_size if remaining is None else min(batch_size, remaining)
-                    batch_started = time.monotonic()
-                    claimed = self._run_batch(conn, journal, size, report, limiter, heartbeat)
-                    if claimed == 0:
-                        break
-                    elapsed = time.monotonic() - batch_started
-                    report.batch_seconds.append(elapsed)
-                    batch_size = next_batch_size(batch_size, elapsed, self.config) if claimed >= size else batch_size
+                try:  # once connected: a failure to connect at all is raised as it is (nothing was claimed)
+                    self._loop(conn, journal, heartbeat, report, limiter, started)
+                except Exception as exc:  # the batch's transaction, if any, has rolled back on its way out
+                    if not is_infrastructure_failure(exc):
+                        raise
+                    self._infrastructure_failed(report, exc)
         finally:
             restore()
             report.seconds = time.monotonic() - started
             report.peak_rss_mb = peak_rss_mb()
             report.stopped_by_signal = self.stop.by_signal
         return report
+
+    def _loop(
+        self,
+        conn: psycopg.Connection[Any],
+        journal: psycopg.Connection[Any] | None,
+        heartbeat: _Heartbeat,
+        report: ProcessReport,
+        limiter: RateLimiter,
+        started: float,
+    ) -> None:
+        """Batches until the backlog, the budget or the limit ends, or a signal stops the run."""
+        batch_size = self.config.batch_size
+        # A batch transaction silent for longer than its lease is ended by the server (heartbeats ping).
+        conn.execute(f"SET idle_in_transaction_session_timeout = {self.config.lease_seconds * 1000}")
+        # Claimed rows' created_at load as UTC datetimes, the same instants: psycopg converts a named zone
+        # (the server's Etc/UTC, say) through zoneinfo, 0.75 µs a value against 0.16 for UTC.
+        conn.execute("SET TimeZone = 'UTC'")
+        if self.config.breaker_threshold is None and self.config.breaker_timeout_seconds is None:
+            conn.execute("SELECT dlq_breaker_ensure(%s)", (self.config.breaker_name,))
+        else:  # the owner's or security_admin's to do: a processor records outcomes only
+            conn.execute(
+                "SELECT dlq_breaker_configure(%s, %s, %s)",
+                (self.config.breaker_name, self.config.breaker_threshold, self.config.breaker_timeout_seconds),
+            )
+        while not self.stop.event.is_set():
+            if self.config.time_budget_seconds and time.monotonic() - started >= self.config.time_budget_seconds:
+                break
+            remaining = None if self.config.limit is None else self.config.limit - report.claimed
+            if remaining is not None and remaining <= 0:
+                break
+            size = batch_size if remaining is None else min(batch_size, remaining)
+            batch_started = time.monotonic()
+            processed = report.processed
+            claimed = self._run_batch(conn, journal, size, report, limiter, heartbeat)
+            if claimed == 0 or report.processed == processed:
+                break  # nothing left, or all handed back (waiting for what others hold): claiming again spins
+            elapsed = time.monotonic() - batch_started
+            report.batch_seconds.append(elapsed)
+            batch_size = next_batch_size(batch_size, elapsed, self.config) if claimed >= size else batch_size
 
     @contextmanager
     def _journal_connection(self) -> Iterator[psycopg.Connection[Any] | None]:
@@ -300,6 +342,7 @@ class Worker:
         limiter: RateLimiter,
         heartbeat: _Heartbeat,
     ) -> int:
+        self._in_flight = self._probe = None
         started_at = datetime.now(UTC)
         t0 = time.monotonic()
         decision, probe = conn.execute(
@@ -311,8 +354,23 @@ class Worker:
             return 0
         if decision == "probe":
             size = 1  # exactly one event goes through a half-open breaker
+        self._probe = probe
         if journal:  # give back dead batches in a transaction of its own: it must outlive ours, and precede it
             journal.execute("SELECT dlq_release_dead_batches()")
+        return self._work_batch(conn, journal, size, report, limiter, heartbeat, probe, started_at, t0)
+
+    def _work_batch(
+        self,
+        conn: psycopg.Connection[Any],
+        journal: psycopg.Connection[Any] | None,
+        size: int,
+        report: ProcessReport,
+        limiter: RateLimiter,
+        heartbeat: _Heartbeat,
+        probe: uuid.UUID | None,
+        started_at: datetime,
+        t0: float,
+    ) -> int:
         with conn.transaction() if journal else nullcontext():  # a transaction lease lasts as long as this
             if journal:
                 lease = uuid.uuid4()
@@ -331,7 +389,7 @@ class Worker:
                     conn.execute("SELECT dlq_breaker_record(%s, 1, 0, %s)", (self.config.breaker_name, probe))
                 return 0
             events = sorted((_claimed(r) for r in rows), key=lambda e: (e.priority, e.created_at, e.id))
-            session = _BatchSession(conn, lease, self.config.lease_seconds, journal, self.worker_name)
+            session = self._in_flight = _BatchSession(conn, lease, self.config.lease_seconds, journal, self.worker_name)
             session.journal([e.id for e in events])
             with heartbeat.holding(lease):
                 outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
@@ -348,6 +406,27 @@ class Worker:
         report.batches += 1
         report.claimed += len(events) + len(neighbours) - len(unused)
         return len(events)
+
+    def _infrastructure_failed(self, report: ProcessReport, exc: Exception) -> None:
+        """Give the batch back without charging an attempt, open the breaker, and stop the run with the error.
+
+        Through a fresh connection: the batch's own may be broken. A transaction lease rolled back already: only
+        its journal entry goes. A committed lease's events are released by completion. What cannot be done (the
+        server is gone) is said in the report; the batch then waits for its lease to end, charged as a dead
+        worker's would be."""
+        message = f"{type(exc).__name__}: {str(exc).strip()}"
+        session = self._in_flight
+        try:
+            with psycopg.connect(self.url, autocommit=True) as fresh:
+                if session is not None and session.journal_conn is not None:
+                    fresh.execute("SELECT dlq_forget_batch(%s)", (session.lease,))
+                elif session is not None:
+                    self._complete(fresh, session.lease, [Outcome(i, "released") for i in session.held])
+                fresh.execute("SELECT dlq_breaker_trip(%s, %s)", (self.config.breaker_name, self._probe))
+            message += "; the breaker is open"
+        except psycopg.Error as also:
+            message += f" (and then {type(also).__name__}: {str(also).strip()}: a batch held waits for its lease)"
+        report.infrastructure_error = message
 
     def _decide(
         self, events: list[ClaimedEvent], session: _BatchSession, limiter: RateLimiter
@@ -401,9 +480,16 @@ class Worker:
             else:
                 group[1].append(event)
         for handler, group in groups.values():
+            taken = len(session.neighbours), len(session.tampered)
             try:
-                results = handler.handle(group, session)
+                # In a transaction lease, a savepoint: a handler's failed statement leaves the batch usable. A
+                # committed lease's connection autocommits: nothing to protect, and no transaction left open.
+                with session.conn.transaction() if session.journal_conn is not None else nullcontext():
+                    results = handler.handle(group, session)
             except Exception as exc:  # a handler bug fails its events (recorded), it does not kill the worker
+                if is_infrastructure_failure(exc):
+                    raise
+                del session.neighbours[taken[0] :], session.tampered[taken[1] :]  # their claims rolled back
                 message = f"{type(exc).__name__}: {exc}"
                 results = [Outcome(e.id, "failed", error_class="handler_error", message=message) for e in group]
             handled.update({o.event_id: o for o in results})
@@ -436,18 +522,24 @@ class Worker:
                 counts = _counts(states, uncounted)
                 self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
                                      counts=counts)  # fmt: skip
-        except psycopg.errors.DataError as exc:
-            # The target refused the batch: fail the events that needed it (systemic), keep the rest.
-            message = f"target write failed: {exc}"
-            write_failures = len(targets)
+        except psycopg.Error as exc:
+            if is_infrastructure_failure(exc):
+                raise
+            # The target refused the batch (a value, a constraint, a trigger): find the events whose targets it
+            # refuses, one by one, and fail only those (systemic); the rest are completed and written again.
+            refused = self._refused_targets(conn, outcomes)
+            write_failures = len(refused)
             outcomes = [
-                Outcome(o.event_id, "failed", error_class="target_write_failed", message=message)
-                if o.target is not None
+                Outcome(o.event_id, "failed", error_class="target_write_failed",
+                        message=f"target write failed: {refused[o.event_id]}")
+                if o.event_id in refused
                 else o
                 for o in outcomes
-            ]
+            ]  # fmt: skip
             with conn.transaction():
                 states = self._complete(conn, lease, outcomes)
+                resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
+                _write_targets(conn, [t for o in resolved for t in (o.target, *o.more)])
                 counts = _counts(states, uncounted)
                 self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=True,
                                      counts=counts)  # fmt: skip
@@ -459,6 +551,23 @@ class Worker:
         report.not_owned += counts["not_owned"]
         report.strategies.update(o.method for o in outcomes if o.method and states.get(o.event_id) == "resolved")
         return write_failures
+
+    def _refused_targets(self, conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[int, str]:
+        """Event id -> the target's error, for each event whose targets the target refuses: each written alone in
+        a savepoint, and every write rolled back after (only ever on a batch the target refused)."""
+        refused: dict[int, str] = {}
+        with conn.transaction(force_rollback=True):
+            for o in outcomes:
+                if o.target is None:
+                    continue
+                try:
+                    with conn.transaction():
+                        _write_targets(conn, [o.target, *o.more])
+                except psycopg.Error as exc:
+                    if is_infrastructure_failure(exc):
+                        raise
+                    refused[o.event_id] = str(exc).strip()
+        return refused
 
     def _complete(self, conn: psycopg.Connection[Any], lease: uuid.UUID, outcomes: list[Outcome]) -> dict[int, str]:
         ids, kinds, methods, error_classes, messages, _, _ = zip(*outcomes, strict=True) if outcomes else ((),) * 7
@@ -589,9 +698,9 @@ class _BatchSession:
                             AND NOT d.resolved
                           ORDER BY d.source_offset DESC LIMIT 1)) d
                     WHERE (d.source_offset IN (s.end_at + 1, s.end_at + 2)
-                           OR d.source_offset + (d.metadata_json ->> 'record_bytes')::bigint + 1
-                              IN (s.start_at, s.start_at - 1))
+                           OR d.source_offset + dlq_record_bytes(d.metadata_json) + 1 IN (s.start_at, s.start_at - 1))
                       AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
+                      AND d.classification IS DISTINCT FROM 'malicious'  -- never claimed: nothing to wait for
                       AND d.id <> ALL (%s::bigint[])
                     LIMIT 1) found
             """,
@@ -699,9 +808,9 @@ def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
 def _worker_main(url: str, config: WorkerConfig, results: Any) -> None:
     try:
         results.put(Worker(url, config).run().as_dict())
-    except BaseException as exc:
+    except BaseException as exc:  # reported once, by the parent, as one line: no traceback from the child
         results.put({"error": f"{type(exc).__name__}: {exc}"})
-        raise
+        raise SystemExit(1) from None
 
 
 def process(url: str | None = None, config: WorkerConfig | None = None, *, workers: int = 1) -> ProcessReport:
@@ -763,6 +872,7 @@ def _report_from(data: dict[str, Any]) -> ProcessReport:
     for name in ("batches", "claimed", "resolved", "retried", "poisoned", "quarantined", "released", "not_owned"):
         setattr(report, name, data[name])
     report.breaker_denied = data["breaker_denied"]
+    report.infrastructure_error = data["infrastructure_error"]
     report.stopped_by_signal = data["stopped_by_signal"]
     report.strategies = Counter(data["strategies"])
     report.batch_seconds = list(data["batch_seconds"])

@@ -112,6 +112,12 @@ def test_retention_asset_deletes_expired_resolved_events(db_url: str, tmp_path: 
 def test_the_breaker_resource_reads_and_sets_state_in_postgres(db_url: str) -> None:
     breaker = CircuitBreaker(name="target", failure_threshold=3, timeout_seconds=30)
     with psycopg.connect(db_url, autocommit=True) as conn:
+        assert breaker.state(conn) == {  # not created yet: closed, with the defaults, and nothing written
+            "state": "closed", "failure_count": 0, "failure_threshold": 5, "timeout_seconds": 60, "opened_at": None,
+            "next_attempt_time": None,
+        }  # fmt: skip
+        assert conn.execute("SELECT count(*) FROM dlq_circuit_breaker_state").fetchone() == (0,)
+        breaker.ensure(conn)  # as the owner: the resource's threshold and timeout are applied
         assert breaker.state(conn)["failure_threshold"] == 3
         assert breaker.set(conn, "open")["state"] == "open"
     with psycopg.connect(db_url, autocommit=True) as other:  # another process sees the same breaker

@@ -47,7 +47,7 @@ def test_a_success_resets_the_consecutive_count(conn: psycopg.Connection) -> Non
 
 
 def test_after_the_timeout_exactly_one_probe_goes_through(conn: psycopg.Connection, db_url: str) -> None:
-    conn.execute("SELECT dlq_breaker_ensure('b', 2, 60)")
+    conn.execute("SELECT dlq_breaker_configure('b', 2, 60)")
     record(conn, 0, 2)
     assert acquire(conn)[0] == "deny"
     expire(conn)

@@ -325,7 +325,7 @@ def test_a_half_open_breaker_lets_one_probe_through_and_closes_on_success(
 ) -> None:
     for i in range(10):
         insert_dead_letter(conn, {**VALID, "n": i})
-    conn.execute("SELECT dlq_breaker_ensure('dlq_processing', 5, 60)")
+    conn.execute("SELECT dlq_breaker_configure('dlq_processing', 5, 60)")
     conn.execute("SELECT dlq_breaker_set('dlq_processing', 'open')")
     conn.execute("UPDATE dlq_circuit_breaker_state SET next_attempt_time = now() - interval '1 s'")
     report = process(db_url, WorkerConfig(**SMALL))

@@ -246,6 +246,7 @@ class Gated:
 config = WorkerConfig(batch_size=batch, min_batch_size=1, max_batch_size=batch, lease_seconds=lease, lease_mode=mode)
 report = Worker(url, config, HandlerRegistry(default=Gated())).run()
 print("done", report.resolved, flush=True)
+sys.exit(3 if report.infrastructure_error else 0)
 """
 
 

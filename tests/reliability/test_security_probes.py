@@ -98,9 +98,10 @@ def executable(conn: psycopg.Connection, role: str) -> set[str]:
 BREAKER_CALLS = {
     "check_circuit_breaker": ["SELECT check_circuit_breaker('probe')"],
     "dlq_breaker_acquire": ["SELECT * FROM dlq_breaker_acquire('probe')"],
-    "dlq_breaker_ensure": ["SELECT * FROM dlq_breaker_ensure('probe', 5, 60)"],
+    "dlq_breaker_ensure": ["SELECT * FROM dlq_breaker_ensure('probe')"],
     "dlq_breaker_record": ["SELECT * FROM dlq_breaker_record('probe', 0, 1)"],
     "record_circuit_breaker_failure": ["SELECT record_circuit_breaker_failure('probe')"],
+    "dlq_breaker_trip": ["SELECT * FROM dlq_breaker_trip('probe')"],
 }
 PURE_CALLS = {
     "dlq_backoff_seconds": ["SELECT dlq_backoff_seconds(3, 30, 3600, 0.2)"],
@@ -112,6 +113,7 @@ PURE_CALLS = {
     "dlq_lease_holder": ["SELECT dlq_lease_holder('00000000-0000-4000-8000-00000000beef')"],
     "dlq_partition_name": ["SELECT dlq_partition_name(now())"],
     "dlq_payload_checksum": ["SELECT id, dlq_payload_checksum(payload) FROM dead_letter_events"],
+    "dlq_record_bytes": ["SELECT id, dlq_record_bytes(metadata_json) FROM dead_letter_events"],
     "dlq_retry_policy": ["SELECT * FROM dlq_retry_policy('truncated', 'unrepairable')"],
 }
 OUTCOMES = ("resolved", "failed", "quarantined", "released")
@@ -130,6 +132,7 @@ PROCESSOR_CALLS = {
                           "array_fill('resolved'::text, ARRAY[cardinality(%(ids)s)]))",
                           "SELECT pg_advisory_unlock_all()"],
     "dlq_release_dead_batches": ["SELECT dlq_release_dead_batches()"],
+    "dlq_forget_batch": ["SELECT dlq_forget_batch(%(malicious_lease)s)"],
     "dlq_claim_fragment_chains": ["SELECT * FROM dlq_claim_fragment_chains(%(lease)s, %(ids)s, 100000, 60)"],
     "dlq_complete_batch": [f"SELECT * FROM dlq_complete_batch(%(lease)s, %(ids)s, array_fill('{o}'::text, "
                            "ARRAY[cardinality(%(ids)s)]), NULL, array_fill('handler_missing'::text, "
