@@ -237,46 +237,51 @@ def chart_png(patterns: FailurePatterns, *, dpi: int = 100) -> bytes:
 
     Renders on an explicit Agg canvas (no pyplot, no global backend switch), so it is safe in any process.
     """
+    import matplotlib
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.dates import AutoDateLocator, ConciseDateFormatter
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    fig = Figure(figsize=(11, 7), layout="constrained")
-    FigureCanvasAgg(fig)
-    if patterns.total_events == 0:
-        ax = fig.add_subplot()
-        ax.text(0.5, 0.5, "no failures", ha="center", va="center", fontsize=18, transform=ax.transAxes)
-        ax.set_axis_off()
-    else:
-        hours_ax, classes_ax = fig.subplots(2, 1, height_ratios=[3, 2])
-        table = patterns.by_hour_reason.pivot_table(
-            index="hour", columns="reason", values="events", aggfunc="sum", fill_value=0
-        )
-        order = table.sum().sort_values(ascending=False).index
-        if len(order) > 8:  # a readable legend: the smaller reasons fold into one
-            table = table[order[:7]].assign(**{"(other reasons)": table[order[7:]].sum(axis=1)})
+    # Reasons and error classes come from outside: "$x^$" is text to show, never mathtext to render (or fail on).
+    with matplotlib.rc_context({"text.parse_math": False, "text.usetex": False}):
+        fig = Figure(figsize=(11, 7), layout="constrained")
+        FigureCanvasAgg(fig)
+        if patterns.total_events == 0:
+            ax = fig.add_subplot()
+            ax.text(0.5, 0.5, "no failures", ha="center", va="center", fontsize=18, transform=ax.transAxes)
+            ax.set_axis_off()
         else:
-            table = table[order]
-        x = table.index.tz_convert(None).to_pydatetime()
-        bottoms = table.cumsum(axis=1) - table
-        for reason in table.columns:
-            hours_ax.bar(x, table[reason], width=pd.Timedelta(minutes=50).to_pytimedelta(), align="edge",
-                         bottom=bottoms[reason], label=reason)  # fmt: skip
-        locator = AutoDateLocator()
-        hours_ax.xaxis.set_major_locator(locator)
-        hours_ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
-        hours_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        hours_ax.set(title="Failures per hour (UTC, by created_at), by reason", ylabel="events")
-        hours_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
-        classes = patterns.by_error_class[patterns.by_error_class["error_class"] != NONE].head(10)
-        if classes.empty:
-            classes_ax.text(0.5, 0.5, "no errors recorded", ha="center", va="center", transform=classes_ax.transAxes)
-            classes_ax.set_axis_off()
-        else:
-            classes_ax.barh(classes["error_class"][::-1], classes["events"][::-1], color="tab:red")
-            classes_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-            classes_ax.set(title="Top error classes (last recorded error)", xlabel="events")
-    buffer = io.BytesIO()
-    fig.savefig(buffer, format="png", dpi=dpi)
+            hours_ax, classes_ax = fig.subplots(2, 1, height_ratios=[3, 2])
+            table = patterns.by_hour_reason.pivot_table(
+                index="hour", columns="reason", values="events", aggfunc="sum", fill_value=0
+            )
+            order = table.sum().sort_values(ascending=False).index
+            if len(order) > 8:  # a readable legend: the smaller reasons fold into one
+                table = table[order[:7]].assign(**{"(other reasons)": table[order[7:]].sum(axis=1)})
+            else:
+                table = table[order]
+            x = table.index.tz_convert(None).to_pydatetime()
+            bottoms = table.cumsum(axis=1) - table
+            for reason in table.columns:
+                hours_ax.bar(x, table[reason], width=pd.Timedelta(minutes=50).to_pytimedelta(), align="edge",
+                             bottom=bottoms[reason], label=reason)  # fmt: skip
+            locator = AutoDateLocator()
+            hours_ax.xaxis.set_major_locator(locator)
+            hours_ax.xaxis.set_major_formatter(ConciseDateFormatter(locator))
+            hours_ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+            hours_ax.set(title="Failures per hour (UTC, by created_at), by reason", ylabel="events")
+            hours_ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize="small")
+            classes = patterns.by_error_class[patterns.by_error_class["error_class"] != NONE].head(10)
+            if classes.empty:
+                classes_ax.text(
+                    0.5, 0.5, "no errors recorded", ha="center", va="center", transform=classes_ax.transAxes
+                )
+                classes_ax.set_axis_off()
+            else:
+                classes_ax.barh(classes["error_class"][::-1], classes["events"][::-1], color="tab:red")
+                classes_ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+                classes_ax.set(title="Top error classes (last recorded error)", xlabel="events")
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=dpi)
     return buffer.getvalue()

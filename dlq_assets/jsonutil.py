@@ -17,6 +17,17 @@ class NotStorableJSON(ValueError):
     """The text is JSON, or almost, but PostgreSQL ``jsonb`` cannot hold it as it is."""
 
 
+class DuplicateKeys(ValueError):
+    """An object holds one key twice: jsonb would keep only the last value (asked for with ``unique_keys``)."""
+
+
+def _unique_object(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        raise DuplicateKeys("an object holds a key twice")
+    return value
+
+
 def _reject_constant(name: str) -> Any:
     raise NotStorableJSON(f"{name} is not a JSON number")
 
@@ -56,17 +67,25 @@ _LENIENT = json.JSONDecoder(
     parse_float=_parse_number, parse_int=_parse_number, parse_constant=_reject_constant, strict=False
 )
 _UNCHECKED = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+_UNIQUE = json.JSONDecoder(
+    parse_float=_parse_number, parse_int=_parse_number, parse_constant=_reject_constant,
+    object_pairs_hook=_unique_object,
+)  # fmt: skip
+_UNIQUE_LENIENT = json.JSONDecoder(
+    parse_float=_parse_number, parse_int=_parse_number, parse_constant=_reject_constant, strict=False,
+    object_pairs_hook=_unique_object,
+)  # fmt: skip
 _SCAN = _DECODER.scan_once
 _SKIP_BLANKS = json.decoder.WHITESPACE.match
 _BLANKS = " \t\n\r"
 
 
-def _decode(text: str) -> Any:
+def _decode(text: str, scan: Any = _SCAN) -> Any:
     """``_DECODER.decode(text)`` with its two Python frames inlined, and the blank skips only where a blank is:
     the same value, the same errors at the same positions."""
     start = _SKIP_BLANKS(text, 0).end() if text[:1] in _BLANKS else 0  # '' is "in" any string: no text, scan
     try:
-        value, end = _SCAN(text, start)
+        value, end = scan(text, start)
     except StopIteration as err:
         raise json.JSONDecodeError("Expecting value", text, err.value) from None
     if end != len(text) and (end := _SKIP_BLANKS(text, end).end()) != len(text):
@@ -95,13 +114,17 @@ def _check(value: Any) -> None:
             _check(item)
 
 
-def loads(text: str | bytes, *, encodable: bool = False, control_characters: bool = False) -> Any:
+def loads(
+    text: str | bytes, *, encodable: bool = False, control_characters: bool = False, unique_keys: bool = False
+) -> Any:
     """Parse JSON the way jsonb accepts it: exact decimals, no NaN/Infinity, no NUL, no lone surrogates.
 
     Duplicate keys resolve last-wins, as in jsonb. Raises ``json.JSONDecodeError`` (a ``ValueError``) for
     text that is not JSON and ``NotStorableJSON`` for JSON that jsonb rejects. ``encodable``: the caller knows
     the text encodes as UTF-8 (it was decoded from UTF-8, or checked), so it holds no lone surrogate to look for.
     ``control_characters``: raw control characters inside strings are taken as data (a raw NUL is still refused).
+    ``unique_keys``: an object holding a key twice raises ``DuplicateKeys``, which may come before a fault further
+    on in the text (parse again without it to learn of that).
     """
     from_bytes = isinstance(text, bytes)
     if from_bytes:
@@ -111,7 +134,10 @@ def loads(text: str | bytes, *, encodable: bool = False, control_characters: boo
     if control_characters and "\x00" in text:
         raise NotStorableJSON("text holds a NUL character, which jsonb cannot store")
     try:
-        value = _LENIENT.decode(text) if control_characters else _decode(text)
+        if unique_keys:
+            value = _UNIQUE_LENIENT.decode(text) if control_characters else _decode(text, _UNIQUE.scan_once)
+        else:
+            value = _LENIENT.decode(text) if control_characters else _decode(text)
     except _NumberOutOfRange as exc:
         _UNCHECKED.decode(text)  # a text that is no JSON at all says so first, whatever number it starts with
         raise NotStorableJSON(f"number {exc} does not fit PostgreSQL numeric") from None

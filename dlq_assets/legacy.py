@@ -115,8 +115,11 @@ def _upgrade(conn: psycopg.Connection[Any], drop_legacy: bool) -> UpgradeReport:
         raise LegacyUpgradeError(f"the migrations did not create {TABLE}: the ledger says they ran before")
     conn.execute(_PARTITIONS)
     conn.execute(_JSONB_OR_NULL)
+    conn.execute(_KEY_COUNTS)
     copied, wrapped, disambiguated = conn.execute(_COPY).fetchone()
-    conn.execute("DROP FUNCTION pg_temp.dlq_legacy_jsonb(text)")
+    conn.execute(
+        "DROP FUNCTION pg_temp.dlq_legacy_jsonb(text), pg_temp.dlq_legacy_keys(json), pg_temp.dlq_legacy_keys(jsonb)"
+    )
     conn.execute(_ADVANCE_SEQUENCE, {"legacy_sequence": id_sequence})
     _verify(conn)
     if drop_legacy:
@@ -198,6 +201,58 @@ END
 $$
 """
 
+# How many keys a value holds, at every depth: json keeps a key written twice, jsonb only its last value, so
+# the counts differ exactly when the text held one twice. Such a payload is wrapped too: nothing is dropped.
+# A loop over a stack of values, not recursion: jsonb takes nesting deeper than PostgreSQL's stack would.
+_KEY_COUNTS = """
+CREATE OR REPLACE FUNCTION pg_temp.dlq_legacy_keys(p json) RETURNS bigint
+    LANGUAGE plpgsql IMMUTABLE STRICT
+AS $$
+DECLARE
+    v_stack json[] := ARRAY[p];
+    v_item json;
+    v_keys bigint := 0;
+BEGIN
+    WHILE cardinality(v_stack) > 0 LOOP
+        v_item := v_stack[cardinality(v_stack)];
+        v_stack := v_stack[1:cardinality(v_stack) - 1];
+        IF json_typeof(v_item) = 'object' THEN
+            v_keys := v_keys + (SELECT count(*) FROM json_each(v_item));  -- a key written twice counts twice
+            v_stack := v_stack || ARRAY(SELECT value FROM json_each(v_item)
+                                        WHERE json_typeof(value) IN ('object', 'array'));
+        ELSIF json_typeof(v_item) = 'array' THEN
+            v_stack := v_stack || ARRAY(SELECT value FROM json_array_elements(v_item)
+                                        WHERE json_typeof(value) IN ('object', 'array'));
+        END IF;
+    END LOOP;
+    RETURN v_keys;
+END
+$$;
+CREATE OR REPLACE FUNCTION pg_temp.dlq_legacy_keys(p jsonb) RETURNS bigint
+    LANGUAGE plpgsql IMMUTABLE STRICT
+AS $$
+DECLARE
+    v_stack jsonb[] := ARRAY[p];
+    v_item jsonb;
+    v_keys bigint := 0;
+BEGIN
+    WHILE cardinality(v_stack) > 0 LOOP
+        v_item := v_stack[cardinality(v_stack)];
+        v_stack := v_stack[1:cardinality(v_stack) - 1];
+        IF jsonb_typeof(v_item) = 'object' THEN
+            v_keys := v_keys + (SELECT count(*) FROM jsonb_each(v_item));
+            v_stack := v_stack || ARRAY(SELECT value FROM jsonb_each(v_item)
+                                        WHERE jsonb_typeof(value) IN ('object', 'array'));
+        ELSIF jsonb_typeof(v_item) = 'array' THEN
+            v_stack := v_stack || ARRAY(SELECT value FROM jsonb_array_elements(v_item)
+                                        WHERE jsonb_typeof(value) IN ('object', 'array'));
+        END IF;
+    END LOOP;
+    RETURN v_keys;
+END
+$$
+"""
+
 # The trigger sets payload_checksum and derives idempotency_key (first row of each key); later rows with the
 # same derived key would be skipped by the trigger, so they get the key plus ":legacy:<id>". MATERIALIZED: inlined,
 # each later reference would re-run the conversion (a subtransaction per call), doubling the upgrade's time.
@@ -209,24 +264,39 @@ WITH converted AS MATERIALIZED (
            coalesce(l.created_at, now()) AS created_at,
            l.payload::text AS payload_text,
            l.metadata_json::text AS metadata_text,
-           pg_temp.dlq_legacy_jsonb(l.payload::text) AS payload_jsonb,
-           pg_temp.dlq_legacy_jsonb(l.metadata_json::text) AS metadata_jsonb,
+           pg_temp.dlq_legacy_jsonb(l.payload::text) AS parsed_payload,
+           pg_temp.dlq_legacy_jsonb(l.metadata_json::text) AS parsed_metadata,
            array_remove(ARRAY[CASE WHEN l.reason IS NULL THEN 'reason' END,
                               CASE WHEN l.resolved IS NULL THEN 'resolved' END,
                               CASE WHEN l.created_at IS NULL THEN 'created_at' END,
                               CASE WHEN l.payload IS NULL THEN 'payload' END], NULL) AS null_columns
       FROM dead_letter_events_legacy l
+), checked AS (
+    SELECT c.*,
+           c.parsed_payload IS NOT NULL AND jsonb_typeof(c.parsed_payload) IN ('object', 'array')
+           AND pg_temp.dlq_legacy_keys(c.payload_text::json) <> pg_temp.dlq_legacy_keys(c.parsed_payload)
+               AS duplicate_keys,
+           c.parsed_metadata IS NOT NULL AND jsonb_typeof(c.parsed_metadata) IN ('object', 'array')
+           AND pg_temp.dlq_legacy_keys(c.metadata_text::json) <> pg_temp.dlq_legacy_keys(c.parsed_metadata)
+               AS metadata_duplicate_keys
+      FROM converted c
+), deduplicated AS (
+    SELECT c.*, CASE WHEN c.duplicate_keys THEN NULL ELSE c.parsed_payload END AS payload_jsonb,
+           CASE WHEN c.metadata_duplicate_keys THEN NULL ELSE c.parsed_metadata END AS metadata_jsonb
+      FROM checked c
 ), flagged AS (
     SELECT c.*,
            c.payload_text IS NOT NULL AND c.payload_jsonb IS NULL AS wrapped,
            CASE WHEN c.payload_text IS NULL THEN 'null'::jsonb
                 ELSE coalesce(c.payload_jsonb, jsonb_build_object('raw_text', c.payload_text)) END AS new_payload,
            jsonb_strip_nulls(jsonb_build_object(
-               'legacy_payload_not_jsonb', nullif(c.payload_text IS NOT NULL AND c.payload_jsonb IS NULL, false),
-               'legacy_metadata_not_jsonb', nullif(c.metadata_text IS NOT NULL AND c.metadata_jsonb IS NULL, false),
+               'legacy_payload_not_jsonb', nullif(c.payload_text IS NOT NULL AND c.parsed_payload IS NULL, false),
+               'legacy_duplicate_keys', nullif(c.duplicate_keys, false),
+               'legacy_metadata_not_jsonb', nullif(c.metadata_text IS NOT NULL AND c.parsed_metadata IS NULL, false),
+               'legacy_metadata_duplicate_keys', nullif(c.metadata_duplicate_keys, false),
                'legacy_metadata_raw_text', CASE WHEN c.metadata_jsonb IS NULL THEN c.metadata_text END,
                'legacy_null_columns', CASE WHEN c.null_columns <> '{}' THEN to_jsonb(c.null_columns) END)) AS flags
-      FROM converted c
+      FROM deduplicated c
 ), ranked AS (
     SELECT f.*,
            CASE WHEN f.flags = '{}' THEN f.metadata_jsonb

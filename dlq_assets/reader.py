@@ -52,32 +52,39 @@ class Record:
     value: Any = None
     error: str | None = None
     bom: bool = False  # a UTF-8 byte-order mark stood right before the record and was skipped (not data)
+    duplicate_keys: bool = False  # an object in it holds a key twice: ``value`` keeps the last, as jsonb does
 
     @property
     def ok(self) -> bool:
         return self.error is None
 
 
-def _classify(raw: bytes, truncated: bool, too_deep: bool) -> tuple[Any, str | None]:
-    """Byte-level faults first (they explain the rest), then structure, then what jsonb would say."""
+def _classify(raw: bytes, truncated: bool, too_deep: bool) -> tuple[Any, str | None, bool]:
+    """``(value, error, duplicate_keys)``: byte-level faults first (they explain the rest), then structure, then
+    what jsonb would say."""
     if b"\x00" in raw:
-        return None, NUL_BYTE
+        return None, NUL_BYTE, False
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError:
-        return None, INVALID_UTF8
+        return None, INVALID_UTF8, False
     if too_deep:  # checked before parsing: json.loads would recurse on it
-        return None, TOO_DEEPLY_NESTED
+        return None, TOO_DEEPLY_NESTED, False
     if truncated:
-        return None, TRUNCATED
+        return None, TRUNCATED, False
+    duplicate_keys = False
     try:
-        return jsonutil.loads(text), None
+        try:
+            return jsonutil.loads(text, encodable=True, unique_keys=True), None, False
+        except jsonutil.DuplicateKeys:  # rare: parsed again for the value jsonb keeps, or a fault further on
+            duplicate_keys = True
+            return jsonutil.loads(text, encodable=True), None, True
     except jsonutil.NotStorableJSON:
-        return None, NOT_STORABLE_JSON
+        return None, NOT_STORABLE_JSON, duplicate_keys
     except RecursionError:  # only if the caller set max_depth above what the parser can take
-        return None, TOO_DEEPLY_NESTED
+        return None, TOO_DEEPLY_NESTED, duplicate_keys
     except ValueError:
-        return None, JSON_PARSE_ERROR
+        return None, JSON_PARSE_ERROR, duplicate_keys
 
 
 class _Scanner:
@@ -131,14 +138,14 @@ class _Scanner:
             if self.oversized:
                 yield Record(self.base, raw, error=RECORD_TOO_LARGE, bom=self.bom)
             else:
-                value, error = _classify(raw, truncated=truncated, too_deep=too_deep)
-                yield Record(self.base, raw, value, error, self.bom)
+                value, error, duplicate_keys = _classify(raw, truncated=truncated, too_deep=too_deep)
+                yield Record(self.base, raw, value, error, self.bom, duplicate_keys)
             del buf[:end]
             self.base += end
 
     def _lone_mark(self, offset: int) -> Iterator[Record]:
         if len(_BOM) <= self.cap:
-            yield Record(offset, _BOM, *_classify(_BOM, truncated=False, too_deep=False))
+            yield Record(offset, _BOM, error=_classify(_BOM, truncated=False, too_deep=False)[1])
         else:
             for start in range(0, len(_BOM), self.cap):
                 yield Record(offset + start, _BOM[start : start + self.cap], error=RECORD_TOO_LARGE)
@@ -300,11 +307,11 @@ def split_after_cut(
     for _ in range(_MAX_SPLIT_TRIES):
         if at < 0:
             return None
-        value, error = _classify(raw[at:], truncated=False, too_deep=False)
+        value, error, duplicate_keys = _classify(raw[at:], truncated=False, too_deep=False)
         if error is None and isinstance(value, dict) and accept(value) and is_cut(raw[:at]):
-            value_head, error_head = _classify(raw[:at], truncated=True, too_deep=False)
+            value_head, error_head, _ = _classify(raw[:at], truncated=True, too_deep=False)
             head = Record(record.offset, raw[:at], value_head, error_head, record.bom)
-            return head, Record(record.offset + at, raw[at:], value)
+            return head, Record(record.offset + at, raw[at:], value, duplicate_keys=duplicate_keys)
         at = raw.find(b'{"', at + 1)
     return None
 

@@ -60,6 +60,9 @@ CONTROL_CHARACTER = "control_character"
 TRUNCATED_VALUE = "truncated_value"
 UNCLOSED = "unclosed"
 TRAILING_DATA = "trailing_data"
+# An object holds a key twice: which value the producer meant is unknown, and a repaired event would keep one
+# of them silently; the dead letter keeps the record whole instead.
+DUPLICATE_KEYS = "duplicate_keys"
 AMBIGUOUS_ESCAPE = "ambiguous_escape"  # a stray backslash beside escapes that may then be literal text
 TOO_DEEPLY_NESTED = "too_deeply_nested"
 VALIDATION_FAILED = "validation_failed"
@@ -356,7 +359,9 @@ def _check_depth(value: Any, text: str) -> None:
 def _load(text: str, control_characters: bool = False) -> Any:
     try:  # every text here passed _decode (or is one with ASCII edits): it encodes as UTF-8
         # refuses numbers numeric cannot hold while parsing
-        value = jsonutil.loads(text, encodable=True, control_characters=control_characters)
+        value = jsonutil.loads(text, encodable=True, control_characters=control_characters, unique_keys=True)
+    except jsonutil.DuplicateKeys:
+        raise _Refused(DUPLICATE_KEYS) from None
     except jsonutil.NotStorableJSON:
         raise _Refused(NOT_STORABLE) from None
     except RecursionError:

@@ -59,8 +59,10 @@ def legacy_rows() -> list[tuple[Any, ...]]:
     for i in range(300):
         created = starts[i % 4] + timedelta(seconds=i)
         source, offset = (None, None) if i % 11 == 0 else (f"/var/log/cowrie/cowrie.json.{i % 3}", i * 512)
-        if i % 5 == 0:  # json text as a producer wrote it: spacing, trailing zeros, a repeated key
-            payload = f'{{ "i": {i},  "price": 1.50, "big": 1e3, "k": "first", "k": "last" }}'
+        if i % 5 == 0:  # json text as a producer wrote it: spacing, trailing zeros
+            payload = f'{{ "i": {i},  "price": 1.50, "big": 1e3, "k": "last" }}'
+        elif i % 7 == 0:  # a repeated key, which jsonb would keep one value of: kept as the text it is
+            payload = f'{{ "i": {i}, "k": "first", "k": "last" }}'
         else:
             payload = json.dumps({"i": i, "user": "Zoë 🐍 日本", "nested": {"list": [i, str(i), None, True]}})
         metadata = None if i % 2 else json.dumps({"attempt": i % 4, "host": "sensor-1"})
@@ -140,6 +142,7 @@ def test_upgrade_keeps_every_row_and_value_then_is_a_no_op(empty_db_url: str) ->
     url = empty_db_url
     make_legacy(url, legacy_rows())
     before = snapshot(url)
+    repeated = {r[0] for r in before if r[5] and '"k": "first"' in r[5]}
     (last_handed_out,) = query(url, "SELECT last_value FROM dead_letter_events_id_seq")[0]
     assert last_handed_out > before[-1][0]
 
@@ -148,7 +151,7 @@ def test_upgrade_keeps_every_row_and_value_then_is_a_no_op(empty_db_url: str) ->
     assert report == UpgradeReport(
         upgraded=True,
         rows_copied=len(before),
-        wrapped_payloads=1,
+        wrapped_payloads=1 + len(repeated),
         duplicate_keys_disambiguated=EXPECTED_DUPLICATES,
         legacy_table=LEGACY_TABLE,
         migrations_applied=[m.name for m in discover()],
@@ -164,6 +167,10 @@ def test_upgrade_keeps_every_row_and_value_then_is_a_no_op(empty_db_url: str) ->
         if old[0] in wrapped:
             assert json.loads(new[5]) == {"raw_text": NUL_PAYLOAD}  # the original text, exactly
             assert json.loads(new[6]) == {"k": "v", "legacy_payload_not_jsonb": True}
+        if old[0] in repeated:
+            assert json.loads(new[5]) == {"raw_text": old[5]}
+            assert json.loads(new[6]) == {**json.loads(old[6] or "{}"), "legacy_duplicate_keys": True}
+    wrapped |= repeated
     # jsonb equality with the legacy json cast to jsonb, for every other row.
     ids, payloads, metadata = zip(*[(r[0], r[5], r[6]) for r in before if r[0] not in wrapped], strict=True)
     differing = query(
