@@ -37,6 +37,10 @@ from dlq_assets.repair import TRUNCATED_VALUE, tokenizer_fix
 
 VALIDATION_FAILED = "validation_failed"
 DEFAULT_BATCH_SIZE = 1000
+# A batch also ends before its records' weight (bytes, plus their values once parsed: ``_weight``) would pass
+# this budget, a heavier record alone in its batch: 1,000 records of up to 8 MiB each would hold 8 GiB. Ordinary
+# records fill 1,000 long before it.
+DEFAULT_BATCH_BYTES = DEFAULT_MAX_RECORD_BYTES
 # The damaged tail of a compressed file is kept up to this many bytes (the file itself stays on disk).
 MAX_TAIL_BYTES = DEFAULT_MAX_RECORD_BYTES
 # Compressed bytes are not text: classified and prioritised like any binary record (classify.py, rule 2).
@@ -60,6 +64,7 @@ class IngestReport:
     dlq_duplicates: int = 0
     sanitized: int = 0
     boms_skipped: int = 0
+    duplicate_keys: int = 0  # records holding a key twice: kept whole as text beside the payload, and flagged
     dlq_reasons: Counter[str] = field(default_factory=Counter)
     compressed_files: Counter[str] = field(default_factory=Counter)
     damaged_files: list[dict[str, Any]] = field(default_factory=list)
@@ -80,6 +85,7 @@ class _RawRow:
     offset: int
     event: dict[str, Any]
     original_text: str | None  # set when the stored payload had to differ from the record
+    duplicate_keys: bool = False  # the record held a key twice: the payload keeps the last, original_text all
 
 
 @dataclass(frozen=True)
@@ -108,25 +114,35 @@ def _nul_in_keys(value: Any) -> bool:
     return isinstance(value, list) and any(_nul_in_keys(v) for v in value)
 
 
-def _sanitized_event(record: Record) -> dict[str, Any] | None:
+def _sanitized_event(record: Record) -> tuple[dict[str, Any], bool] | None:
     """A valid event whose only fault is a ``\\u0000`` escape in a free-text value, which jsonb cannot store: the
     event without its NULs, its exact text kept beside it (``original_text``), so nothing is lost.
 
     Only where the NUL changes no meaning: never in a key (dropping it could merge two keys), and never in a value
     the catalogue checks (``cowrie.session.con\\u0000nect`` is no event id: with a placeholder where its NUL was,
-    the event must still validate). Numbers are checked against numeric's limits while parsing.
+    the event must still validate). Numbers are checked against numeric's limits while parsing. Returns the event
+    and whether an object in it held a key twice.
     """
+    duplicate_keys = False
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal duplicate_keys
+        value = dict(pairs)
+        duplicate_keys |= len(value) != len(pairs)
+        return value
+
     try:
         value = json.loads(
-            record.raw.decode("utf-8"), parse_float=jsonutil.storable_number, parse_int=jsonutil.storable_number
-        )
+            record.raw.decode("utf-8"), parse_float=jsonutil.storable_number, parse_int=jsonutil.storable_number,
+            object_pairs_hook=unique,
+        )  # fmt: skip
         if not isinstance(value, dict) or _nul_in_keys(value) or not validate_event(_replace_nul(value, "\ufffd")):
             return None
         value = _replace_nul(value, "")
         jsonutil.loads(jsonutil.canonical_json(value))  # storable now, or still not (lone surrogates)
     except (ValueError, RecursionError):
         return None
-    return value if validate_event(value) else None
+    return (value, duplicate_keys) if validate_event(value) else None
 
 
 def _wrap(raw: bytes) -> tuple[dict[str, str], str]:
@@ -144,15 +160,24 @@ def route(record: Record) -> _RawRow | _DeadLetter:
     if record.ok:
         result = validate_event(record.value)
         if result.valid:
+            if record.duplicate_keys:
+                return _RawRow(record.offset, record.value, record.raw.decode("utf-8"), duplicate_keys=True)
             return _RawRow(record.offset, record.value, None)
-        payload, form, reason, errors = record.value, "json", VALIDATION_FAILED, list(result.errors)
+        if record.duplicate_keys:  # as jsonb it would lose a value: the record is kept as its text
+            payload, form = _wrap(record.raw)
+        else:
+            payload, form = record.value, "json"
+        reason, errors = VALIDATION_FAILED, list(result.errors)
     else:
-        if record.error == NOT_STORABLE_JSON and (event := _sanitized_event(record)) is not None:
-            return _RawRow(record.offset, event, record.raw.decode("utf-8"))
+        if record.error == NOT_STORABLE_JSON and (sanitized := _sanitized_event(record)) is not None:
+            event, duplicate_keys = sanitized
+            return _RawRow(record.offset, event, record.raw.decode("utf-8"), duplicate_keys)
         payload, form = _wrap(record.raw)
         reason, errors = record.error or "unknown", []
     priority, classification = classify_record(record, reason)
     metadata = {"payload_form": form, "record_bytes": len(record.raw), "errors": errors}
+    if record.duplicate_keys:
+        metadata["duplicate_keys"] = True
     return _DeadLetter(record.offset, reason, payload, metadata, priority, classification)
 
 
@@ -175,12 +200,13 @@ def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: li
     cur = conn.execute(
         """
         INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
-                                payload, payload_checksum, original_text)
+                                payload, payload_checksum, original_text, duplicate_keys)
         SELECT %(source)s, %(inode)s, r.off, r.eventid, r.session, r.src_ip::inet, r.ts,
-               r.payload::jsonb, r.checksum, r.original
+               r.payload::jsonb, r.checksum, r.original, r.duplicate_keys
           FROM unnest(%(offsets)s::bigint[], %(eventids)s::text[], %(sessions)s::text[], %(ips)s::text[],
-                      %(timestamps)s::timestamptz[], %(payloads)s::text[], %(checksums)s::text[], %(originals)s::text[])
-               AS r(off, eventid, session, src_ip, ts, payload, checksum, original)
+                      %(timestamps)s::timestamptz[], %(payloads)b::text[], %(checksums)s::text[], %(originals)b::text[],
+                      %(duplicates)s::boolean[])
+               AS r(off, eventid, session, src_ip, ts, payload, checksum, original, duplicate_keys)
         ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
         """,
         {
@@ -194,6 +220,7 @@ def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: li
             "payloads": list(payloads),
             "checksums": list(checksums),
             "originals": [r.original_text for r in rows],
+            "duplicates": [r.duplicate_keys for r in rows],
         },
     )
     return cur.rowcount
@@ -211,13 +238,15 @@ def _insert_dead_letters(
                                         payload_checksum, metadata_json, priority, classification)
         SELECT %(ingest_id)s, %(source)s::text, %(inode)s::text, d.off, d.reason, d.payload::jsonb, d.checksum,
                d.metadata::jsonb, d.priority, d.classification
-          FROM unnest(%(offsets)s::bigint[], %(reasons)s::text[], %(payloads)s::text[], %(checksums)s::text[],
-                      %(metadata)s::text[], %(priorities)s::int[], %(classifications)s::text[])
+          FROM unnest(%(offsets)s::bigint[], %(reasons)s::text[], %(payloads)b::text[], %(checksums)s::text[],
+                      %(metadata)b::text[], %(priorities)s::int[], %(classifications)s::text[])
                AS d(off, reason, payload, checksum, metadata, priority, classification)
-         -- a position whose event is written already (repaired from an earlier read of this file): nothing new
-         WHERE NOT EXISTS (SELECT 1 FROM raw_events r
-                            WHERE r.source = %(source)s::text AND r.source_inode = %(inode)s::text
-                              AND r.source_offset = d.off)
+         -- a position whose event is written already (repaired from an earlier read of this file): nothing new.
+         -- The batch's own positions probed in the unique index (a NOT EXISTS anti-join is planned as a hash of
+         -- every row of the source while its statistics are young: quadratic over a large file).
+         WHERE d.off <> ALL (ARRAY(SELECT r.source_offset FROM raw_events r
+                                    WHERE r.source = %(source)s::text AND r.source_inode = %(inode)s::text
+                                      AND r.source_offset = ANY (%(offsets)s::bigint[])))
         """,
         {
             "ingest_id": ingest_id,
@@ -235,13 +264,33 @@ def _insert_dead_letters(
     return cur.rowcount
 
 
-def _batches(records: Iterable[Record], size: int) -> Iterator[list[Record]]:
+# What one JSON value costs in memory once parsed and rendered (a Decimal, a slot, its canonical text), beyond its
+# bytes: 8 MiB of ``0,0,0,...`` parses into 4 million Decimals, about 550 MB.
+_VALUE_COST = 128
+
+
+def _weight(record: Record) -> int:
+    """The memory a record holds in a batch, estimated from its bytes and its values (a value per ``,`` or ``:``;
+    nesting adds at most the reader's depth limit), so a batch of records that parse into many small values stays
+    within the budget too. Ordinary Cowrie records weigh about 3-5 KiB."""
+    raw = record.raw
+    return len(raw) + _VALUE_COST * (raw.count(b",") + raw.count(b":"))
+
+
+def _batches(records: Iterable[Record], size: int, budget: int) -> Iterator[list[Record]]:
+    """Batches of at most ``size`` records and ``budget`` of their weight, a heavier record alone in its batch."""
     batch: list[Record] = []
+    held = 0
     for record in records:
+        weight = _weight(record)
+        if batch and held + weight > budget:
+            yield batch
+            batch, held = [], 0
         batch.append(record)
+        held += weight
         if len(batch) >= size:
             yield batch
-            batch = []
+            batch, held = [], 0
     if batch:
         yield batch
 
@@ -323,19 +372,26 @@ def _tail_letter(stream: LogStream, damage: Damage) -> tuple[_DeadLetter, int]:
 
 
 def _store(conn: psycopg.Connection[Any], source: str, inode: str, report: IngestReport, batch: list[Record]) -> None:
+    """Route and write one batch in one transaction. It empties ``batch``: the records' bytes are not kept beside
+    the copies the inserts make of them."""
+    records, boms = len(batch), sum(1 for r in batch if r.bom)
     routed = [route(record) for record in batch]
+    batch.clear()
     raw = [r for r in routed if isinstance(r, _RawRow)]
     dead = [r for r in routed if isinstance(r, _DeadLetter)]
     with conn.transaction():
         raw_inserted = _insert_raw(conn, source, inode, raw)
         dlq_inserted = _insert_dead_letters(conn, source, inode, report.ingest_id, dead)
-    report.records += len(batch)
+    report.records += records
     report.raw_inserted += raw_inserted
     report.raw_duplicates += len(raw) - raw_inserted
     report.dlq_inserted += dlq_inserted
     report.dlq_duplicates += len(dead) - dlq_inserted
-    report.sanitized += sum(1 for r in raw if r.original_text is not None)
-    report.boms_skipped += sum(1 for r in batch if r.bom)
+    report.sanitized += sum(1 for r in raw if r.original_text is not None and not r.duplicate_keys)
+    report.duplicate_keys += sum(1 for r in raw if r.duplicate_keys) + sum(
+        1 for d in dead if "duplicate_keys" in d.metadata
+    )
+    report.boms_skipped += boms
     report.dlq_reasons.update(d.reason for d in dead)
 
 
@@ -345,9 +401,12 @@ def ingest_file(
     report: IngestReport,
     *,
     batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
     on_batch: Callable[[int], None] | None = None,
 ) -> None:
     """Ingest one file (plain or compressed) into the database ``conn`` points at, committing batch by batch.
+
+    A batch ends at ``batch_size`` records or before ``batch_bytes`` of their weight, whichever comes first.
 
     ``on_batch`` gets the number of bytes of the file (as stored on disk: compressed bytes for a compressed
     file) read since its last call; over the whole file they add up to the file's size.
@@ -369,7 +428,7 @@ def ingest_file(
             accept=is_event,
             is_cut=is_cut_record,
         )
-        for batch in _batches(records, batch_size):
+        for batch in _batches(records, batch_size, batch_bytes):
             _store(conn, source, inode, report, batch)
             if on_batch:
                 on_batch(stream.bytes_read - reported)
@@ -415,6 +474,21 @@ def ingest_paths(
     return report
 
 
+_SYMLINK_REASON = (  # by whether it leads anywhere, and to a directory
+    "a broken symbolic link",
+    "a symbolic link to a file (not followed in a directory: name it to read it)",
+    "a symbolic link to a directory (not followed)",
+)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[dict[str, str]]]:
     """The files to ingest, and the directory entries left out with why.
 
@@ -428,12 +502,14 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], l
     for entry in map(Path, paths):
         if entry.is_dir():
             for path in sorted(entry.rglob("*")):
-                if path.is_dir():
-                    if path.is_symlink():
-                        skipped.append({"path": str(path), "reason": "a symbolic link to a directory (not followed)"})
+                if not _utf8(str(path)):
+                    skipped.append({"path": str(path), "reason": "name is not valid UTF-8: no text column holds it"})
+                elif path.is_symlink():  # it may point anywhere (/etc/passwd): a file named on its own is read
+                    skipped.append({"path": str(path), "reason": _SYMLINK_REASON[path.exists() + path.is_dir()]})
+                elif path.is_dir():
+                    pass
                 elif not path.is_file():
-                    why = "a broken symbolic link" if path.is_symlink() and not path.exists() else "not a regular file"
-                    skipped.append({"path": str(path), "reason": why})
+                    skipped.append({"path": str(path), "reason": "not a regular file"})
                 elif LOG_NAME.fullmatch(path.name):
                     files.append(path)
                 else:

@@ -202,12 +202,17 @@ def test_a_directory_takes_cowrie_names_and_rotated_forms_and_lists_what_it_skip
         (tmp_path / name).write_bytes(b"")
     (tmp_path / "gone.json").symlink_to(tmp_path / "nowhere")
     (tmp_path / "linked").symlink_to(tmp_path / "old")
+    (tmp_path / "passwd.json").symlink_to("/etc/passwd")
+    (tmp_path / "b\udcff.json").write_bytes(b"")  # a name in another encoding: no text column holds it
     files, skipped = expand_paths([tmp_path])
     assert files == sorted(tmp_path / name for name in taken)  # sorted by path: the same order every time
     assert sorted((s["path"], s["reason"]) for s in skipped) == sorted(
         [(str(tmp_path / name), why) for name, why in left.items()]
         + [(str(tmp_path / "gone.json"), "a broken symbolic link"),
-           (str(tmp_path / "linked"), "a symbolic link to a directory (not followed)")]
+           (str(tmp_path / "linked"), "a symbolic link to a directory (not followed)"),
+           (str(tmp_path / "passwd.json"),
+            "a symbolic link to a file (not followed in a directory: name it to read it)"),
+           (str(tmp_path / "b\udcff.json"), "name is not valid UTF-8: no text column holds it")]
     )  # fmt: skip
     named, nothing_skipped = expand_paths([tmp_path / "notes.txt", tmp_path / "cowrie.log"])
     assert (named, nothing_skipped) == ([tmp_path / "notes.txt", tmp_path / "cowrie.log"], [])
