@@ -118,7 +118,7 @@ def _upgrade(conn: psycopg.Connection[Any], drop_legacy: bool) -> UpgradeReport:
     conn.execute(_KEY_COUNTS)
     copied, wrapped, disambiguated = conn.execute(_COPY).fetchone()
     conn.execute(
-        "DROP FUNCTION pg_temp.dlq_legacy_jsonb(text), pg_temp.dlq_legacy_keys(json), pg_temp.dlq_legacy_keys(jsonb)"
+        "DROP FUNCTION pg_temp.dlq_legacy_jsonb(text), pg_temp.dlq_legacy_keys(json)"
     )
     conn.execute(_ADVANCE_SEQUENCE, {"legacy_sequence": id_sequence})
     _verify(conn)
@@ -201,8 +201,9 @@ END
 $$
 """
 
-# How many keys a value holds, at every depth: json keeps a key written twice, jsonb only its last value, so
-# the counts differ exactly when the text held one twice. Such a payload is wrapped too: nothing is dropped.
+# How many keys a json value holds, at every depth: json keeps a key written twice, jsonb only its last value,
+# so the text's count and its jsonb's (cast back to json) differ exactly when the text held one twice. Such a
+# payload is wrapped too: nothing is dropped.
 # A loop over a stack of values, not recursion: jsonb takes nesting deeper than PostgreSQL's stack would.
 _KEY_COUNTS = """
 CREATE OR REPLACE FUNCTION pg_temp.dlq_legacy_keys(p json) RETURNS bigint
@@ -223,29 +224,6 @@ BEGIN
         ELSIF json_typeof(v_item) = 'array' THEN
             v_stack := v_stack || ARRAY(SELECT value FROM json_array_elements(v_item)
                                         WHERE json_typeof(value) IN ('object', 'array'));
-        END IF;
-    END LOOP;
-    RETURN v_keys;
-END
-$$;
-CREATE OR REPLACE FUNCTION pg_temp.dlq_legacy_keys(p jsonb) RETURNS bigint
-    LANGUAGE plpgsql IMMUTABLE STRICT
-AS $$
-DECLARE
-    v_stack jsonb[] := ARRAY[p];
-    v_item jsonb;
-    v_keys bigint := 0;
-BEGIN
-    WHILE cardinality(v_stack) > 0 LOOP
-        v_item := v_stack[cardinality(v_stack)];
-        v_stack := v_stack[1:cardinality(v_stack) - 1];
-        IF jsonb_typeof(v_item) = 'object' THEN
-            v_keys := v_keys + (SELECT count(*) FROM jsonb_each(v_item));
-            v_stack := v_stack || ARRAY(SELECT value FROM jsonb_each(v_item)
-                                        WHERE jsonb_typeof(value) IN ('object', 'array'));
-        ELSIF jsonb_typeof(v_item) = 'array' THEN
-            v_stack := v_stack || ARRAY(SELECT value FROM jsonb_array_elements(v_item)
-                                        WHERE jsonb_typeof(value) IN ('object', 'array'));
         END IF;
     END LOOP;
     RETURN v_keys;
@@ -274,10 +252,10 @@ WITH converted AS MATERIALIZED (
 ), checked AS (
     SELECT c.*,
            c.parsed_payload IS NOT NULL AND jsonb_typeof(c.parsed_payload) IN ('object', 'array')
-           AND pg_temp.dlq_legacy_keys(c.payload_text::json) <> pg_temp.dlq_legacy_keys(c.parsed_payload)
+           AND pg_temp.dlq_legacy_keys(c.payload_text::json) <> pg_temp.dlq_legacy_keys(c.parsed_payload::json)
                AS duplicate_keys,
            c.parsed_metadata IS NOT NULL AND jsonb_typeof(c.parsed_metadata) IN ('object', 'array')
-           AND pg_temp.dlq_legacy_keys(c.metadata_text::json) <> pg_temp.dlq_legacy_keys(c.parsed_metadata)
+           AND pg_temp.dlq_legacy_keys(c.metadata_text::json) <> pg_temp.dlq_legacy_keys(c.parsed_metadata::json)
                AS metadata_duplicate_keys
       FROM converted c
 ), deduplicated AS (
