@@ -186,7 +186,7 @@ GRANT EXECUTE ON FUNCTION dlq_release_reviewed(bigint, text) TO security_admin;
 REVOKE INSERT, UPDATE, DELETE ON dlq_circuit_breaker_state FROM dlq_processor_role;
 REVOKE USAGE ON SEQUENCE dlq_circuit_breaker_state_id_seq FROM dlq_processor_role;
 
--- Settings written before these bounds existed (any processor could set them) are brought within them.
+-- Rows outside the bounds below are brought within them first, so the constraint holds in every database.
 UPDATE dlq_circuit_breaker_state
    SET failure_threshold = least(greatest(failure_threshold, 1), 10000),
        timeout_seconds = least(greatest(timeout_seconds, 1), 3600),
