@@ -117,9 +117,7 @@ def _upgrade(conn: psycopg.Connection[Any], drop_legacy: bool) -> UpgradeReport:
     conn.execute(_JSONB_OR_NULL)
     conn.execute(_KEY_COUNTS)
     copied, wrapped, disambiguated = conn.execute(_COPY).fetchone()
-    conn.execute(
-        "DROP FUNCTION pg_temp.dlq_legacy_jsonb(text), pg_temp.dlq_legacy_keys(json)"
-    )
+    conn.execute("DROP FUNCTION pg_temp.dlq_legacy_jsonb(text), pg_temp.dlq_legacy_keys(json)")
     conn.execute(_ADVANCE_SEQUENCE, {"legacy_sequence": id_sequence})
     _verify(conn)
     if drop_legacy:
