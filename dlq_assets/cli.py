@@ -323,8 +323,8 @@ def inspect(ctx: click.Context, event_id: int, as_json: bool) -> None:
         "resolved_at, resolution_method, quarantined_at, next_attempt_at, processing_lock, lock_expires_at, "
         "created_at, idempotency_key, payload_checksum, "
         "dlq_payload_checksum(payload) = payload_checksum AS checksum_ok, "
-        "payload, metadata_json, error_history, processing_attempts"
-    )
+        "payload::text AS payload, metadata_json, error_history, processing_attempts"
+    )  # the payload as jsonb prints it: numbers exact (a float would round 100000000000000000000000.5)
     with psycopg.connect(_url(ctx)) as conn:
         cur = conn.execute(
             f"SELECT 'dead_letter' AS table_name, {columns} FROM dead_letter_events WHERE id = %s", (event_id,)
@@ -340,7 +340,14 @@ def inspect(ctx: click.Context, event_id: int, as_json: bool) -> None:
         if row is None:
             _fail(f"no dead letter or poisoned event with id {event_id}", 6)
         data = dict(zip([c.name for c in cur.description], row, strict=True))
-    _emit(data, as_json, _inspect_view)
+    if as_json:  # the payload's own JSON text, spliced in: no number goes through a float
+        payload = data.pop("payload")
+        click.echo(json.dumps(data, default=_json_default, sort_keys=True)[:-1] + f', "payload": {payload}}}')
+        return
+    _inspect_view(data)
+
+
+_PAYLOAD_SHOWN = 2000  # characters of a payload the human view prints
 
 
 def _inspect_view(d: dict[str, Any]) -> None:
@@ -358,7 +365,9 @@ def _inspect_view(d: dict[str, Any]) -> None:
     head.add_row("state", state)
     head.add_row("checksum", "[green]ok[/green]" if d["checksum_ok"] else "[red]MISMATCH: tampered[/red]")
     console.print(head)
-    click.echo(f"payload: {visible(json.dumps(d['payload'], ensure_ascii=False)[:2000])}")
+    payload = d["payload"]
+    more = f" ... ({len(payload) - _PAYLOAD_SHOWN:,} more characters: --json has them all)"
+    click.echo(f"payload: {visible(payload[:_PAYLOAD_SHOWN])}{more if len(payload) > _PAYLOAD_SHOWN else ''}")
     for title, history in (("errors", d["error_history"]), ("attempts", d["processing_attempts"])):
         # The processor role writes processing_attempts: an entry need not be an object.
         entries = [e if isinstance(e, dict) else {"value": e} for e in history]

@@ -7,6 +7,7 @@ import json
 import uuid
 from collections.abc import Iterator, Sequence
 from datetime import UTC, datetime
+from decimal import Decimal
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
 
@@ -390,3 +391,18 @@ def test_the_chart_draws_reasons_that_look_like_mathtext_as_text(conn: psycopg.C
     for i, reason in enumerate(("$x^$", "r$\\frac{$", "a $\\undefinedcmd$ b", "$\\alpha$")):
         insert_dead_letter(conn, {**VALID, "n": i}, reason=reason)
     assert chart_png(analyze(conn)).startswith(b"\x89PNG")
+
+
+def test_inspect_shows_payload_numbers_exactly_and_says_where_it_cuts(db_url: str, conn: psycopg.Connection) -> None:
+    exact = {"big": Decimal("100000000000000000000000.5"), "small": Decimal("0.1000000000000000055511151231257827")}
+    event_id = conn.execute(
+        "INSERT INTO dead_letter_events (reason, payload) VALUES ('json_parse_error', %s::jsonb) RETURNING id",
+        (json.dumps({"big": "B", "small": "S", "padding": "x" * 3000}).replace('"B"', str(exact["big"]))
+         .replace('"S"', str(exact["small"])),),
+    ).fetchone()[0]  # fmt: skip
+    result = CliRunner().invoke(main, ["--database-url", db_url, "inspect", str(event_id), "--json"])
+    payload = json.loads(result.stdout, parse_float=Decimal)["payload"]
+    assert (payload["big"], payload["small"]) == (exact["big"], exact["small"])
+    result = CliRunner().invoke(main, ["--database-url", db_url, "inspect", str(event_id)])
+    assert "100000000000000000000000.5" in result.stdout and "0.1000000000000000055511151231257827" in result.stdout
+    assert "more characters: --json has them all" in result.stdout
