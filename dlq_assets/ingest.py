@@ -413,10 +413,8 @@ def ingest_file(
     """
     path = Path(path).resolve()
     source = str(path)
-    try:
-        source.encode("utf-8")
-    except UnicodeEncodeError:  # a file name in another encoding: no text column can name it
-        raise ValueError(f"cannot ingest {source!r}: its path is not valid UTF-8") from None
+    if not _utf8(source):  # a file name in another encoding: no text column can name it
+        raise ValueError(f"cannot ingest {source!r}: its path is not valid UTF-8")
     reported = 0
     corrupt = _corruption(path)
     with open_log(path) as stream:

@@ -70,14 +70,11 @@ class CircuitBreaker(dg.ConfigurableResource):
     )
 
     def ensure(self, conn: psycopg.Connection[Any]) -> None:
-        """Create the breaker; a threshold or timeout set here is applied too, which takes the owner's or
-        security_admin's rights (processors record outcomes, they do not configure the breaker)."""
-        if self.failure_threshold is None and self.timeout_seconds is None:
-            conn.execute("SELECT dlq_breaker_ensure(%s)", (self.name,))
-        else:
-            conn.execute(
-                "SELECT dlq_breaker_configure(%s, %s, %s)", (self.name, self.failure_threshold, self.timeout_seconds)
-            )
+        """Create the breaker, with this resource's threshold and timeout when set (the owner's or
+        security_admin's to do)."""
+        from dlq_assets.worker import ensure_breaker
+
+        ensure_breaker(conn, self.name, self.failure_threshold, self.timeout_seconds)
 
     def state(self, conn: psycopg.Connection[Any]) -> dict[str, Any]:
         """Read only (a reader may call it): a breaker not created yet is reported closed, with the defaults."""
