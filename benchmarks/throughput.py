@@ -5,8 +5,8 @@
 
 It writes N dead letters straight into the database (set-based, from ~2,000 templates built by the real
 reader and ingest routing, so each row is stored exactly as ingest would store it), keeps the ground truth of
-every row in side tables, runs ``dlq_assets.worker.process`` over the whole backlog, checks that every event
-ended where it must, then reloads the same backlog and times the ceiling: one set-based claim-and-resolve
+every row in side tables, runs ``dlq_assets.core.processing.worker.process`` over the whole backlog, checks that
+every event ended where it must, then reloads the same backlog and times the ceiling: one set-based claim-and-resolve
 ``UPDATE`` per batch and nothing else, with as many connections as workers. See benchmarks/README.md.
 """
 
@@ -36,7 +36,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from dlq_assets.worker import LEASE_MODES, WorkerConfig, process
+from dlq_assets.core.processing.worker import LEASE_MODES, WorkerConfig, process
 
 # Per 100 dead letters. Resolvable: repairable raw text (a trailing comma, a lost closing brace) and valid events
 # after a transient failure. Not resolvable: cut values and binary junk (retried later, nothing invented),
@@ -87,9 +87,9 @@ class Template:
 
 def _routed(template_id: int, kind: str, data: bytes, expected: str | None) -> Template | None:
     """The dead letter ingest makes of one record's bytes, or None when the bytes are not one dead letter."""
-    from dlq_assets import jsonutil
-    from dlq_assets.ingest import _DeadLetter, route
-    from dlq_assets.reader import read_records
+    from dlq_assets.core import jsonutil
+    from dlq_assets.core.intake.ingest import _DeadLetter, route
+    from dlq_assets.core.intake.reader import read_records
 
     records = list(read_records(io.BytesIO(data)))
     dead = route(records[0]) if len(records) == 1 else None
@@ -110,8 +110,8 @@ def _routed(template_id: int, kind: str, data: bytes, expected: str | None) -> T
 
 
 def _template(template_id: int, kind: str, event: dict[str, Any], rng: random.Random) -> Template:
-    from dlq_assets import jsonutil
-    from dlq_assets.generator import _binary_junk, _line
+    from dlq_assets.core import jsonutil
+    from dlq_assets.devtools.generator import _binary_junk, _line
 
     line = _line(event)  # the generator's one-line layout, as Cowrie writes it
     expected = jsonutil.canonical_json(jsonutil.loads(line))
@@ -148,7 +148,7 @@ def _template(template_id: int, kind: str, event: dict[str, Any], rng: random.Ra
 
 def build_templates(seed: int = 7) -> list[Template]:
     """100 mix slots x VARIANTS templates, each from its own generated Cowrie event, deterministic by seed."""
-    from dlq_assets.generator import generate_events
+    from dlq_assets.devtools.generator import generate_events
 
     slots = [kind for kind, share in MIX.items() for _ in range(share)]
     events = generate_events(len(slots) * VARIANTS, seed=seed)
@@ -765,7 +765,7 @@ def health(
     url: str, *, events: int, retention_batch_size: int = 1000, seed: int = 7, repeats: int = 5
 ) -> dict[str, Any]:
     """dlq_health latency on a pending backlog and on a resolved one; retention rows/s over the resolved rows."""
-    from dlq_assets.retention import run_retention
+    from dlq_assets.core.operations.retention import run_retention
 
     with psycopg.connect(url, autocommit=True) as conn:
         _require_empty(conn)
@@ -825,9 +825,9 @@ def health(
 @contextmanager
 def database(url: str | None) -> Iterator[str]:
     """The given database (migrated if needed), else a throwaway embedded cluster removed afterwards."""
-    from dlq_assets.db import ensure_database, normalize_url
-    from dlq_assets.embedded import EmbeddedServer, remove_cluster
-    from dlq_assets.migrations import migrate
+    from dlq_assets.core.db import ensure_database, normalize_url
+    from dlq_assets.core.migrations import migrate
+    from dlq_assets.devtools.embedded import EmbeddedServer, remove_cluster
 
     if url:
         url = normalize_url(url)

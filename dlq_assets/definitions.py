@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import dagster as dg
 
-from dlq_assets.assets import dlq_assets_all
-from dlq_assets.checks import health_checks
-from dlq_assets.resources import CircuitBreaker, DLQDatabase
-from dlq_assets.schedules import jobs, schedules
-from dlq_assets.sensors import backlog_sensor, check_failure_alert_sensor, run_failure_alert_sensor
+from dlq_assets.defs.assets import dlq_assets_all
+from dlq_assets.defs.checks import health_checks
+from dlq_assets.defs.resources import CircuitBreaker, DLQDatabase
+from dlq_assets.defs.schedules import jobs, schedules
+from dlq_assets.defs.sensors import backlog_sensor, check_failure_alert_sensor, run_failure_alert_sensor
 
 defs = dg.Definitions(
     assets=dlq_assets_all,

@@ -14,12 +14,15 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from dlq_assets.db import normalize_url, with_database
-from dlq_assets.embedded import EmbeddedServer, remove_cluster
-from dlq_assets.migrations import migrate
+from dlq_assets.core.db import normalize_url, with_database
+from dlq_assets.core.migrations import migrate
+from dlq_assets.devtools.embedded import EmbeddedServer, remove_cluster
 
 TEST_URL_ENV = "DLQ_TEST_DATABASE_URL"
-SHARED_REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference"
+TESTS_DIR = Path(__file__).resolve().parent
+REPO_ROOT = TESTS_DIR.parent
+TEST_DATA = TESTS_DIR / "data"
+SHARED_REFERENCE = REPO_ROOT.parent / "shared" / "reference"
 
 
 def _create_database(server_url: str, name: str, template: str | None = None) -> str:

@@ -18,13 +18,13 @@ from psycopg import sql
 from psycopg.errors import InsufficientPrivilege, InvalidParameterValue
 
 from dlq_assets.cli import main
-from dlq_assets.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome
-from dlq_assets.health import Thresholds, breaches, snapshot
-from dlq_assets.ingest import ingest_paths
-from dlq_assets.worker import LEASE_MODES, Worker, WorkerConfig
-from tests.test_legacy import make_legacy, query, upgrade_committed
-from tests.test_security import ADMIN, PROCESSOR, as_role
-from tests.test_worker import SMALL, VALID, insert_dead_letter
+from dlq_assets.core.intake.ingest import ingest_paths
+from dlq_assets.core.operations.health import Thresholds, breaches, snapshot
+from dlq_assets.core.processing.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome
+from dlq_assets.core.processing.worker import LEASE_MODES, Worker, WorkerConfig
+from tests.core.operations.test_legacy import make_legacy, query, upgrade_committed
+from tests.core.processing.test_worker import SMALL, VALID, insert_dead_letter
+from tests.core.test_security import ADMIN, PROCESSOR, as_role
 
 
 @pytest.fixture
@@ -386,7 +386,7 @@ def test_a_nul_escape_beside_a_duplicate_key_is_flagged_too(db_url: str, tmp_pat
 
 
 def test_the_chart_draws_reasons_that_look_like_mathtext_as_text(conn: psycopg.Connection) -> None:
-    from dlq_assets.analysis import analyze, chart_png
+    from dlq_assets.core.operations.analysis import analyze, chart_png
 
     for i, reason in enumerate(("$x^$", "r$\\frac{$", "a $\\undefinedcmd$ b", "$\\alpha$")):
         insert_dead_letter(conn, {**VALID, "n": i}, reason=reason)

@@ -18,10 +18,10 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from dlq_assets import jsonutil
-from dlq_assets.generator import KINDS, TruthRecord, write_corrupted_log
-from dlq_assets.ingest import ingest_paths
-from dlq_assets.worker import WorkerConfig, process
+from dlq_assets.core import jsonutil
+from dlq_assets.core.intake.ingest import ingest_paths
+from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.devtools.generator import KINDS, TruthRecord, write_corrupted_log
 
 from .conftest import SHARED_REFERENCE
 

@@ -222,8 +222,8 @@ def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> Any:
 # seconds. One handler takes every reason (dispatching to the default registry), so there is one gate per batch.
 WORKER_SCRIPT = """
 import sys, time
-from dlq_assets.handlers import HandlerRegistry, default_registry
-from dlq_assets.worker import Worker, WorkerConfig
+from dlq_assets.core.processing.handlers import HandlerRegistry, default_registry
+from dlq_assets.core.processing.worker import Worker, WorkerConfig
 
 url, lease, batch, gate, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 base = default_registry()
@@ -332,7 +332,7 @@ def stopped_at(url: str, step: str, victim: Victim) -> Iterator[None]:
 
 INGEST_SCRIPT = """
 import sys
-from dlq_assets.ingest import ingest_paths
+from dlq_assets.core.intake.ingest import ingest_paths
 ingest_paths([sys.argv[2]], url=sys.argv[1], batch_size=int(sys.argv[3]))
 """
 

@@ -19,17 +19,17 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from dlq_assets import jsonutil
-from dlq_assets.assets import dlq_processed_batches
 from dlq_assets.cli import main
-from dlq_assets.cowrie import validate_event
-from dlq_assets.generator import generate_events
-from dlq_assets.handlers import HandlerRegistry
-from dlq_assets.ingest import _RawRow, ingest_paths, is_cut_record, is_event, route
-from dlq_assets.reader import Record, read_file, read_records
-from dlq_assets.repair import Fragment, raw_bytes_of, repair_record, stitch_fragments
-from dlq_assets.resources import CircuitBreaker, DLQDatabase
-from dlq_assets.worker import Worker, WorkerConfig, process
+from dlq_assets.core import jsonutil
+from dlq_assets.core.cowrie import validate_event
+from dlq_assets.core.intake.ingest import _RawRow, ingest_paths, is_cut_record, is_event, route
+from dlq_assets.core.intake.reader import Record, read_file, read_records
+from dlq_assets.core.processing.handlers import HandlerRegistry
+from dlq_assets.core.processing.worker import Worker, WorkerConfig, process
+from dlq_assets.core.repair import Fragment, raw_bytes_of, repair_record, stitch_fragments
+from dlq_assets.defs.assets import dlq_processed_batches
+from dlq_assets.defs.resources import CircuitBreaker, DLQDatabase
+from dlq_assets.devtools.generator import generate_events
 from tests.reliability.conftest import (
     SCALE,
     VALID,

@@ -12,10 +12,10 @@ from typing import Any
 import psycopg
 import pytest
 
-from dlq_assets.generator import write_corrupted_log
-from dlq_assets.ingest import IngestReport, ingest_paths
-from dlq_assets.retention import RetentionReport, run_retention
-from dlq_assets.worker import WorkerConfig, process
+from dlq_assets.core.intake.ingest import IngestReport, ingest_paths
+from dlq_assets.core.operations.retention import RetentionReport, run_retention
+from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.devtools.generator import write_corrupted_log
 from tests.reliability.conftest import (
     SCALE,
     assert_ledger_holds,

@@ -12,15 +12,15 @@ from typing import Any
 import psycopg
 import pytest
 
-from dlq_assets import jsonutil
-from dlq_assets.db import ensure_database
-from dlq_assets.embedded import EmbeddedServer, remove_cluster
-from dlq_assets.generator import write_corrupted_log
-from dlq_assets.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome, ReplayHandler
-from dlq_assets.ingest import _RawRow, ingest_paths, is_cut_record, is_event, route
-from dlq_assets.migrations import migrate
-from dlq_assets.reader import read_file
-from dlq_assets.worker import Worker, WorkerConfig, process
+from dlq_assets.core import jsonutil
+from dlq_assets.core.db import ensure_database
+from dlq_assets.core.intake.ingest import _RawRow, ingest_paths, is_cut_record, is_event, route
+from dlq_assets.core.intake.reader import read_file
+from dlq_assets.core.migrations import migrate
+from dlq_assets.core.processing.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome, ReplayHandler
+from dlq_assets.core.processing.worker import Worker, WorkerConfig, process
+from dlq_assets.devtools.embedded import EmbeddedServer, remove_cluster
+from dlq_assets.devtools.generator import write_corrupted_log
 from tests.conftest import cluster_dir
 from tests.reliability.conftest import (
     SCALE,

@@ -12,16 +12,16 @@ import dagster as dg
 import pytest
 from click.testing import CliRunner, Result
 
-from dlq_assets import db
-from dlq_assets.assets import dlq_failure_patterns, dlq_processed_batches, dlq_retention_state, dlq_schema
 from dlq_assets.cli import main
-from dlq_assets.generator import write_corrupted_log
-from dlq_assets.ingest import ingest_paths
-from dlq_assets.migrations import migrate
-from dlq_assets.redrive import redrive
-from dlq_assets.resources import CircuitBreaker, DLQDatabase
-from dlq_assets.retention import run_retention
-from dlq_assets.worker import WorkerConfig, process
+from dlq_assets.core import db
+from dlq_assets.core.intake.ingest import ingest_paths
+from dlq_assets.core.migrations import migrate
+from dlq_assets.core.operations.redrive import redrive
+from dlq_assets.core.operations.retention import run_retention
+from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.defs.assets import dlq_failure_patterns, dlq_processed_batches, dlq_retention_state, dlq_schema
+from dlq_assets.defs.resources import CircuitBreaker, DLQDatabase
+from dlq_assets.devtools.generator import write_corrupted_log
 from tests.reliability.conftest import with_params, with_password
 
 pytestmark = pytest.mark.reliability

@@ -17,12 +17,12 @@ from click.testing import CliRunner
 from psycopg.types.json import Jsonb
 
 from dlq_assets.cli import main
-from dlq_assets.generator import write_corrupted_log
-from dlq_assets.handlers import HandlerRegistry
-from dlq_assets.ingest import ingest_paths
-from dlq_assets.worker import Worker, WorkerConfig, process
+from dlq_assets.core.intake.ingest import ingest_paths
+from dlq_assets.core.processing.handlers import HandlerRegistry
+from dlq_assets.core.processing.worker import Worker, WorkerConfig, process
+from dlq_assets.devtools.generator import write_corrupted_log
+from tests.core.test_security import ADMIN, PROCESSOR, READER, as_role
 from tests.reliability.conftest import VALID, assert_ledger_holds, insert_dead_letter, take_ledger
-from tests.test_security import ADMIN, PROCESSOR, READER, as_role
 
 pytestmark = pytest.mark.reliability
 

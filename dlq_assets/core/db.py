@@ -1,0 +1,124 @@
+"""Database selection and connections: one rule for the library, the CLI, the tests and Dagster.
+
+``DLQ_DATABASE_URL`` (a ``postgresql://`` URL) points at an external server. Without it, the embedded server
+under the local data dir is started or joined and its ``dlq`` database is created on first use.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Sequence
+from functools import lru_cache
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+from psycopg import sql
+from psycopg.conninfo import conninfo_to_dict
+
+from dlq_assets.devtools.embedded import EmbeddedServer, default_data_dir
+
+URL_ENV = "DLQ_DATABASE_URL"
+EMBEDDED_DATABASE = "dlq"
+
+
+def database_url(url: str | None = None) -> str:
+    """The URL to use: an explicit one, else ``$DLQ_DATABASE_URL``, else the embedded server's ``dlq`` database."""
+    url = url or os.environ.get(URL_ENV)
+    if url:
+        return normalize_url(url)
+    status = EmbeddedServer(default_data_dir()).start()
+    ensure_database(status.url(), EMBEDDED_DATABASE)
+    return status.url(EMBEDDED_DATABASE)
+
+
+def normalize_url(url: str) -> str:
+    """Accept SQLAlchemy-style ``postgresql+driver://`` URLs too; psycopg wants plain ``postgresql://``."""
+    scheme, rest = url.split("://", 1) if "://" in url else ("", url)
+    if scheme.startswith(("postgresql+", "postgres+")) or scheme == "postgres":
+        return f"postgresql://{rest}"
+    if scheme != "postgresql":
+        raise ValueError(f"not a PostgreSQL URL: {redact(url)}")
+    try:
+        conninfo_to_dict(url)  # libpq's own parse: its errors quote the whole URL, password and all
+    except psycopg.ProgrammingError as exc:
+        raise ValueError(redact(str(exc))) from None
+    return url
+
+
+def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
+    """The same server as a SQLAlchemy URL; Dagster's storage needs ``psycopg2`` (its NOTIFY breaks on psycopg 3)."""
+    return f"postgresql+{driver}://{normalize_url(url).split('://', 1)[1]}"
+
+
+def with_database(url: str, database: str) -> str:
+    parts = urlsplit(normalize_url(url))
+    return urlunsplit(parts._replace(path=f"/{database}"))
+
+
+# A password in a URL's userinfo (up to its last "@"), or in a password= parameter (URL query, key=value conninfo),
+# wherever it appears: a URL, a conninfo string, an error message quoting either.
+_PASSWORDS = re.compile(r"(://[^/:@\s]*:)[^\s'\"]*(?=@)|(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&]*)", re.I)
+
+
+def redact(url: str) -> str:
+    """The URL (or conninfo, or a message holding one) with every password replaced, for what a person or log sees."""
+    return _PASSWORDS.sub(lambda m: f"{m[1] or m[2]}***", url)
+
+
+def connect(url: str | None = None, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:
+    return psycopg.connect(database_url(url), autocommit=autocommit, **kwargs)
+
+
+def ensure_database(server_url: str, name: str) -> bool:
+    """Create database ``name`` on the server if it is missing; True when it was created."""
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        if conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,)).fetchone():
+            return False
+        try:
+            conn.execute(sql.SQL("CREATE DATABASE {} ENCODING 'UTF8' TEMPLATE template0").format(sql.Identifier(name)))
+        except psycopg.errors.DuplicateDatabase:
+            return False  # another process created it between our check and our create
+        return True
+
+
+# --- array parameters ------------------------------------------------------------------------------------------
+# psycopg dumps a list parameter with a Python call per element: a worker's batch sends about twenty 1,000-element
+# arrays, and that was 17% of its time (py-spy). Literals built by str.join cost a fraction of it (measured in
+# benchmarks/README.md, session 4); the server parses them in C.
+
+JSON_SEPARATOR = "\x1e"  # ASCII record separator: JSON text never holds it raw (control characters are escaped)
+# The SQL that takes a json_texts() parameter: a text[], each element cast to jsonb where it is used. A jsonb[] cast
+# whole (::jsonb[]) built and took apart an array of parsed values: 5.9 ms per 1,000 payloads against 2.2.
+JSON_TEXTS_SQL = "string_to_array(%s, chr(30))"
+
+
+def bigint_array(values: Sequence[int | None]) -> str:
+    """An ``int8[]`` literal for a ``%s::bigint[]`` parameter; each value must be an int (None becomes NULL)."""
+    if None in values:
+        return "{" + ",".join("NULL" if v is None else str(int(v)) for v in values) + "}"
+    return "{" + ",".join(map(str, map(int, values))) + "}"
+
+
+@lru_cache(maxsize=4096)
+def _quoted(value: str | None) -> str:
+    """An array element, quoted (any text round-trips); cached: most columns repeat a few values (a source, an
+    outcome, a method) a thousand times a batch."""
+    return "NULL" if value is None else '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def text_array(values: Sequence[str | None]) -> str:
+    """A ``text[]`` literal for a ``%s::text[]`` parameter: every element quoted, so any text round-trips."""
+    return "{" + ",".join(map(_quoted, values)) + "}"
+
+
+def json_texts(texts: Sequence[str]) -> str:
+    """JSON texts joined by the record separator, for :data:`JSON_TEXTS_SQL`: no escaping at all (a batch's
+    payloads are half a megabyte of quotes). A text holding the separator is no JSON: ValueError, never a split."""
+    if not texts or "" in texts:  # '' would split into no element at all, not into one that jsonb refuses
+        raise ValueError("json_texts needs one or more texts, none of them empty")
+    joined = JSON_SEPARATOR.join(texts)
+    if joined.count(JSON_SEPARATOR) != len(texts) - 1:
+        raise ValueError("a JSON text holds a raw record separator (U+001E): it is not JSON")
+    return joined

@@ -1,0 +1,521 @@
+"""Ingest Cowrie JSON logs: valid events to ``raw_events``, everything else to the DLQ, nothing lost.
+
+Every record the reader yields ends in exactly one place: a ``raw_events`` row (idempotent on source, inode
+and byte offset) or a ``dead_letter_events`` row (idempotent on its key). Records jsonb cannot hold are
+wrapped losslessly: ``{"raw_text": ...}`` for UTF-8 text, ``{"raw_base64": ...}`` for bytes that are not.
+Each batch commits on its own, so an interrupted ingest resumes by simply running again.
+
+Compressed logs (gzip, bzip2, xz, zstd: known by their magic bytes, see ``dlq_assets.core.intake.compressed``) are read
+as their decompressed bytes, and offsets are positions in that stream. When a compressed file is damaged, the
+records before the damage are ingested as usual and the undecodable rest of the file becomes one dead letter.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import os
+import re
+import uuid
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import psycopg
+
+from dlq_assets.core import jsonutil
+from dlq_assets.core.cowrie import validate_event
+from dlq_assets.core.db import database_url
+from dlq_assets.core.intake.classify import classify_record
+from dlq_assets.core.intake.compressed import COMPRESSED_CORRUPT, Damage, LogStream, open_log
+from dlq_assets.core.intake.reader import DEFAULT_MAX_RECORD_BYTES, NOT_STORABLE_JSON, Record, read_records
+from dlq_assets.core.repair import TRUNCATED_VALUE, tokenizer_fix
+
+VALIDATION_FAILED = "validation_failed"
+DEFAULT_BATCH_SIZE = 1000
+# A batch also ends before its records' weight (bytes, plus their values once parsed: ``_weight``) would pass
+# this budget, a heavier record alone in its batch: 1,000 records of up to 8 MiB each would hold 8 GiB. Ordinary
+# records fill 1,000 long before it.
+DEFAULT_BATCH_BYTES = DEFAULT_MAX_RECORD_BYTES
+# The damaged tail of a compressed file is kept up to this many bytes (the file itself stays on disk).
+MAX_TAIL_BYTES = DEFAULT_MAX_RECORD_BYTES
+# Compressed bytes are not text: classified and prioritised like any binary record (classify.py, rule 2).
+TAIL_PRIORITY, TAIL_CLASSIFICATION = 9, "binary"
+# Cowrie's file and its rotated forms, and any other JSON log; each maybe compressed (by name: the content is
+# decided by magic bytes, this only decides which directory entries are logs).
+LOG_NAME = re.compile(r"(?:cowrie\.json(?:\.[0-9]{4}-[0-9]{2}-[0-9]{2}|\.[0-9]+)?|.+\.jsonl?)(?:\.(?:gz|bz2|xz|zst))?")
+
+
+@dataclass
+class IngestReport:
+    """What one ingest did. ``records`` counts the reader's records; a damaged file's tail is one more dead letter
+    (in ``dlq_inserted``/``dlq_duplicates`` and ``dlq_reasons``), listed in ``damaged_files``."""
+
+    ingest_id: str
+    files: int = 0
+    records: int = 0
+    raw_inserted: int = 0
+    raw_duplicates: int = 0
+    dlq_inserted: int = 0
+    dlq_duplicates: int = 0
+    sanitized: int = 0
+    boms_skipped: int = 0
+    duplicate_keys: int = 0  # records holding a key twice: kept whole as text beside the payload, and flagged
+    dlq_reasons: Counter[str] = field(default_factory=Counter)
+    compressed_files: Counter[str] = field(default_factory=Counter)
+    damaged_files: list[dict[str, Any]] = field(default_factory=list)
+    skipped_files: list[dict[str, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            **self.__dict__,
+            "dlq_reasons": dict(self.dlq_reasons),
+            "compressed_files": dict(self.compressed_files),
+            "damaged_files": [dict(d) for d in self.damaged_files],
+            "skipped_files": [dict(s) for s in self.skipped_files],
+        }
+
+
+@dataclass(frozen=True)
+class _RawRow:
+    offset: int
+    event: dict[str, Any]
+    original_text: str | None  # set when the stored payload had to differ from the record
+    duplicate_keys: bool = False  # the record held a key twice: the payload keeps the last, original_text all
+
+
+@dataclass(frozen=True)
+class _DeadLetter:
+    offset: int
+    reason: str
+    payload: Any
+    metadata: dict[str, Any]
+    priority: int
+    classification: str
+
+
+def _replace_nul(value: Any, by: str) -> Any:
+    if isinstance(value, str):
+        return value.replace("\x00", by)
+    if isinstance(value, dict):
+        return {k: _replace_nul(v, by) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_replace_nul(v, by) for v in value]
+    return value
+
+
+def _nul_in_keys(value: Any) -> bool:
+    if isinstance(value, dict):
+        return any("\x00" in k or _nul_in_keys(v) for k, v in value.items())
+    return isinstance(value, list) and any(_nul_in_keys(v) for v in value)
+
+
+def _sanitized_event(record: Record) -> tuple[dict[str, Any], bool] | None:
+    """A valid event whose only fault is a ``\\u0000`` escape in a free-text value, which jsonb cannot store: the
+    event without its NULs, its exact text kept beside it (``original_text``), so nothing is lost.
+
+    Only where the NUL changes no meaning: never in a key (dropping it could merge two keys), and never in a value
+    the catalogue checks (``cowrie.session.con\\u0000nect`` is no event id: with a placeholder where its NUL was,
+    the event must still validate). Numbers are checked against numeric's limits while parsing. Returns the event
+    and whether an object in it held a key twice.
+    """
+    duplicate_keys = False
+
+    def unique(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        nonlocal duplicate_keys
+        value = dict(pairs)
+        duplicate_keys |= len(value) != len(pairs)
+        return value
+
+    try:
+        value = json.loads(
+            record.raw.decode("utf-8"), parse_float=jsonutil.storable_number, parse_int=jsonutil.storable_number,
+            object_pairs_hook=unique,
+        )  # fmt: skip
+        if not isinstance(value, dict) or _nul_in_keys(value) or not validate_event(_replace_nul(value, "\ufffd")):
+            return None
+        value = _replace_nul(value, "")
+        jsonutil.loads(jsonutil.canonical_json(value))  # storable now, or still not (lone surrogates)
+    except (ValueError, RecursionError):
+        return None
+    return (value, duplicate_keys) if validate_event(value) else None
+
+
+def _wrap(raw: bytes) -> tuple[dict[str, str], str]:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    if text is None or "\x00" in text:
+        return {"raw_base64": base64.b64encode(raw).decode("ascii")}, "raw_base64"
+    return {"raw_text": text}, "raw_text"
+
+
+def route(record: Record) -> _RawRow | _DeadLetter:
+    """Decide where one record goes, and with what."""
+    if record.ok:
+        result = validate_event(record.value)
+        if result.valid:
+            if record.duplicate_keys:
+                return _RawRow(record.offset, record.value, record.raw.decode("utf-8"), duplicate_keys=True)
+            return _RawRow(record.offset, record.value, None)
+        if record.duplicate_keys:  # as jsonb it would lose a value: the record is kept as its text
+            payload, form = _wrap(record.raw)
+        else:
+            payload, form = record.value, "json"
+        reason, errors = VALIDATION_FAILED, list(result.errors)
+    else:
+        if record.error == NOT_STORABLE_JSON and (sanitized := _sanitized_event(record)) is not None:
+            event, duplicate_keys = sanitized
+            return _RawRow(record.offset, event, record.raw.decode("utf-8"), duplicate_keys)
+        payload, form = _wrap(record.raw)
+        reason, errors = record.error or "unknown", []
+    priority, classification = classify_record(record, reason)
+    metadata = {"payload_form": form, "record_bytes": len(record.raw), "errors": errors}
+    if record.duplicate_keys:
+        metadata["duplicate_keys"] = True
+    return _DeadLetter(record.offset, reason, payload, metadata, priority, classification)
+
+
+def _session(event: dict[str, Any]) -> str | None:
+    value = event.get("session")
+    return value if isinstance(value, str) else None
+
+
+def _timestamp(event: dict[str, Any]) -> datetime | None:
+    try:
+        return datetime.fromisoformat(event["timestamp"])
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
+def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: list[_RawRow]) -> int:
+    if not rows:
+        return 0
+    payloads, checksums = zip(*(jsonutil.canonical_with_checksum(r.event) for r in rows), strict=True)
+    cur = conn.execute(
+        """
+        INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
+                                payload, payload_checksum, original_text, duplicate_keys)
+        SELECT %(source)s, %(inode)s, r.off, r.eventid, r.session, r.src_ip::inet, r.ts,
+               r.payload::jsonb, r.checksum, r.original, r.duplicate_keys
+          FROM unnest(%(offsets)s::bigint[], %(eventids)s::text[], %(sessions)s::text[], %(ips)s::text[],
+                      %(timestamps)s::timestamptz[], %(payloads)b::text[], %(checksums)s::text[], %(originals)b::text[],
+                      %(duplicates)s::boolean[])
+               AS r(off, eventid, session, src_ip, ts, payload, checksum, original, duplicate_keys)
+        ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
+        """,
+        {
+            "source": source,
+            "inode": inode,
+            "offsets": [r.offset for r in rows],
+            "eventids": [r.event["eventid"] for r in rows],
+            "sessions": [_session(r.event) for r in rows],
+            "ips": [r.event.get("src_ip") for r in rows],
+            "timestamps": [_timestamp(r.event) for r in rows],
+            "payloads": list(payloads),
+            "checksums": list(checksums),
+            "originals": [r.original_text for r in rows],
+            "duplicates": [r.duplicate_keys for r in rows],
+        },
+    )
+    return cur.rowcount
+
+
+def _insert_dead_letters(
+    conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: str, rows: list[_DeadLetter]
+) -> int:
+    if not rows:
+        return 0
+    payloads, checksums = zip(*(jsonutil.canonical_with_checksum(d.payload) for d in rows), strict=True)
+    cur = conn.execute(
+        """
+        INSERT INTO dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload,
+                                        payload_checksum, metadata_json, priority, classification)
+        SELECT %(ingest_id)s, %(source)s::text, %(inode)s::text, d.off, d.reason, d.payload::jsonb, d.checksum,
+               d.metadata::jsonb, d.priority, d.classification
+          FROM unnest(%(offsets)s::bigint[], %(reasons)s::text[], %(payloads)b::text[], %(checksums)s::text[],
+                      %(metadata)b::text[], %(priorities)s::int[], %(classifications)s::text[])
+               AS d(off, reason, payload, checksum, metadata, priority, classification)
+         -- a position whose event is written already (repaired from an earlier read of this file): nothing new.
+         -- The batch's own positions probed in the unique index (a NOT EXISTS anti-join is planned as a hash of
+         -- every row of the source while its statistics are young: quadratic over a large file).
+         WHERE d.off <> ALL (ARRAY(SELECT r.source_offset FROM raw_events r
+                                    WHERE r.source = %(source)s::text AND r.source_inode = %(inode)s::text
+                                      AND r.source_offset = ANY (%(offsets)s::bigint[])))
+        """,
+        {
+            "ingest_id": ingest_id,
+            "source": source,
+            "inode": inode,
+            "offsets": [d.offset for d in rows],
+            "reasons": [d.reason for d in rows],
+            "payloads": list(payloads),
+            "checksums": list(checksums),
+            "metadata": [json.dumps(d.metadata) for d in rows],
+            "priorities": [d.priority for d in rows],
+            "classifications": [d.classification for d in rows],
+        },
+    )
+    return cur.rowcount
+
+
+# What one JSON value costs in memory once parsed and rendered (a Decimal, a slot, its canonical text), beyond its
+# bytes: 8 MiB of ``0,0,0,...`` parses into 4 million Decimals, about 550 MB.
+_VALUE_COST = 128
+
+
+def _weight(record: Record) -> int:
+    """The memory a record holds in a batch, estimated from its bytes and its values (a value per ``,`` or ``:``;
+    nesting adds at most the reader's depth limit), so a batch of records that parse into many small values stays
+    within the budget too. Ordinary Cowrie records weigh about 3-5 KiB."""
+    raw = record.raw
+    return len(raw) + _VALUE_COST * (raw.count(b",") + raw.count(b":"))
+
+
+def _batches(records: Iterable[Record], size: int, budget: int) -> Iterator[list[Record]]:
+    """Batches of at most ``size`` records and ``budget`` of their weight, a heavier record alone in its batch."""
+    batch: list[Record] = []
+    held = 0
+    for record in records:
+        weight = _weight(record)
+        if batch and held + weight > budget:
+            yield batch
+            batch, held = [], 0
+        batch.append(record)
+        held += weight
+        if len(batch) >= size:
+            yield batch
+            batch, held = [], 0
+    if batch:
+        yield batch
+
+
+_PROBE_PIECE = 1 << 20
+
+
+def _corruption(path: Path) -> Damage | None:
+    """The damage of a compressed file whose data turned out corrupt (not merely cut short), found by decoding it
+    once to its end before anything is ingested: integrity checks sit at the end of each member."""
+    with open_log(path) as probe:
+        if probe.compression is None:
+            return None
+        while probe.read(_PROBE_PIECE):
+            pass
+        damage = probe.damage
+    return damage if damage is not None and damage.reason == COMPRESSED_CORRUPT else None
+
+
+class _Prefix(io.RawIOBase):
+    """The first ``size`` bytes of a stream."""
+
+    def __init__(self, stream: LogStream, size: int) -> None:
+        super().__init__()
+        self.stream, self.left = stream, size
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0:
+            size = self.left
+        data = self.stream.read(min(size, self.left)) if self.left else b""
+        self.left -= len(data)
+        return data
+
+
+def is_event(value: Any) -> bool:
+    """What a whole record is, for the reader to split a cut record from a whole one written after it."""
+    return validate_event(value).valid
+
+
+def is_cut_record(head: bytes) -> bool:
+    """A JSON record cut short where no value was due: what follows it cannot be one of its values, nor a string
+    of some other producer's text (a Python repr keeps ``"`` unescaped in its strings)."""
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    if text.rstrip(" \t\r\n").endswith((":", ",", "[", "{")):
+        return False
+    return tokenizer_fix(text)[1] in (None, TRUNCATED_VALUE)
+
+
+def _tail_letter(stream: LogStream, damage: Damage) -> tuple[_DeadLetter, int]:
+    """The undecodable rest of a damaged compressed file as one dead letter, and the tail's full length.
+
+    It sits at the decompressed offset where the good data ends, so ingesting the file again finds the same
+    key. It has no ``record_bytes``: it spans no bytes of the decompressed stream, so fragment stitching never
+    takes it for a neighbour.
+    """
+    tail = stream.tail(MAX_TAIL_BYTES)
+    metadata = {
+        "payload_form": "raw_base64",
+        "compression": damage.compression,
+        "compressed_offset": damage.compressed_offset,
+        "detected_at": damage.detected_at,
+        "unverified_from": damage.unverified_from,
+        "tail_bytes": tail.size,
+        "tail_sha256": tail.sha256,
+        "stored_bytes": len(tail.data),
+        "tail_capped": tail.capped,  # only the first stored_bytes of the tail are in the payload
+        "message": damage.message,
+    }
+    payload = {"raw_base64": base64.b64encode(tail.data).decode("ascii")}
+    letter = _DeadLetter(damage.decompressed_offset, damage.reason, payload, metadata, TAIL_PRIORITY,
+                         TAIL_CLASSIFICATION)  # fmt: skip
+    return letter, tail.size
+
+
+def _store(conn: psycopg.Connection[Any], source: str, inode: str, report: IngestReport, batch: list[Record]) -> None:
+    """Route and write one batch in one transaction. It empties ``batch``: the records' bytes are not kept beside
+    the copies the inserts make of them."""
+    records, boms = len(batch), sum(1 for r in batch if r.bom)
+    routed = [route(record) for record in batch]
+    batch.clear()
+    raw = [r for r in routed if isinstance(r, _RawRow)]
+    dead = [r for r in routed if isinstance(r, _DeadLetter)]
+    with conn.transaction():
+        raw_inserted = _insert_raw(conn, source, inode, raw)
+        dlq_inserted = _insert_dead_letters(conn, source, inode, report.ingest_id, dead)
+    report.records += records
+    report.raw_inserted += raw_inserted
+    report.raw_duplicates += len(raw) - raw_inserted
+    report.dlq_inserted += dlq_inserted
+    report.dlq_duplicates += len(dead) - dlq_inserted
+    report.sanitized += sum(1 for r in raw if r.original_text is not None and not r.duplicate_keys)
+    report.duplicate_keys += sum(1 for r in raw if r.duplicate_keys) + sum(
+        1 for d in dead if "duplicate_keys" in d.metadata
+    )
+    report.boms_skipped += boms
+    report.dlq_reasons.update(d.reason for d in dead)
+
+
+def ingest_file(
+    conn: psycopg.Connection[Any],
+    path: str | os.PathLike[str],
+    report: IngestReport,
+    *,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    batch_bytes: int = DEFAULT_BATCH_BYTES,
+    on_batch: Callable[[int], None] | None = None,
+) -> None:
+    """Ingest one file (plain or compressed) into the database ``conn`` points at, committing batch by batch.
+
+    A batch ends at ``batch_size`` records or before ``batch_bytes`` of their weight, whichever comes first.
+
+    ``on_batch`` gets the number of bytes of the file (as stored on disk: compressed bytes for a compressed
+    file) read since its last call; over the whole file they add up to the file's size.
+    """
+    path = Path(path).resolve()
+    source = str(path)
+    if not _utf8(source):  # a file name in another encoding: no text column can name it
+        raise ValueError(f"cannot ingest {source!r}: its path is not valid UTF-8")
+    reported = 0
+    corrupt = _corruption(path)
+    with open_log(path) as stream:
+        inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
+        # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes
+        # decoded from it may be wrong, and the member's compressed bytes go to the tail's dead letter instead.
+        records = read_records(
+            stream if corrupt is None else _Prefix(stream, corrupt.unverified_from),
+            accept=is_event,
+            is_cut=is_cut_record,
+        )
+        for batch in _batches(records, batch_size, batch_bytes):
+            _store(conn, source, inode, report, batch)
+            if on_batch:
+                on_batch(stream.bytes_read - reported)
+                reported = stream.bytes_read
+        if stream.compression:
+            report.compressed_files[stream.compression] += 1
+        if corrupt is not None:
+            stream.damage = replace(
+                corrupt, decompressed_offset=corrupt.unverified_from, compressed_offset=corrupt.unit_offset
+            )
+        if (damage := stream.damage) is not None:
+            letter, tail_bytes = _tail_letter(stream, damage)
+            with conn.transaction():
+                inserted = _insert_dead_letters(conn, source, inode, report.ingest_id, [letter])
+            report.dlq_inserted += inserted
+            report.dlq_duplicates += 1 - inserted
+            report.dlq_reasons[letter.reason] += 1
+            report.damaged_files.append(
+                {"path": source, "compression": damage.compression, "reason": damage.reason,
+                 "message": damage.message, "decompressed_offset": damage.decompressed_offset,
+                 "compressed_offset": damage.compressed_offset, "tail_bytes": tail_bytes}
+            )  # fmt: skip
+        if on_batch and stream.bytes_read > reported:
+            on_batch(stream.bytes_read - reported)
+    report.files += 1
+
+
+def ingest_paths(
+    paths: Iterable[str | os.PathLike[str]],
+    *,
+    url: str | None = None,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+    on_batch: Callable[[int], None] | None = None,
+) -> IngestReport:
+    """Ingest Cowrie logs (files, or directories of them: see :func:`expand_paths`) and report what went where."""
+    report = IngestReport(ingest_id=uuid.uuid4().hex)
+    files, report.skipped_files = expand_paths(paths)
+    with psycopg.connect(database_url(url), autocommit=True) as conn:
+        if conn.execute("SELECT to_regclass('dead_letter_events')").fetchone() == (None,):
+            raise RuntimeError("the DLQ schema is missing from this database: run `dlq create` first")
+        for path in files:
+            ingest_file(conn, path, report, batch_size=batch_size, on_batch=on_batch)
+    return report
+
+
+_SYMLINK_REASON = (  # by whether it leads anywhere, and to a directory
+    "a broken symbolic link",
+    "a symbolic link to a file (not followed in a directory: name it to read it)",
+    "a symbolic link to a directory (not followed)",
+)
+
+
+def _utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], list[dict[str, str]]]:
+    """The files to ingest, and the directory entries left out with why.
+
+    A file named in ``paths`` is always read, whatever its name. A directory is walked recursively, in sorted
+    path order, taking the regular files whose names match ``LOG_NAME``: ``cowrie.json``, its rotated forms
+    ``cowrie.json.YYYY-MM-DD`` and ``cowrie.json.N``, any ``*.json`` or ``*.jsonl``, each also with ``.gz``,
+    ``.bz2``, ``.xz`` or ``.zst``. Everything else in it is listed as skipped.
+    """
+    files: list[Path] = []
+    skipped: list[dict[str, str]] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            for path in sorted(entry.rglob("*")):
+                if not _utf8(str(path)):
+                    skipped.append({"path": str(path), "reason": "name is not valid UTF-8: no text column holds it"})
+                elif path.is_symlink():  # it may point anywhere (/etc/passwd): a file named on its own is read
+                    skipped.append({"path": str(path), "reason": _SYMLINK_REASON[path.exists() + path.is_dir()]})
+                elif path.is_dir():
+                    pass
+                elif not path.is_file():
+                    skipped.append({"path": str(path), "reason": "not a regular file"})
+                elif LOG_NAME.fullmatch(path.name):
+                    files.append(path)
+                else:
+                    skipped.append({"path": str(path), "reason": "name is not a Cowrie JSON log's"})
+        elif entry.is_file():
+            files.append(entry)
+        elif entry.exists():
+            raise ValueError(f"cannot ingest {entry}: not a regular file or a directory")
+        else:
+            raise FileNotFoundError(f"no such file or directory: {entry}")
+    return files, skipped

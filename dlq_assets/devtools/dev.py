@@ -1,0 +1,71 @@
+"""``dlq dev``: the Dagster webserver and daemon on the DLQ's PostgreSQL, with nothing to configure by hand.
+
+Starts or joins the embedded server (or uses DLQ_DATABASE_URL), provisions a ``dagster`` database beside the
+``dlq`` one for Dagster's run, event and schedule storage, prepares ``$DAGSTER_HOME`` with the project's
+dagster.yaml, and runs ``dagster dev`` on 127.0.0.1. SIGTERM or Ctrl-C stops Dagster, then the embedded
+server if this command started it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+from types import FrameType
+
+from dlq_assets.core import db
+from dlq_assets.core.migrations import migrate
+from dlq_assets.devtools.embedded import EmbeddedServer, default_data_dir
+
+DAGSTER_DATABASE = "dagster"
+DAGSTER_DATABASE_ENV = "DLQ_DAGSTER_DATABASE"  # another name for Dagster's database (tests use their own)
+STORAGE_URL_ENV = "DLQ_DAGSTER_STORAGE_URL"
+
+
+def project_root() -> Path:
+    return Path(__file__).resolve().parents[2]
+
+
+def prepare(url: str | None = None, *, dagster_home: Path | None = None) -> dict[str, str]:
+    """The environment for Dagster: DLQ database migrated, Dagster's database created, DAGSTER_HOME ready."""
+    dlq_url = db.database_url(url)
+    migrate(dlq_url)
+    dagster_database = os.environ.get(DAGSTER_DATABASE_ENV) or DAGSTER_DATABASE
+    db.ensure_database(db.with_database(dlq_url, "postgres"), dagster_database)
+    home = dagster_home or default_data_dir().parent / "dagster_home"
+    home.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(project_root() / "dagster.yaml", home / "dagster.yaml")
+    return {
+        db.URL_ENV: dlq_url,
+        STORAGE_URL_ENV: db.sqlalchemy_url(db.with_database(dlq_url, dagster_database), "psycopg2"),
+        "DAGSTER_HOME": str(home),
+    }
+
+
+def run(url: str | None = None, *, host: str = "127.0.0.1", port: int = 3000, dagster_home: Path | None = None) -> int:
+    """Run ``dagster dev`` until it exits or is told to stop; returns its exit code."""
+    server = None if (url or os.environ.get(db.URL_ENV)) else EmbeddedServer(default_data_dir())
+    started_here = server is not None and not server.status().running
+    env = {**os.environ, **prepare(url, dagster_home=dagster_home)}
+    command = [
+        str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(project_root() / "workspace.yaml"),
+        "-h", host, "-p", str(port),
+    ]  # fmt: skip
+    proc = subprocess.Popen(command, env=env, cwd=project_root())
+
+    def stop(signum: int, frame: FrameType | None) -> None:
+        proc.send_signal(signal.SIGINT)  # dagster dev shuts its webserver and daemon down on SIGINT
+
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        return proc.wait()
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+        if proc.poll() is None:
+            proc.kill()
+        if started_here and server is not None:
+            server.stop()

@@ -1,0 +1,339 @@
+"""Transaction leases (sql/0011): row locks as the lease, a journal for crash accounting, fencing by holder."""
+
+from __future__ import annotations
+
+import random
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+from typing import Any
+
+import psycopg
+import pytest
+
+from dlq_assets.core.migrations import migrations_dir
+from dlq_assets.core.processing.worker import WorkerConfig, process
+from tests.core.processing.test_claim import BACKLOG, claimed_plans, fill_backlog
+from tests.core.test_security import PROCESSOR, as_role
+from tests.reliability.conftest import VALID, insert_dead_letter, wait_until
+
+CLAIM = "SELECT id FROM dlq_claim_batch(%s, %s)"
+JOURNAL = "SELECT dlq_journal_batch(%s, %s, 'test-worker')"
+
+
+@pytest.fixture
+def other(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """A second session: the batch's journal connection, or another worker."""
+    with psycopg.connect(db_url, autocommit=True) as connection:
+        yield connection
+
+
+@pytest.fixture
+def batch(db_url: str) -> Iterator[psycopg.Connection[Any]]:
+    """The batch session, its transaction opened by the test (which may terminate it: closed, not committed)."""
+    connection = psycopg.connect(db_url)
+    try:
+        yield connection
+    finally:
+        connection.close()
+
+
+def events(conn: psycopg.Connection[Any], n: int) -> list[int]:
+    return [insert_dead_letter(conn, {**VALID, "n": i}) for i in range(n)]
+
+
+def claim(batch: psycopg.Connection[Any], journal: psycopg.Connection[Any], n: int) -> tuple[uuid.UUID, list[int]]:
+    """As the worker does: give back dead batches (in the journal's session), claim, journal."""
+    journal.execute("SELECT dlq_release_dead_batches()")
+    lease = uuid.uuid4()
+    ids = [i for (i,) in batch.execute(CLAIM, (lease, n))]
+    journal.execute(JOURNAL, (lease, ids))
+    return lease, ids
+
+
+def terminate(conn: psycopg.Connection[Any], session: psycopg.Connection[Any]) -> None:
+    """End ``session``'s backend as a crash would, and wait until it is gone (its locks with it)."""
+    pid = session.info.backend_pid
+    conn.execute("SELECT pg_terminate_backend(%s)", (pid,))
+    wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(), "exit")
+
+
+def health(conn: psycopg.Connection[Any]) -> tuple[int, int]:
+    return conn.execute("SELECT locked_events, stale_locks FROM dlq_health").fetchone()
+
+
+def test_a_claim_writes_nothing_and_the_row_locks_keep_everyone_else_out(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    ids = events(conn, 5)
+    before = conn.execute("SELECT xmin::text FROM dead_letter_events ORDER BY id").fetchall()
+    _, claimed = claim(batch, other, 3)
+    assert claimed == ids[:3]
+    assert conn.execute("SELECT xmin::text FROM dead_letter_events ORDER BY id").fetchall() == before  # no write
+    assert health(conn) == (3, 0)
+    assert [i for (i,) in other.execute("SELECT id FROM dlq_claim_events(10, 60)")] == ids[3:]  # SKIP LOCKED
+    with other.transaction():  # a second transaction lease gets nothing the first holds
+        assert other.execute(CLAIM, (uuid.uuid4(), 10)).fetchall() == []
+
+
+def test_completion_resolves_records_the_claim_and_ends_the_journal_entry(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    lease, ids = claim(batch, other, 2)
+    states = batch.execute(
+        "SELECT * FROM dlq_complete_batch(%s, %s, ARRAY['resolved', 'failed'], ARRAY['replay', NULL], "
+        "ARRAY[NULL, 'invalid_event'])",
+        (lease, ids),
+    ).fetchall()
+    batch.commit()
+    assert sorted(states) == [(ids[0], "resolved"), (ids[1], "retry_scheduled")]
+    rows = conn.execute("SELECT processing_attempts, processing_lock FROM dead_letter_events ORDER BY id").fetchall()
+    for attempts, lock in rows:
+        assert lock is None
+        assert [(a["lease"], a["as"], a["worker"], a["attempt"]) for a in attempts] == [
+            (str(lease), "transaction", "test-worker", 1)
+        ]
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases").fetchone() == (0,)
+    assert health(conn) == (0, 0)
+
+
+def test_only_the_session_holding_the_lease_completes_its_rows(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    lease, ids = claim(batch, other, 2)
+    forged = other.execute(
+        "SELECT * FROM dlq_complete_batch(%s, %s, ARRAY['resolved', 'resolved'])", (lease, ids)
+    ).fetchall()
+    assert sorted(forged) == [(ids[0], "not_owned"), (ids[1], "not_owned")]  # same lease, not the holder
+    batch.rollback()  # the batch gives up: nothing happened, and nothing is counted (no crash)
+    assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE resolved").fetchone() == (0,)
+
+
+def test_a_dead_batch_is_stale_and_the_next_claim_counts_its_attempt(
+    db_url: str, conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    ids = events(conn, 3)
+    lease, claimed = claim(batch, other, 2)
+    terminate(conn, batch)  # the worker's connection dies
+    assert health(conn) == (0, 2)  # the journal outlived its holder: stale
+    with psycopg.connect(db_url) as batch_again:
+        lease_again, again = claim(batch_again, other, 10)
+        assert sorted(again) == ids  # given back at once, with the attempt counted
+        batch_again.rollback()
+    rows = conn.execute(
+        "SELECT id, retry_count, error_history -> -1 ->> 'error_class', error_history -> -1 ->> 'lease' "
+        "FROM dead_letter_events ORDER BY id"
+    ).fetchall()
+    assert rows == [(i, 1, "lease_expired", str(lease)) if i in claimed else (i, 0, None, None) for i in ids]
+    assert conn.execute("SELECT array_agg(lease) FROM dlq_batch_leases").fetchone() == ([lease_again],)
+
+
+def test_an_event_that_kills_every_worker_is_poisoned_not_looped(conn: psycopg.Connection, db_url: str) -> None:
+    (event_id,) = events(conn, 1)
+    (cap,) = conn.execute("SELECT max_attempts FROM dlq_retry_policy('target_unavailable', 'lease_expired')").fetchone()
+    for _ in range(cap):
+        with closing(psycopg.connect(db_url)) as batch, psycopg.connect(db_url, autocommit=True) as journal:
+            conn.execute("UPDATE dead_letter_events SET next_attempt_at = now()")  # due again, backoff skipped
+            claim(batch, journal, 1)
+            terminate(conn, batch)  # the next claim gives it back first, counting the attempt, even though
+            # the batch that claims it next dies too
+    assert conn.execute("SELECT dlq_release_dead_batches()").fetchone() == (1,)  # the last crash
+    poisoned = conn.execute(
+        "SELECT poison_reason, retry_count, jsonb_array_length(processing_attempts) FROM dlq_poison_events "
+        "WHERE id = %s",
+        (event_id,),
+    ).fetchone()
+    assert poisoned == ("max_attempts", cap, cap)  # every crash on record, as a claim and as an attempt
+
+
+def test_a_live_batch_is_never_swept(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    claim(batch, other, 2)
+    assert other.execute("SELECT dlq_release_dead_batches()").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases").fetchone() == (1,)
+
+
+def test_a_claim_outside_a_transaction_cannot_be_journalled(
+    conn: psycopg.Connection, other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 1)
+    lease = uuid.uuid4()
+    ids = [i for (i,) in conn.execute(CLAIM, (lease, 1))]  # autocommit: the locks ended with the statement
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="not held: claim with dlq_claim_batch inside"):
+        other.execute(JOURNAL, (lease, ids))
+
+
+def test_a_lease_cannot_be_claimed_twice(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    events(conn, 2)
+    lease, _ = claim(batch, other, 1)
+    with other.transaction(), pytest.raises(psycopg.errors.LockNotAvailable, match="held by another session"):
+        other.execute(CLAIM, (lease, 1))
+
+
+def test_the_processor_cannot_journal_what_it_cannot_see(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    (ordinary,) = events(conn, 1)
+    hidden = insert_dead_letter(conn, VALID, classification="malicious", source_offset=9)
+    lease, _ = claim(batch, other, 1)
+    with as_role(conn, PROCESSOR), pytest.raises(psycopg.errors.InsufficientPrivilege, match="row-level security"):
+        conn.execute(JOURNAL, (lease, [ordinary, hidden]))
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases WHERE %s = ANY (event_ids)", (hidden,)).fetchone() == (
+        0,
+    )
+
+
+def test_the_worker_in_both_modes_ends_every_event_in_the_same_state(db_url: str, conn: psycopg.Connection) -> None:
+    """Same backlog, same outcomes: the lease mode changes how a batch is held, not what happens to it."""
+    results = {}
+    for mode in ("committed", "transaction"):
+        conn.execute("TRUNCATE dead_letter_events, dlq_idempotency_keys, raw_events, dlq_poison_events")
+        for i in range(20):
+            insert_dead_letter(conn, {**VALID, "n": i} if i % 4 else {**VALID, "timestamp": "never"}, source_offset=i)
+        report = process(db_url, WorkerConfig(batch_size=8, min_batch_size=8, max_batch_size=8, lease_mode=mode))
+        results[mode] = (
+            report.resolved,
+            report.retried,
+            conn.execute(
+                "SELECT array_agg(source_offset ORDER BY source_offset), "
+                "count(*) FILTER (WHERE processing_lock IS NULL) FROM dead_letter_events WHERE resolved"
+            ).fetchone(),
+        )
+    assert results["committed"] == results["transaction"] == (15, 5, ([i for i in range(20) if i % 4], 15))
+
+
+@pytest.mark.slow
+def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
+    conn: psycopg.Connection, other: psycopg.Connection[Any]
+) -> None:
+    """No per-batch cost that grows with the table: the claim merges index scans, the completion finds its
+    rows by primary key (a join alone scanned every partition), the policy table is read once per statement."""
+    fill_backlog(conn, BACKLOG)
+    populated = {r[0] for r in conn.execute("SELECT DISTINCT tableoid::regclass::text FROM dead_letter_events")}
+    assert len(populated) >= 3
+    lease = uuid.uuid4()
+    with conn.transaction():
+        plans = claimed_plans(conn, "SELECT id FROM dlq_claim_batch(%s, 1000)", (lease,))
+        claim = next(p for p in reversed(plans) if "FOR UPDATE SKIP LOCKED" in p)
+        assert "Merge Append" in claim and "Sort  " not in claim and "Seq Scan" not in claim, claim
+    lease = uuid.uuid4()
+    with conn.transaction():
+        ids = [i for (i,) in conn.execute(CLAIM, (lease, 1000))]
+        other.execute(JOURNAL, (lease, ids))
+        plans = claimed_plans(
+            conn, "SELECT * FROM dlq_complete_batch(%s, %s, array_fill('failed'::text, ARRAY[1000]))", (lease, ids)
+        )
+        complete = next(p for p in plans if "WITH input" in p)
+        for partition in populated:
+            assert f"Seq Scan on {partition} " not in complete, complete
+            # the UPDATE and the poisoning DELETE both by primary key: not a walk of the whole claimable index
+            assert complete.count(f"{partition}_pkey") == 2, complete
+        # the poisoning DELETE probes each failed row by key: an id list in its index condition would be searched
+        # again for every row it joins (quadratic when a whole batch fails)
+        deletion = complete[complete.index("Delete on dead_letter_events") :]
+        assert "Index Cond: (id = i_" in deletion and "= ANY (" not in deletion.split("CTE poisoned")[0], complete
+        # the policy table read once into its CTE; no policy function called per row (sql/0018)
+        assert "CTE policy" in complete and "Function Scan on dlq_retry_policy" not in complete, complete
+
+
+def _create_0013_completion(conn: psycopg.Connection[Any]) -> None:
+    """0013's dlq_complete_batch beside today's, as dlq_complete_batch_0013 (the function 0018 replaced)."""
+    text = (migrations_dir() / "0013_cheaper_completion.sql").read_text(encoding="utf-8")
+    body = text[text.index("CREATE OR REPLACE FUNCTION dlq_complete_batch(") :]
+    conn.execute(body.replace("FUNCTION dlq_complete_batch(", "FUNCTION dlq_complete_batch_0013(", 1))
+
+
+_TABLES = ("dead_letter_events", "dlq_poison_events", "dlq_batch_leases", "dlq_event_counts")
+_STATE = """
+SELECT (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e.id), '[]') FROM dead_letter_events e),
+       (SELECT coalesce(jsonb_agg(to_jsonb(p) ORDER BY p.id), '[]') FROM dlq_poison_events p),
+       (SELECT coalesce(jsonb_agg(to_jsonb(b) ORDER BY b.lease), '[]') FROM dlq_batch_leases b),
+       (SELECT jsonb_agg(c ORDER BY c.month) FROM (
+            SELECT month, sum(total) AS total, sum(pending) AS pending, sum(processed) AS processed,
+                   sum(resolution_seconds) AS resolution_seconds, sum(high_retry) AS high_retry,
+                   sum(malicious) AS malicious, sum(high_priority) AS high_priority, sum(quarantined) AS quarantined
+              FROM dlq_event_counts GROUP BY month) c)
+"""
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3, 4])
+def test_the_single_update_completion_leaves_what_0013s_left(
+    db_url: str, conn: psycopg.Connection, other: psycopg.Connection[Any], seed: int
+) -> None:
+    """sql/0018 finds each row once; 0013 found them twice through a pipeline of CTEs. On the same batches (both
+    kinds of lease, every outcome, rows owned and not, policies that retry, cap and refuse, events near their cap)
+    both return the same states and leave every row of every table the same, to the microsecond: one transaction,
+    so now() is the same, with jitter 0 so the backoff is too."""
+    rng = random.Random(seed)
+    _create_0013_completion(conn)
+    conn.execute(
+        "INSERT INTO dlq_retry_policies (reason, error_class, max_attempts, retryable) VALUES "
+        "('truncated', NULL, 3, true), ('json_parse_error', 'unrepairable', 10, false), "
+        "(NULL, 'target_unavailable', 4, true) ON CONFLICT DO NOTHING"
+    )
+    conn.execute("UPDATE dlq_retry_policies SET jitter = 0")
+    reasons = ["truncated", "json_parse_error", "target_unavailable", "invalid_utf8"]
+    for i in range(80):
+        insert_dead_letter(
+            conn, {**VALID, "n": i}, reason=rng.choice(reasons), retry_count=rng.choice([0, 0, 1, 2, 3, 8, 9]),
+            classification=rng.choice([None, None, "malicious"]), priority=rng.randint(1, 10),
+        )  # fmt: skip
+    conn.execute("UPDATE dead_letter_events SET quarantined_at = now() WHERE id % 11 = 0")
+    conn.execute("UPDATE dead_letter_events SET resolved = true, resolved_at = now() WHERE id % 13 = 0")
+    committed = conn.execute("SELECT processing_lock FROM dlq_claim_events(20, 600)").fetchone()[0]
+    all_ids = [i for (i,) in conn.execute("SELECT id FROM dead_letter_events ORDER BY id")]
+    seen: set[str] = set()
+    with psycopg.connect(db_url) as batch:  # a transaction lease, journalled from the other session
+        lease, held = claim(batch, other, 25)
+        held_by_committed = [
+            i for (i,) in batch.execute("SELECT id FROM dead_letter_events WHERE processing_lock = %s", (committed,))
+        ]
+        for current, owned in ((lease, held), (committed, held_by_committed)):
+            ids = owned + rng.sample(all_ids, 15) + [10**9]  # some not this lease's, one that does not exist
+            rng.shuffle(ids)
+            outcomes = [rng.choice(["resolved", "failed", "failed", "quarantined", "released"]) for _ in ids]
+            classes = [rng.choice([None, "unrepairable", "target_unavailable", "lease_expired"]) for _ in ids]
+            messages = [rng.choice([None, "why", "x" * 2100]) for _ in ids]
+            methods = [rng.choice([None, "repair:tokenizer_fix", "m" * 80]) for _ in ids]
+            args = (current, ids, outcomes, methods, classes, messages)
+            batch.execute("SAVEPOINT before")
+            results = {}
+            for name in ("dlq_complete_batch_0013", "dlq_complete_batch"):
+                states = batch.execute(f"SELECT * FROM {name}(%s, %s, %s, %s, %s, %s)", args).fetchall()
+                results[name] = (sorted(states, key=str), batch.execute(_STATE).fetchone())
+                batch.execute("ROLLBACK TO SAVEPOINT before")
+            old, new = results["dlq_complete_batch_0013"], results["dlq_complete_batch"]
+            seen.update(state for _, state in new[0])
+            assert new[0] == old[0]
+            for table, now_rows, then_rows in zip(_TABLES, new[1], old[1], strict=True):
+                assert _differences(now_rows, then_rows) == [], table
+        batch.rollback()
+    assert seen == {"resolved", "retry_scheduled", "poisoned", "quarantined", "released", "not_owned"}
+
+
+def _differences(rows: list[dict[str, Any]] | None, expected: list[dict[str, Any]] | None) -> list[Any]:
+    """(row index, column, value, expected value) wherever two snapshots of a table differ."""
+    if rows is None or expected is None or len(rows) != len(expected):
+        return [] if rows == expected else [("rows", len(rows or []), len(expected or []))]
+    return [(n, k, r.get(k), e.get(k)) for n, (r, e) in enumerate(zip(rows, expected, strict=True))
+            for k in sorted(r.keys() | e.keys()) if r.get(k) != e.get(k)]  # fmt: skip
+
+
+def test_journalled_ids_are_stored_uncompressed(conn: psycopg.Connection, other: psycopg.Connection[Any]) -> None:
+    """sql/0019: a batch's ids live for a second; compressing them cost more than it saved."""
+    ids = events(conn, 1000)
+    with psycopg.connect(conn.info.dsn) as batch:
+        lease, held = claim(batch, other, 1000)
+        assert len(held) == 1000
+        compression, size = conn.execute(
+            "SELECT pg_column_compression(event_ids), pg_column_size(event_ids) FROM dlq_batch_leases WHERE lease = %s",
+            (lease,),
+        ).fetchone()
+        assert compression is None and size >= 8 * len(ids)
+        batch.rollback()

@@ -1,0 +1,97 @@
+"""The migration runner's promises: order, once each, checksums, advisory lock, all-or-nothing failures."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from dlq_assets.core import migrations
+from dlq_assets.core.migrations import ChangedMigrationError, MigrationError, discover, migrate
+
+
+def write(directory: Path, name: str, body: str) -> None:
+    (directory / name).write_text(body, encoding="utf-8")
+
+
+def recorded(url: str) -> list[tuple[int, str, str]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute("SELECT version, name, checksum FROM dlq_schema_migrations ORDER BY version").fetchall()
+
+
+def test_project_migrations_apply_in_order_once_with_checksums(empty_db_url: str) -> None:
+    applied = migrate(empty_db_url)
+    files = discover()
+    assert [m.version for m in applied] == [m.version for m in files] == sorted(m.version for m in files)
+    assert recorded(empty_db_url) == [(m.version, m.name, m.checksum) for m in files]
+    assert migrate(empty_db_url) == []  # each once
+    with psycopg.connect(empty_db_url) as conn:
+        assert migrations.current_version(conn) == files[-1].version
+
+
+def test_a_changed_applied_migration_is_an_error(empty_db_url: str, tmp_path: Path) -> None:
+    write(tmp_path, "0001_one.sql", "CREATE TABLE one (id int);")
+    migrate(empty_db_url, directory=tmp_path)
+    write(tmp_path, "0001_one.sql", "CREATE TABLE one (id bigint);")
+    with pytest.raises(ChangedMigrationError, match="0001_one changed after it was applied"):
+        migrate(empty_db_url, directory=tmp_path)
+
+
+def test_a_failing_migration_rolls_back_whole_and_keeps_the_version(empty_db_url: str, tmp_path: Path) -> None:
+    write(tmp_path, "0001_one.sql", "CREATE TABLE one (id int);")
+    write(tmp_path, "0002_two.sql", "CREATE TABLE two (id int);\nINSERT INTO two VALUES (1);\nSELECT 1/0;")
+    with pytest.raises(MigrationError, match="0002_two failed: division by zero"):
+        migrate(empty_db_url, directory=tmp_path)
+    assert [r[0] for r in recorded(empty_db_url)] == [1]
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT to_regclass('one'), to_regclass('two')").fetchone() == ("one", None)
+    write(tmp_path, "0002_two.sql", "CREATE TABLE two (id int);")  # fixed before it was ever applied
+    assert [m.version for m in migrate(empty_db_url, directory=tmp_path)] == [2]
+
+
+def test_concurrent_runners_apply_each_migration_once(empty_db_url: str, tmp_path: Path) -> None:
+    write(tmp_path, "0001_slow.sql", "SELECT pg_sleep(0.5); CREATE TABLE slow (id int);")
+    write(tmp_path, "0002_counter.sql", "CREATE TABLE counter (id int); INSERT INTO counter VALUES (1);")
+    results: list[list[int]] = []
+    errors: list[BaseException] = []
+
+    def run() -> None:
+        try:
+            results.append([m.version for m in migrate(empty_db_url, directory=tmp_path)])
+        except BaseException as exc:  # collected and asserted below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=run) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert errors == []
+    assert sorted(results) == [[], [], [], [1, 2]]
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM counter").fetchone() == (1,)
+
+
+def test_unknown_applied_versions_and_bad_file_names_are_errors(empty_db_url: str, tmp_path: Path) -> None:
+    write(tmp_path, "0001_one.sql", "SELECT 1;")
+    write(tmp_path, "0002_two.sql", "SELECT 2;")
+    migrate(empty_db_url, directory=tmp_path)
+    (tmp_path / "0002_two.sql").unlink()
+    with pytest.raises(MigrationError, match="does not know: \\[2\\]"):
+        migrate(empty_db_url, directory=tmp_path)
+    write(tmp_path, "3_bad.sql", "SELECT 3;")
+    with pytest.raises(MigrationError, match=r"NNNN_name\.sql"):
+        discover(tmp_path)
+
+
+def test_apply_in_transaction_leaves_the_commit_to_the_caller(empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url) as conn:
+        applied = migrations.apply_in_transaction(conn)
+        assert applied
+        conn.rollback()
+        assert migrations.applied_versions(conn) == {}
+        migrations.apply_in_transaction(conn)
+        conn.commit()
+    assert len(recorded(empty_db_url)) == len(discover())
