@@ -27,7 +27,7 @@ from rich.text import Text
 from dlq_assets.cli.display import text, visible
 from dlq_assets.core import db
 from dlq_assets.core.migrations import MigrationError
-from dlq_assets.devtools.embedded import EmbeddedServer, EmbeddedServerError, default_data_dir
+from dlq_assets.devtools.embedded import EmbeddedServer, EmbeddedServerError, default_data_dir, resolve_url
 
 
 def _json_default(value: object) -> str | float:
@@ -98,7 +98,7 @@ class _Group(click.Group):
 
 
 @click.group(cls=_Group)
-@click.option("--database-url", envvar=db.URL_ENV, help="PostgreSQL URL; default: the embedded server.")
+@click.option("--database-url", envvar=db.URL_ENV, help="PostgreSQL URL, or 'embedded'; default: the embedded server.")
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, database_url: str | None, debug: bool) -> None:
@@ -107,7 +107,7 @@ def main(ctx: click.Context, database_url: str | None, debug: bool) -> None:
 
 
 def _url(ctx: click.Context) -> str:
-    return db.database_url(ctx.obj["url"])
+    return resolve_url(ctx.obj["url"])
 
 
 @main.command()
@@ -743,7 +743,3 @@ def start(as_json: bool) -> None:
 def stop() -> None:
     """Stop the embedded server cleanly."""
     click.echo("stopped" if _server().stop() else "not running")
-
-
-if __name__ == "__main__":
-    main()

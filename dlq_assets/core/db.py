@@ -1,7 +1,8 @@
-"""Database selection and connections: one rule for the library, the CLI, the tests and Dagster.
+"""Database selection and connections for the library: an explicit URL, else ``$DLQ_DATABASE_URL``.
 
-``DLQ_DATABASE_URL`` (a ``postgresql://`` URL) points at an external server. Without it, the embedded server
-under the local data dir is started or joined and its ``dlq`` database is created on first use.
+The core never chooses a database on its own. Entry points that may use the embedded server (the CLI, ``dlq dev``,
+``make run``, the benchmarks) resolve it first with :func:`dlq_assets.devtools.embedded.resolve_url`; a Dagster
+code location does so only when ``DLQ_DATABASE_URL=embedded`` asks for it.
 """
 
 from __future__ import annotations
@@ -17,20 +18,32 @@ import psycopg
 from psycopg import sql
 from psycopg.conninfo import conninfo_to_dict
 
-from dlq_assets.devtools.embedded import EmbeddedServer, default_data_dir
-
 URL_ENV = "DLQ_DATABASE_URL"
+EMBEDDED = "embedded"  # DLQ_DATABASE_URL=embedded: the local embedded server, chosen explicitly
 EMBEDDED_DATABASE = "dlq"
 
 
+class DatabaseNotConfigured(RuntimeError):
+    """No database was given: a deployment must say which server it uses."""
+
+
+def configured_url() -> str | None:
+    """``$DLQ_DATABASE_URL`` as set (``embedded`` included), or None."""
+    return os.environ.get(URL_ENV) or None
+
+
 def database_url(url: str | None = None) -> str:
-    """The URL to use: an explicit one, else ``$DLQ_DATABASE_URL``, else the embedded server's ``dlq`` database."""
-    url = url or os.environ.get(URL_ENV)
-    if url:
-        return normalize_url(url)
-    status = EmbeddedServer(default_data_dir()).start()
-    ensure_database(status.url(), EMBEDDED_DATABASE)
-    return status.url(EMBEDDED_DATABASE)
+    """The URL to use: an explicit one, else ``$DLQ_DATABASE_URL``; never a database nobody named."""
+    url = url or configured_url()
+    if not url:
+        raise DatabaseNotConfigured(
+            f"no DLQ database: set {URL_ENV} to a postgresql:// URL ({URL_ENV}={EMBEDDED} for a local embedded server)"
+        )
+    if url == EMBEDDED:
+        raise DatabaseNotConfigured(
+            f"{URL_ENV}={EMBEDDED} is resolved by an entry point (dlq, dlq dev, the Dagster resource), not the library"
+        )
+    return normalize_url(url)
 
 
 def normalize_url(url: str) -> str:
@@ -86,7 +99,7 @@ def ensure_database(server_url: str, name: str) -> bool:
 # --- array parameters ------------------------------------------------------------------------------------------
 # psycopg dumps a list parameter with a Python call per element: a worker's batch sends about twenty 1,000-element
 # arrays, and that was 17% of its time (py-spy). Literals built by str.join cost a fraction of it (measured in
-# benchmarks/README.md, session 4); the server parses them in C.
+# benchmarks/README.md); the server parses them in C.
 
 JSON_SEPARATOR = "\x1e"  # ASCII record separator: JSON text never holds it raw (control characters are escaped)
 # The SQL that takes a json_texts() parameter: a text[], each element cast to jsonb where it is used. A jsonb[] cast

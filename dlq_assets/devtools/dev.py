@@ -18,7 +18,7 @@ from types import FrameType
 
 from dlq_assets.core import db
 from dlq_assets.core.migrations import migrate
-from dlq_assets.devtools.embedded import EmbeddedServer, default_data_dir
+from dlq_assets.devtools.embedded import EmbeddedServer, default_data_dir, resolve_url
 
 DAGSTER_DATABASE = "dagster"
 DAGSTER_DATABASE_ENV = "DLQ_DAGSTER_DATABASE"  # another name for Dagster's database (tests use their own)
@@ -31,7 +31,7 @@ def project_root() -> Path:
 
 def prepare(url: str | None = None, *, dagster_home: Path | None = None) -> dict[str, str]:
     """The environment for Dagster: DLQ database migrated, Dagster's database created, DAGSTER_HOME ready."""
-    dlq_url = db.database_url(url)
+    dlq_url = resolve_url(url)
     migrate(dlq_url)
     dagster_database = os.environ.get(DAGSTER_DATABASE_ENV) or DAGSTER_DATABASE
     db.ensure_database(db.with_database(dlq_url, "postgres"), dagster_database)

@@ -1,4 +1,4 @@
-"""The embedded PostgreSQL server: started or joined under a local data dir when no URL is configured.
+"""The embedded PostgreSQL server: started or joined under a local data dir when an entry point has no URL.
 
 The server runs detached (its own session), so Ctrl-C or SIGTERM to a client never kills it; ``stop()`` (or
 ``dlq db stop``) stops it. It listens on a unix socket only. As root, the server runs as the OS user
@@ -287,3 +287,23 @@ def remove_cluster(data_dir: str | os.PathLike[str]) -> None:
     server = EmbeddedServer(data_dir)
     server.stop(mode="immediate")
     shutil.rmtree(server.data_dir, ignore_errors=True)
+
+
+def embedded_database_url() -> str:
+    """The embedded server's ``dlq`` database under :func:`default_data_dir`, starting the server if it is down."""
+    from dlq_assets.core.db import EMBEDDED_DATABASE, ensure_database
+
+    status = EmbeddedServer(default_data_dir()).start()
+    ensure_database(status.url(), EMBEDDED_DATABASE)
+    return status.url(EMBEDDED_DATABASE)
+
+
+def resolve_url(url: str | None = None) -> str:
+    """An entry point's database: an explicit URL, else ``$DLQ_DATABASE_URL``, else (or when either says
+    ``embedded``) the embedded server. Library code takes the result; it never starts a server itself."""
+    from dlq_assets.core.db import EMBEDDED, configured_url, normalize_url
+
+    chosen = url or configured_url()
+    if chosen and chosen != EMBEDDED:
+        return normalize_url(chosen)
+    return embedded_database_url()

@@ -18,7 +18,7 @@ import psycopg
 import pytest
 
 from dlq_assets.core import db
-from dlq_assets.devtools.embedded import EmbeddedServer, remove_cluster
+from dlq_assets.devtools.embedded import EmbeddedServer, remove_cluster, resolve_url
 from tests.conftest import cluster_dir
 
 
@@ -120,15 +120,27 @@ def test_sigterm_to_the_owner_stops_the_server_cleanly() -> None:
         shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
-def test_without_a_url_the_library_uses_the_embedded_dlq_database(
+def test_without_a_url_an_entry_point_uses_the_embedded_dlq_database(
     cluster: EmbeddedServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv(db.URL_ENV, raising=False)
     monkeypatch.setenv("DLQ_DATA_DIR", str(cluster.data_dir))
-    url = db.database_url()
+    url = resolve_url()
     assert url == cluster.status().url("dlq")
-    with db.connect() as conn:
+    with db.connect(url) as conn:
         assert conn.execute("SELECT current_database()").fetchone() == ("dlq",)
+    monkeypatch.setenv(db.URL_ENV, db.EMBEDDED)
+    assert resolve_url() == url
+
+
+def test_without_a_url_the_library_refuses_with_one_line_naming_the_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(db.URL_ENV, raising=False)
+    for configured in (None, db.EMBEDDED):
+        if configured:
+            monkeypatch.setenv(db.URL_ENV, configured)
+        with pytest.raises(db.DatabaseNotConfigured, match=db.URL_ENV) as raised:
+            db.database_url()
+        assert "\n" not in str(raised.value)
 
 
 def test_a_url_in_the_environment_wins(monkeypatch: pytest.MonkeyPatch) -> None:
