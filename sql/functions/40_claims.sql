@@ -1,0 +1,300 @@
+-- The advisory lock key of a lease: its first 64 bits.
+CREATE OR REPLACE FUNCTION dlq_lease_key(p_lease uuid) RETURNS bigint
+    LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
+AS $$ SELECT ('x' || translate(left(p_lease::text, 18), '-', ''))::bit(64)::bigint $$;
+
+-- The backend holding a lease's advisory lock, or NULL: its holder is gone (or it never was claimed).
+CREATE OR REPLACE FUNCTION dlq_lease_holder(p_lease uuid) RETURNS integer
+    LANGUAGE sql STABLE STRICT SET search_path = public, pg_temp
+AS $$
+    SELECT l.pid FROM pg_locks l
+     WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
+       AND l.classid::bigint = (dlq_lease_key(p_lease) >> 32) & 4294967295
+       AND l.objid::bigint = dlq_lease_key(p_lease) & 4294967295
+     LIMIT 1
+$$;
+
+-- 0021: malicious rows never claimed by any caller; the breaker configured only by security_admin; an
+-- infrastructure failure opens it and costs no event an attempt; raw_events flags duplicate keys.
+
+-- Claims exclude malicious rows themselves. Row security hides them from dlq_processor_role, but the table
+-- owner (who runs the worker on the embedded server, or with the owner's URL) bypasses row security, and their
+-- payloads would reach raw_events, which dlq_reader reads. security_admin releases one after review
+-- (dlq_release_reviewed below).
+CREATE OR REPLACE FUNCTION dlq_claim_events(
+    p_limit          integer,
+    p_lease_seconds  integer DEFAULT 1800,
+    p_priority_max   integer DEFAULT NULL,
+    p_reason         text DEFAULT NULL,
+    p_worker         text DEFAULT NULL
+) RETURNS SETOF dead_letter_events
+    LANGUAGE plpgsql SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_lease uuid := gen_random_uuid();
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
+        RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_lease_seconds IS NULL OR p_lease_seconds < 1 THEN
+        RAISE EXCEPTION 'p_lease_seconds must be positive, got %', p_lease_seconds
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF EXISTS (SELECT 1 FROM dead_letter_events
+                WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved) THEN
+        PERFORM dlq_release_stale_leases();
+    END IF;
+    RETURN QUERY EXECUTE
+        'UPDATE dead_letter_events e
+            SET processing_lock = $1,
+                lock_expires_at = now() + make_interval(secs => $2),
+                last_processed_at = now(),
+                processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
+                    ''lease'', $1, ''claimed_at'', now(), ''worker'', $5, ''attempt'', e.retry_count + 1))
+          WHERE e.id = ANY (ARRAY(
+                SELECT c.id FROM dead_letter_events c
+                 WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
+                   AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+                   AND c.classification IS DISTINCT FROM ''malicious''
+                   AND ($3::integer IS NULL OR c.priority <= $3)
+                   AND ($4::text IS NULL OR c.reason = $4)
+                 ORDER BY c.priority, c.created_at, c.id
+                 LIMIT $6
+                   FOR UPDATE SKIP LOCKED))
+            AND NOT e.resolved AND e.quarantined_at IS NULL
+            AND (e.processing_lock IS NULL OR e.lock_expires_at <= now())
+            AND e.classification IS DISTINCT FROM ''malicious''
+        RETURNING e.*'
+    USING v_lease, p_lease_seconds, p_priority_max, p_reason, p_worker, p_limit;
+END
+$$;
+
+COMMENT ON FUNCTION dlq_claim_events(p_limit integer, p_lease_seconds integer, p_priority_max integer, p_reason text, p_worker text) IS 'Claim up to p_limit claimable dead letters under one fresh lease (processing_lock); returns the claimed rows.';
+
+-- Extend a live lease; returns how many events it still holds (0: the lease was lost).
+CREATE OR REPLACE FUNCTION dlq_heartbeat(p_lease uuid, p_lease_seconds integer DEFAULT 1800) RETURNS integer
+    LANGUAGE sql SET search_path = public, pg_temp
+AS $$
+    WITH extended AS (
+        UPDATE dead_letter_events
+           SET lock_expires_at = now() + make_interval(secs => p_lease_seconds)
+         WHERE processing_lock = p_lease AND NOT resolved
+        RETURNING 1)
+    SELECT count(*)::integer FROM extended
+$$;
+
+-- Give back expired leases: each counts as a failed attempt (lease_expired), so a worker-killing event is
+-- poisoned after the cap instead of looping. Returns how many leases were released.
+CREATE OR REPLACE FUNCTION dlq_release_stale_leases() RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_lease   uuid;
+    v_ids     bigint[];
+    v_total   integer := 0;
+BEGIN
+    FOR v_lease, v_ids IN
+        SELECT processing_lock, array_agg(id)
+          FROM dead_letter_events
+         WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved
+         GROUP BY processing_lock
+    LOOP
+        PERFORM dlq_complete_batch(v_lease, v_ids, array_fill('failed'::text, ARRAY[cardinality(v_ids)]),
+                                   NULL, array_fill('lease_expired'::text, ARRAY[cardinality(v_ids)]),
+                                   array_fill('the lease expired before the batch completed'::text,
+                                              ARRAY[cardinality(v_ids)]));
+        v_total := v_total + cardinality(v_ids);
+    END LOOP;
+    RETURN v_total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dlq_claim_batch(
+    p_lease         uuid,
+    p_limit         integer,
+    p_priority_max  integer DEFAULT NULL,
+    p_reason        text DEFAULT NULL
+) RETURNS SETOF dead_letter_events
+    LANGUAGE plpgsql SET search_path = public, pg_temp
+AS $$
+BEGIN
+    IF p_lease IS NULL THEN
+        RAISE EXCEPTION 'a lease is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
+        RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF NOT pg_try_advisory_xact_lock(dlq_lease_key(p_lease)) THEN
+        RAISE EXCEPTION 'lease % is held by another session', p_lease USING ERRCODE = 'lock_not_available';
+    END IF;
+    RETURN QUERY EXECUTE  -- planned with the real LIMIT each time (see dlq_claim_events)
+        'SELECT c.* FROM dead_letter_events c
+          WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
+            AND c.processing_lock IS NULL
+            AND c.classification IS DISTINCT FROM ''malicious''
+            AND ($1::integer IS NULL OR c.priority <= $1)
+            AND ($2::text IS NULL OR c.reason = $2)
+          ORDER BY c.priority, c.created_at, c.id
+          LIMIT $3
+            FOR UPDATE SKIP LOCKED'
+    USING p_priority_max, p_reason, p_limit;
+END
+$$;
+
+-- Journal a batch's events under its lease; call from a session other than the batch's, so it commits now.
+CREATE OR REPLACE FUNCTION dlq_journal_batch(p_lease uuid, p_ids bigint[], p_worker text DEFAULT NULL) RETURNS void
+    LANGUAGE plpgsql SET search_path = public, pg_temp
+AS $$
+BEGIN
+    IF dlq_lease_holder(p_lease) IS NULL THEN
+        RAISE EXCEPTION 'lease % is not held: claim with dlq_claim_batch inside a transaction, then journal from '
+                        'another session', p_lease USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    IF cardinality(p_ids) > 0 THEN
+        INSERT INTO dlq_batch_leases (lease, event_ids, worker) VALUES (p_lease, p_ids, left(p_worker, 200));
+    END IF;
+END
+$$;
+
+-- A batch whose transaction a worker rolled back because of an infrastructure failure: its journal entry goes
+-- without charging its events an attempt (dlq_release_dead_batches charges a batch whose holder died, since
+-- that holder may have been killed by one of its events). The lease's lock is waited for (10 s at most): the
+-- session that held it may still be ending; once it has the lock, no transaction holds the batch.
+CREATE OR REPLACE FUNCTION dlq_forget_batch(p_lease uuid) RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_count integer;
+BEGIN
+    PERFORM set_config('lock_timeout', '10s', true);
+    PERFORM pg_advisory_xact_lock(dlq_lease_key(p_lease));
+    DELETE FROM dlq_batch_leases WHERE lease = p_lease;
+    GET DIAGNOSTICS v_count = ROW_COUNT;
+    RETURN v_count;
+END
+$$;
+
+-- Give back the events of batches whose holder died: one failed attempt (lease_expired) each, as for an
+-- expired committed lease; expired committed leases too. Events another transaction holds now are left to it.
+-- Call it outside any batch transaction. Returns how many events were counted.
+CREATE OR REPLACE FUNCTION dlq_release_dead_batches() RETURNS integer
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_lease uuid;
+    v_ids   bigint[];
+    v_total integer := 0;
+BEGIN
+    FOR v_lease IN SELECT DISTINCT lease FROM dlq_batch_leases LOOP
+        -- Alive: its holder has the lock (this session included). Dead: the lock is ours until we commit.
+        CONTINUE WHEN dlq_lease_holder(v_lease) IS NOT NULL OR NOT pg_try_advisory_xact_lock(dlq_lease_key(v_lease));
+        SELECT array_agg(e.id) INTO v_ids FROM (
+            SELECT e.id FROM dead_letter_events e  -- by primary key, as in dlq_claim_fragment_chains
+             WHERE e.id = ANY (ARRAY(SELECT unnest(b.event_ids) FROM dlq_batch_leases b WHERE b.lease = v_lease))
+               AND e.resolved IS NOT TRUE AND e.quarantined_at IS NULL AND e.processing_lock IS NULL
+               FOR UPDATE SKIP LOCKED) e;
+        IF v_ids IS NOT NULL THEN
+            PERFORM dlq_complete_batch(v_lease, v_ids, array_fill('failed'::text, ARRAY[cardinality(v_ids)]),
+                                       NULL, array_fill('lease_expired'::text, ARRAY[cardinality(v_ids)]),
+                                       array_fill('the batch''s transaction ended before it completed'::text,
+                                                  ARRAY[cardinality(v_ids)]));
+            v_total := v_total + cardinality(v_ids);
+        END IF;
+        DELETE FROM dlq_batch_leases WHERE lease = v_lease;
+    END LOOP;
+    IF EXISTS (SELECT 1 FROM dead_letter_events
+                WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved) THEN
+        v_total := v_total + dlq_release_stale_leases();
+    END IF;
+    RETURN v_total;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dlq_claim_fragment_chains(
+    p_lease         uuid,
+    p_ids           bigint[],
+    p_window_bytes  bigint,
+    p_lease_seconds integer DEFAULT 1800
+) RETURNS SETOF dead_letter_events
+    LANGUAGE sql SET search_path = public, pg_temp
+AS $$
+    WITH RECURSIVE held AS (
+        SELECT coalesce(dlq_lease_holder(p_lease) = pg_backend_pid(), false) AS by_transaction
+    ), mine AS (
+        SELECT i.id FROM dlq_batch_leases b CROSS JOIN LATERAL unnest(b.event_ids) i(id)
+         WHERE b.lease = p_lease AND (SELECT by_transaction FROM held)
+    ), chain (id, source, inode, lo, hi, min_lo, max_hi) AS (
+        SELECT e.id, e.source, e.source_inode, e.source_offset,
+               e.source_offset + dlq_record_bytes(e.metadata_json),
+               e.source_offset - p_window_bytes,
+               e.source_offset + dlq_record_bytes(e.metadata_json) + p_window_bytes
+          FROM dead_letter_events e
+         WHERE e.id = ANY (p_ids) AND e.source IS NOT NULL
+           AND (e.processing_lock = p_lease
+                OR (e.processing_lock IS NULL AND e.id = ANY (ARRAY(SELECT m.id FROM mine m))))
+           AND e.source_offset IS NOT NULL AND dlq_record_bytes(e.metadata_json) IS NOT NULL
+        UNION
+        SELECT n.id, n.source, n.source_inode, n.source_offset,
+               n.source_offset + dlq_record_bytes(n.metadata_json), c.min_lo, c.max_hi
+          FROM chain c
+         CROSS JOIN LATERAL (
+               (SELECT d.* FROM dead_letter_events d  -- the record right after: 1 or 2 bytes after this one ends
+                 WHERE d.source = c.source AND d.source_inode IS NOT DISTINCT FROM c.inode  -- a range, not IN:
+                   AND d.source_offset BETWEEN c.hi + 1 AND c.hi + 2  -- PostgreSQL 15 scanned the source for IN
+                   AND d.source_offset <= c.max_hi AND NOT d.resolved  -- the partial index (sql/0015)
+                 ORDER BY d.source_offset LIMIT 1)
+               UNION ALL
+               (SELECT d.* FROM dead_letter_events d  -- the record before, if it ends 1 or 2 bytes before this one
+                 WHERE d.source = c.source AND d.source_inode IS NOT DISTINCT FROM c.inode
+                   AND d.source_offset < c.lo AND d.source_offset >= c.min_lo AND NOT d.resolved
+                 ORDER BY d.source_offset DESC LIMIT 1)) n
+         WHERE (n.source_offset IN (c.hi + 1, c.hi + 2)
+                OR n.source_offset + dlq_record_bytes(n.metadata_json) + 1 IN (c.lo, c.lo - 1))
+           AND dlq_record_bytes(n.metadata_json) IS NOT NULL
+           AND NOT n.resolved AND n.quarantined_at IS NULL
+           AND n.classification IS DISTINCT FROM 'malicious'  -- a chain never runs through one
+           AND (n.processing_lock IS NULL OR n.lock_expires_at <= now() OR n.processing_lock = p_lease)
+    )
+    UPDATE dead_letter_events e
+       SET processing_lock = p_lease,
+           lock_expires_at = now() + make_interval(secs => p_lease_seconds),
+           last_processed_at = now(),
+           processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
+               'lease', p_lease, 'claimed_at', now(), 'attempt', e.retry_count + 1, 'as', 'neighbour'))
+     WHERE e.id = ANY (ARRAY(
+           SELECT c.id FROM dead_letter_events c  -- by primary key: the ids first, as an array; and
+            WHERE c.id = ANY (ARRAY(SELECT id FROM chain EXCEPT SELECT m.id FROM mine m))
+              AND c.resolved IS NOT TRUE  -- not "NOT resolved", which let PostgreSQL 15 pick the whole
+              AND c.quarantined_at IS NULL  -- claimable index instead (210 ms a call at 30k rows)
+              AND c.classification IS DISTINCT FROM 'malicious'
+              AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+              FOR UPDATE SKIP LOCKED))
+    RETURNING e.*
+$$;
+
+COMMENT ON FUNCTION dlq_claim_fragment_chains(p_lease uuid, p_ids bigint[], p_window_bytes bigint, p_lease_seconds integer) IS 'Add to a live lease the free dead letters contiguous with its events p_ids (within p_window_bytes).';
+
+-- security_admin's release of a malicious dead letter after review: classified 'reviewed' (visible and
+-- claimable again, due at once), the decision recorded in its error history with who and why.
+CREATE OR REPLACE FUNCTION dlq_release_reviewed(p_id bigint, p_note text) RETURNS dead_letter_events
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_row dead_letter_events;
+BEGIN
+    IF p_note IS NULL OR length(btrim(p_note)) = 0 OR length(p_note) > 1000 THEN
+        RAISE EXCEPTION 'a review note of 1 to 1000 characters is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    UPDATE dead_letter_events
+       SET classification = 'reviewed', next_attempt_at = now(), updated_at = now(),
+           error_history = error_history || jsonb_build_array(jsonb_build_object(
+               'at', now(), 'released_by', session_user, 'as', current_setting('role'), 'note', p_note,
+               'was', 'malicious'))
+     WHERE id = p_id AND classification = 'malicious' AND NOT resolved
+    RETURNING * INTO v_row;
+    IF NOT FOUND THEN
+        RAISE EXCEPTION 'no unresolved malicious dead letter with id %', p_id USING ERRCODE = 'no_data_found';
+    END IF;
+    RETURN v_row;
+END
+$$;

@@ -1,0 +1,153 @@
+CREATE OR REPLACE FUNCTION process_dlq_events_enhanced(
+    p_limit                integer DEFAULT 1000,
+    p_reason_filter        text DEFAULT NULL,
+    p_priority_filter      integer DEFAULT NULL,
+    p_circuit_breaker_name text DEFAULT 'dlq_processing',
+    p_pause_every          integer DEFAULT 100,
+    p_pause_seconds        double precision DEFAULT 0.01
+) RETURNS TABLE (processed integer, repaired integer, failed integer, skipped integer, quarantined integer,
+                 poisoned integer, circuit_breaker_triggered boolean, duration_ms integer)
+    LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
+AS $$
+DECLARE
+    v_started     timestamptz := clock_timestamp();
+    v_session     text := 'sql:' || gen_random_uuid();
+    v_lease       uuid := gen_random_uuid();
+    v_decision    text;
+    v_probe       uuid;
+    v_tripped     boolean := false;
+    v_successes   integer := 0;
+    v_count       integer := 0;
+    v_row         record;
+    v_errors      text[];
+    v_claimed     bigint[] := '{}';
+    v_ids         bigint[] := '{}';
+    v_outcomes    text[] := '{}';
+    v_methods     text[] := '{}';
+    v_classes     text[] := '{}';
+    v_messages    text[] := '{}';
+    v_write       bigint[] := '{}';
+    v_states      jsonb;
+BEGIN
+    IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
+        RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    SELECT a.decision, a.probe INTO v_decision, v_probe FROM dlq_breaker_acquire(p_circuit_breaker_name) a;
+    IF v_decision = 'deny' THEN
+        INSERT INTO dlq_processing_metrics (processing_session_id, processing_method, batch_size, processed_count,
+            repaired_count, failed_count, skipped_count, processing_duration_ms, circuit_breaker_name,
+            circuit_breaker_triggered, started_at, completed_at)
+        VALUES (v_session, 'stored_procedure', 0, 0, 0, 0, 0,
+                (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer, p_circuit_breaker_name, true,
+                v_started, clock_timestamp());
+        RETURN QUERY SELECT 0, 0, 0, 0, 0, 0, true, (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer;
+        RETURN;
+    END IF;
+
+    IF EXISTS (SELECT 1 FROM dead_letter_events
+                WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved) THEN
+        PERFORM dlq_release_stale_leases();
+    END IF;
+    -- Claim only dead letters stored as JSON (no repair needed); raw text waits for the Python worker.
+    -- Never malicious ones: this function runs as its owner, and their payloads would reach raw_events,
+    -- which processors read.
+    FOR v_row IN EXECUTE
+        'UPDATE dead_letter_events e
+            SET processing_lock = $1, lock_expires_at = now() + interval ''30 minutes'', last_processed_at = now(),
+                processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
+                    ''lease'', $1, ''claimed_at'', now(), ''worker'', ''process_dlq_events_enhanced'',
+                    ''attempt'', e.retry_count + 1))
+          WHERE e.id = ANY (ARRAY(
+                SELECT c.id FROM dead_letter_events c
+                 WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
+                   AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+                   AND coalesce(c.metadata_json ->> ''payload_form'', ''json'') = ''json''
+                   AND c.classification IS DISTINCT FROM ''malicious''
+                   AND ($2::integer IS NULL OR c.priority <= $2)
+                   AND ($3::text IS NULL OR c.reason = $3)
+                 ORDER BY c.priority, c.created_at, c.id
+                 LIMIT $4
+                   FOR UPDATE SKIP LOCKED))
+        RETURNING e.id, e.priority, e.created_at, e.payload, e.payload_checksum'
+        USING v_lease, p_priority_filter, p_reason_filter, CASE WHEN v_decision = 'probe' THEN 1 ELSE p_limit END
+    LOOP
+        v_claimed := v_claimed || v_row.id;
+    END LOOP;
+
+    FOR v_row IN
+        SELECT e.id, e.payload, e.payload_checksum
+          FROM dead_letter_events e
+         WHERE e.id = ANY (v_claimed) AND e.processing_lock = v_lease
+         ORDER BY e.priority, e.created_at, e.id
+    LOOP
+        v_count := v_count + 1;
+        v_ids := v_ids || v_row.id;
+        IF NOT v_tripped AND v_probe IS NULL THEN  -- consulted per event: another worker may have opened it
+            SELECT b.state = 'open' INTO v_tripped FROM dlq_circuit_breaker_state b
+             WHERE b.breaker_name = p_circuit_breaker_name;
+        END IF;
+        IF v_tripped THEN
+            v_outcomes := v_outcomes || 'released'::text;
+            v_classes := v_classes || NULL::text;
+            v_messages := v_messages || NULL::text;
+        ELSIF dlq_payload_checksum(v_row.payload) IS DISTINCT FROM v_row.payload_checksum THEN
+            v_outcomes := v_outcomes || 'quarantined'::text;
+            v_classes := v_classes || 'checksum_mismatch'::text;
+            v_messages := v_messages || 'payload checksum mismatch'::text;
+        ELSE
+            v_errors := dlq_cowrie_validation_errors(v_row.payload);
+            IF cardinality(v_errors) = 0 THEN
+                v_outcomes := v_outcomes || 'resolved'::text;
+                v_classes := v_classes || NULL::text;
+                v_messages := v_messages || NULL::text;
+                v_write := v_write || v_row.id;
+                v_successes := v_successes + 1;
+            ELSE
+                v_outcomes := v_outcomes || 'failed'::text;
+                v_classes := v_classes || 'invalid_event'::text;
+                v_messages := v_messages || array_to_string(v_errors, '; ');
+            END IF;
+        END IF;
+        v_methods := v_methods || CASE WHEN v_outcomes[v_count] = 'resolved' THEN 'replay:sql' END;
+        IF p_pause_every > 0 AND v_count % p_pause_every = 0 THEN
+            PERFORM pg_sleep(p_pause_seconds);  -- the design's rate limit: a pause every N events
+        END IF;
+    END LOOP;
+
+    INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp, payload,
+                            payload_checksum, dlq_event_id, repair_strategy)
+    SELECT coalesce(e.source, 'dlq-repair'), CASE WHEN e.source IS NULL THEN '' ELSE coalesce(e.source_inode, '') END,
+           CASE WHEN e.source IS NULL OR e.source_offset IS NULL THEN e.id ELSE e.source_offset END,
+           e.payload ->> 'eventid', e.payload ->> 'session', (e.payload ->> 'src_ip')::inet,
+           (e.payload ->> 'timestamp')::timestamptz, e.payload, e.payload_checksum, e.id, 'replay:sql'
+      FROM dead_letter_events e
+     WHERE e.id = ANY (v_write) AND e.processing_lock = v_lease
+    ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING;
+
+    SELECT coalesce(jsonb_object_agg(c.final_state, c.n), '{}') INTO v_states
+      FROM (SELECT final_state, count(*) AS n
+              FROM dlq_complete_batch(v_lease, v_ids, v_outcomes, v_methods, v_classes, v_messages)
+             GROUP BY final_state) c;
+
+    -- Invalid payloads are data faults, not a failing system: they reset nothing and count nothing here. A
+    -- failing system (the target write) raises, aborting the batch; its leases then expire and count.
+    PERFORM dlq_breaker_record(p_circuit_breaker_name, v_successes, 0, v_probe);
+    processed := cardinality(v_ids) - coalesce((v_states ->> 'released')::integer, 0);
+    repaired := coalesce((v_states ->> 'resolved')::integer, 0);
+    poisoned := coalesce((v_states ->> 'poisoned')::integer, 0);
+    failed := coalesce((v_states ->> 'retry_scheduled')::integer, 0) + poisoned;
+    skipped := coalesce((v_states ->> 'released')::integer, 0);
+    quarantined := coalesce((v_states ->> 'quarantined')::integer, 0);
+    circuit_breaker_triggered := v_tripped;
+    duration_ms := (extract(epoch FROM clock_timestamp() - v_started) * 1000)::integer;
+    INSERT INTO dlq_processing_metrics (processing_session_id, processing_method, batch_size, processed_count,
+        repaired_count, failed_count, skipped_count, quarantined_count, poisoned_count, processing_duration_ms,
+        avg_processing_time_ms, circuit_breaker_name, circuit_breaker_triggered, started_at, completed_at)
+    VALUES (v_session, 'stored_procedure', cardinality(v_ids), processed, repaired, failed, skipped, quarantined,
+            poisoned, duration_ms, CASE WHEN processed > 0 THEN round(duration_ms::numeric / processed, 3) END,
+            p_circuit_breaker_name, v_tripped, v_started, clock_timestamp());
+    RETURN NEXT;
+END
+$$;
+
+COMMENT ON FUNCTION process_dlq_events_enhanced(p_limit integer, p_reason_filter text, p_priority_filter integer, p_circuit_breaker_name text, p_pause_every integer, p_pause_seconds double precision) IS 'Process one batch of dead letters that need no repair entirely in the database; returns the batch''s counts.';
