@@ -73,9 +73,6 @@ SQUASHED_CHAIN: dict[int, tuple[str, str]] = {
     20: ("0020_partial_raw_events", "89a92cdb94d14b7c370cc8458f2a3ba4e38b04491dfd0fb6df65ef75c5320fe1"),
     21: ("0021_hardening", "20e7901189bc5f2ee0ef1a63cce5fb1ee110c28becc11e8a4297a0bcca06b88d"),
 }
-# Once the functions exist for the first time: partitions from last month to three months ahead (what the chain's
-# first file did; from then on the partitions asset keeps them ahead).
-_FIRST_PARTITIONS = "SELECT dlq_ensure_partitions(now() - interval '1 month', 3)"
 
 
 class MigrationError(RuntimeError):
@@ -216,8 +213,6 @@ def _apply_functions(conn: psycopg.Connection[Any], files: list[FunctionsFile]) 
             "duration_ms = EXCLUDED.duration_ms",
             (file.name, file.checksum, duration),
         )
-    if not recorded:
-        conn.execute(_FIRST_PARTITIONS)
     return changed
 
 

@@ -53,3 +53,7 @@ SELECT c.relname::text AS partition_name,
 FROM pg_inherits i
 JOIN pg_class c ON c.oid = i.inhrelid
 WHERE i.inhparent = 'dead_letter_events'::regclass;
+
+-- Whenever this file is applied (a new database included): the partitions from last month to three months ahead.
+-- The Dagster partitions asset keeps them ahead from then on.
+SELECT dlq_ensure_partitions(now() - interval '1 month', 3);

@@ -1,3 +1,12 @@
+-- The health counters (dlq_event_counts): signed deltas per UTC month of created_at. Statement-level triggers on
+-- dead_letter_events add one row per statement and month from the statement's transition tables (an UPDATE
+-- counts its old rows out and its new rows in), so every writer keeps them exact without a per-row cost or a
+-- shared row to contend on; now and then a statement folds the rows into one per month, and dlq_health sums
+-- them. What no trigger sees is handled where it happens: retention dropping a month's partition drops that
+-- month's counts in the same transaction; a TRUNCATE empties them; moving rows between partitions
+-- (dlq_ensure_partitions) changes no count. dlq_recount_events() rebuilds them from the rows (after a partition
+-- is truncated or dropped by hand).
+
 -- The statement that adds the signed counts of a set of rows (a transition table, or the table itself) per
 -- month: one definition for the trigger and the recount. Run with EXECUTE in the trigger function itself
 -- (transition tables are visible there only). Statements that change no count add nothing.
@@ -25,13 +34,10 @@ AS $$
     $q$, p_source)
 $$;
 
--- 0017: the health counters' statement trigger skips a statement that changed no row.
---
--- dlq_complete_batch runs a DELETE (its poisoned rows) in every batch, and almost always it deletes nothing: the
--- AFTER DELETE trigger still fired, built its statement and planned it (EXECUTE), 0.8 ms per batch for nothing.
--- Measured alone on a 60k backlog, completions alternated batch by batch with and without this (80 pairs of
--- 1,000-row batches): -1.9 ms per batch, median of the paired differences (benchmarks/README.md, session 5).
--- The counts are those of 0012, unchanged.
+-- The health counters' statement trigger. A statement that changed no row adds nothing and plans nothing:
+-- dlq_complete_batch runs a DELETE (its poisoned rows) in every batch, which almost always deletes nothing, and
+-- building and planning the counting statement for it costs about 0.8 ms per batch (1.9 ms per batch in paired
+-- completions on a 60k backlog; benchmarks/README.md).
 
 CREATE OR REPLACE FUNCTION dlq_events_count_statement() RETURNS trigger
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp

@@ -1,3 +1,7 @@
+-- Rules every write to dead_letter_events obeys, whoever writes: the insert trigger fixes the checksum and the
+-- idempotency key, the update trigger keeps identity, checksum and history append-only, and classifying an event
+-- malicious revokes its lease.
+
 -- Insert: fix the checksum (or verify the producer's), derive a key when none is given, and keep exactly one
 -- event per key: a second insert of a known key is skipped (the statement reports 0 rows), like ON CONFLICT
 -- DO NOTHING across all partitions.
@@ -50,11 +54,11 @@ BEGIN
 END
 $$;
 
--- 0010: classifying an event malicious takes it out of any processor's hands at once.
+-- Classifying an event malicious takes it out of any processor's hands at once.
 --
 -- dlq_complete_batch runs as its owner and fences on the lease alone, so a processor that leased an event
--- before security_admin classified it malicious could still complete it (and write its payload to the target).
--- Reclassifying now revokes the live lease in the same UPDATE: the holder's completion finds the event
+-- before security_admin classified it malicious could otherwise still complete it (and write its payload to the
+-- target). Reclassifying revokes the live lease in the same UPDATE: the holder's completion finds the event
 -- not_owned, its heartbeat extends nothing, and row security keeps dlq_processor_role from leasing it again.
 -- The revocation is recorded in processing_attempts; it is not a failed attempt.
 CREATE OR REPLACE FUNCTION dlq_revoke_lease_of_malicious() RETURNS trigger

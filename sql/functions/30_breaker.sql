@@ -1,3 +1,9 @@
+-- The circuit breaker, per name, its state in dlq_circuit_breaker_state so it holds across processes.
+-- closed --(failure_threshold consecutive failures)--> open --(timeout_seconds)--> half_open: exactly one
+-- probe is let through; its success closes the breaker, its failure opens it again. Workers consult it for
+-- every event (dlq_breaker_acquire) and report every outcome (dlq_breaker_record); an infrastructure failure
+-- opens it at once (dlq_breaker_trip) and costs no event an attempt. Only security_admin configures it.
+
 -- Names are short printable ASCII: they reach terminals, logs and the Dagster UI.
 CREATE OR REPLACE FUNCTION dlq_breaker_check_name(p_name text) RETURNS void
     LANGUAGE plpgsql IMMUTABLE SET search_path = public, pg_temp

@@ -1,9 +1,30 @@
+-- Claims and leases: the first half of the state machine every client shares.
+-- claim -> heartbeat* -> complete (sql/functions/50_completion.sql). Two kinds of lease, one set of rules:
+--
+-- * Committed lease (dlq_claim_events, dlq_heartbeat, dlq_release_stale_leases): the lease is written to the
+--   rows and committed before any work, visible to other sessions, and expires if its holder dies. Two writes
+--   per event; for clients that hold events across transactions (and the in-database path).
+-- * Transaction lease (dlq_claim_batch, dlq_journal_batch, dlq_forget_batch, dlq_release_dead_batches): the
+--   batch is claimed FOR UPDATE SKIP LOCKED inside the transaction that completes it, and the row locks are the
+--   lease: one write per event, fenced by the locks, lost at once with the holder's transaction. A journal
+--   (dlq_batch_leases), written from a second session, and an advisory lock keyed by the lease keep what a
+--   committed lease gives: an entry whose advisory lock nobody holds belongs to a holder that died, and its
+--   events are counted one failed attempt (lease_expired) each, as for an expired committed lease, so an event
+--   that kills its worker every time is poisoned after the cap instead of looping. The Python worker's default.
+--
+--   Protocol (dlq_assets/core/processing/):
+--     session B: SELECT dlq_release_dead_batches();                   -- before each claim; commits on its own
+--     session A: BEGIN; SELECT * FROM dlq_claim_batch(lease, n, ...);
+--     session B: SELECT dlq_journal_batch(lease, ids, worker);        -- commits on its own
+--     session A: ... dlq_claim_fragment_chains(lease, ...) (then journal those too), dlq_complete_batch(lease, ...),
+--                target writes; COMMIT.
+
 -- The advisory lock key of a lease: its first 64 bits.
 CREATE OR REPLACE FUNCTION dlq_lease_key(p_lease uuid) RETURNS bigint
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT ('x' || translate(left(p_lease::text, 18), '-', ''))::bit(64)::bigint $$;
 
--- The backend holding a lease's advisory lock, or NULL: its holder is gone (or it never was claimed).
+-- The backend holding a lease's advisory lock, or NULL: its holder is gone, or the lease was never claimed.
 CREATE OR REPLACE FUNCTION dlq_lease_holder(p_lease uuid) RETURNS integer
     LANGUAGE sql STABLE STRICT SET search_path = public, pg_temp
 AS $$
@@ -13,9 +34,6 @@ AS $$
        AND l.objid::bigint = dlq_lease_key(p_lease) & 4294967295
      LIMIT 1
 $$;
-
--- 0021: malicious rows never claimed by any caller; the breaker configured only by security_admin; an
--- infrastructure failure opens it and costs no event an attempt; raw_events flags duplicate keys.
 
 -- Claims exclude malicious rows themselves. Row security hides them from dlq_processor_role, but the table
 -- owner (who runs the worker on the embedded server, or with the owner's URL) bypasses row security, and their
@@ -141,7 +159,7 @@ BEGIN
 END
 $$;
 
--- Journal a batch's events under its lease; call from a session other than the batch's, so it commits now.
+-- Journal a batch's events under its lease; call from a session other than the batch's, so it commits at once.
 CREATE OR REPLACE FUNCTION dlq_journal_batch(p_lease uuid, p_ids bigint[], p_worker text DEFAULT NULL) RETURNS void
     LANGUAGE plpgsql SET search_path = public, pg_temp
 AS $$
@@ -175,7 +193,7 @@ END
 $$;
 
 -- Give back the events of batches whose holder died: one failed attempt (lease_expired) each, as for an
--- expired committed lease; expired committed leases too. Events another transaction holds now are left to it.
+-- expired committed lease; expired committed leases too. Events another transaction holds are left to it.
 -- Call it outside any batch transaction. Returns how many events were counted.
 CREATE OR REPLACE FUNCTION dlq_release_dead_batches() RETURNS integer
     LANGUAGE plpgsql SECURITY DEFINER SET search_path = public, pg_temp
@@ -241,7 +259,7 @@ AS $$
                (SELECT d.* FROM dead_letter_events d  -- the record right after: 1 or 2 bytes after this one ends
                  WHERE d.source = c.source AND d.source_inode IS NOT DISTINCT FROM c.inode  -- a range, not IN:
                    AND d.source_offset BETWEEN c.hi + 1 AND c.hi + 2  -- PostgreSQL 15 scanned the source for IN
-                   AND d.source_offset <= c.max_hi AND NOT d.resolved  -- the partial index (sql/0015)
+                   AND d.source_offset <= c.max_hi AND NOT d.resolved  -- ix_dead_letter_events_source_offset
                  ORDER BY d.source_offset LIMIT 1)
                UNION ALL
                (SELECT d.* FROM dead_letter_events d  -- the record before, if it ends 1 or 2 bytes before this one

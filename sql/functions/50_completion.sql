@@ -1,4 +1,8 @@
--- nobody can process this reason: poison at once
+-- Completion: the second half of the state machine. resolved | failed -> retry with backoff or poison |
+-- quarantined | released, in one set-based statement fenced by the lease: a worker whose lease expired and was
+-- claimed again by another changes nothing. Retry policies (dlq_retry_policies) are matched most specific
+-- first: reason and error class, error class, reason, default.
+
 
 CREATE OR REPLACE FUNCTION dlq_retry_policy(p_reason text, p_error_class text) RETURNS dlq_retry_policies
     LANGUAGE sql STABLE SET search_path = public, pg_temp
@@ -19,18 +23,12 @@ AS $$
            * (1 + p_jitter * (2 * random() - 1))
 $$;
 
--- 0018: dlq_complete_batch finds each row once (measured in benchmarks/README.md, session 5).
---
--- 0013 found the batch's rows twice, through a pipeline of CTEs: "owned" probed and locked them (FOR UPDATE),
--- "policy", "decided" and "entries" joined them to their retry policy and outcome, materialized, and the UPDATE
--- probed each row again by primary key. Alone on a 60k backlog, a plain UPDATE of the same rows took 9 ms less
--- per 1,000 than the function. Now the UPDATE takes its rows straight from the input: it locks them itself and
--- checks ownership in its WHERE (re-checked on the newest row version, as FOR UPDATE did), and the retry policy
--- (a table of a handful of rows, read once per statement) is looked up only for failed rows, which are the only
--- ones whose state depends on it. Poisoned rows are the failed rows the same policy caps: a DELETE of its own
--- takes exactly those, so the two statements never touch the same row. What is stored and returned is unchanged
--- (tests/test_transaction_leases.py runs 0013's function and this one on the same batches and compares every row).
--- Alternated with 0013's batch by batch on the benchmark's mix (120 pairs): -5.7 ms per 1,000 rows, median.
+-- dlq_complete_batch finds each row once: the UPDATE takes its rows straight from the input, locks them itself
+-- and checks ownership in its WHERE (re-checked on the newest row version, as FOR UPDATE would), and the retry
+-- policy (a table of a handful of rows, read once per statement) is looked up only for failed rows, the only ones
+-- whose state depends on it. Poisoned rows are the failed rows the same policy caps: a DELETE of its own takes
+-- exactly those, so the two statements never touch the same row. Finding the rows a second time (a locking
+-- probe, then the UPDATE by primary key) costs 5.7 ms per 1,000 rows on the benchmark's mix (benchmarks/README.md).
 
 CREATE OR REPLACE FUNCTION dlq_complete_batch(
     p_lease         uuid,
@@ -127,7 +125,7 @@ BEGIN
            AND (e.processing_lock = p_lease
                 OR (v_held AND e.processing_lock IS NULL AND e.id IN (SELECT j.id FROM journal j)))
            AND (i.outcome <> 'failed' OR (  -- capped failures are the DELETE's below; with no policy at all the
-                SELECT NOT p.retryable OR e.retry_count + 1 >= p.max_attempts  -- backoff is NULL: an error, as in 0013
+                SELECT NOT p.retryable OR e.retry_count + 1 >= p.max_attempts  -- backoff is NULL: an error
                   FROM policy p
                  WHERE (p.reason IS NULL OR p.reason = e.reason)
                    AND (p.error_class IS NULL OR p.error_class = i.error_class)

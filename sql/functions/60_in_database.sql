@@ -1,3 +1,11 @@
+-- Processing inside the database: the design's process_dlq_events_enhanced, callable from psql
+-- (SELECT * FROM process_dlq_events_enhanced(1000);) or a scheduler that only speaks SQL. It takes the dead
+-- letters whose payload needs no repair (a transient failure: the event was valid, the write failed): claim with
+-- a committed lease, verify the checksum, revalidate against the Cowrie rules (10_cowrie.sql), write to
+-- raw_events idempotently, and complete the batch (50_completion.sql), with a metrics row and the breaker
+-- consulted for every event. Repairs (split, stitched, cut records) are the Python worker's: this path leaves
+-- what it cannot verify as it found it, failed with backoff.
+
 CREATE OR REPLACE FUNCTION process_dlq_events_enhanced(
     p_limit                integer DEFAULT 1000,
     p_reason_filter        text DEFAULT NULL,

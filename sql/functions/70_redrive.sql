@@ -20,7 +20,7 @@ AS $$
      ORDER BY p.poisoned_at, p.id
 $$;
 
--- 0008: redrive: move events from the poison table back to processing.
+-- Redrive: move events from the poison table back to processing.
 -- Selected by id, reason or poisoning time (at least one), oldest first, at most p_limit per call (the
 -- caller paces the calls: the rate limit). Cycle protection: an event already redriven p_max_redrives
 -- times stays put. A redriven event keeps its id, key, checksum, payload and full history (plus a

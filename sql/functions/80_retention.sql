@@ -1,3 +1,11 @@
+-- Retention. Resolved events older than the retention period leave in small batches (one per call,
+-- committed by the caller between calls, so no transaction holds row locks for long), and whole monthly
+-- partitions whose every row has expired are detached and dropped.
+-- Retention never touches unresolved, quarantined (kept for investigation) or poisoned events, and keeps
+-- every dlq_idempotency_keys row: they are tombstones, without which re-reading a log would re-create an
+-- event that was already resolved and retired.
+-- The eligibility predicate is written out twice below (cleanup and preview); keep the two in step.
+
 -- Why a partition cannot be dropped at this cutoff (NULL: it can), and its exact row count. Scans the partition.
 CREATE OR REPLACE FUNCTION dlq_retention_partition_blockers(p_partition regclass, p_cutoff timestamptz,
                                                  OUT total_rows bigint, OUT why text)
@@ -147,14 +155,6 @@ AS $$
       LEFT JOIN named n ON n.name = d.partition_name
      ORDER BY d.partition_name
 $$;
-
--- 0005: retention. Resolved events older than the retention period leave in small batches (one per call,
--- committed by the caller between calls, so no transaction holds row locks for long), and whole monthly
--- partitions whose every row has expired are detached and dropped.
--- Retention never touches unresolved, quarantined (kept for investigation) or poisoned events, and keeps
--- every dlq_idempotency_keys row: they are tombstones, without which re-reading a log would re-create an
--- event that was already resolved and retired.
--- The eligibility predicate is written out twice below (cleanup and preview); keep the two in step.
 
 -- Delete one batch of expired resolved events, oldest resolution first; returns how many were deleted.
 -- The batch is picked on the partial resolved_at index and locked with SKIP LOCKED, so retention never waits

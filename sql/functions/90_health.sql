@@ -1,4 +1,5 @@
--- Same columns, same meaning as before (0001, 0011); each from the counters or an index.
+-- The DLQ at a glance, one row: counts from the health counters (sql/functions/20_counts.sql), the oldest
+-- unresolved event and the leases from their indexes, so it stays fast on a big table.
 CREATE OR REPLACE VIEW dlq_health AS
 WITH counts AS (
     SELECT coalesce(sum(total), 0)::bigint AS total, coalesce(sum(pending), 0)::bigint AS pending,

@@ -1,5 +1,5 @@
--- Who may call each function and read each view. A function not revoked from PUBLIC here is callable by any
--- role: those are the read-only helpers.
+-- Who may call each function and read each view. A function this file does not revoke from PUBLIC keeps
+-- PostgreSQL's default: any role may execute it.
 
 GRANT EXECUTE ON FUNCTION check_circuit_breaker(breaker_name text) TO dlq_processor_role;
 

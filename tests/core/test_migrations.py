@@ -13,7 +13,9 @@ from dlq_assets.core.migrations import ChangedMigrationError, MigrationError, di
 
 
 def write(directory: Path, name: str, body: str) -> None:
-    (directory / name).write_text(body, encoding="utf-8")
+    """A migration file under ``directory/migrations`` (the layout migrate(directory=...) reads)."""
+    (directory / "migrations").mkdir(exist_ok=True)
+    (directory / "migrations" / name).write_text(body, encoding="utf-8")
 
 
 def recorded(url: str) -> list[tuple[int, str, str]]:
@@ -78,7 +80,7 @@ def test_unknown_applied_versions_and_bad_file_names_are_errors(empty_db_url: st
     write(tmp_path, "0001_one.sql", "SELECT 1;")
     write(tmp_path, "0002_two.sql", "SELECT 2;")
     migrate(empty_db_url, directory=tmp_path)
-    (tmp_path / "0002_two.sql").unlink()
+    (tmp_path / "migrations" / "0002_two.sql").unlink()
     with pytest.raises(MigrationError, match="does not know: \\[2\\]"):
         migrate(empty_db_url, directory=tmp_path)
     write(tmp_path, "3_bad.sql", "SELECT 3;")
