@@ -802,7 +802,7 @@ def health(
         "events": events,
         "health_ms_pending": pending_ms,
         "health_ms_resolved": resolved_ms,
-        "health_full_scan_ms": scan_ms,  # the same numbers counted from every row, as dlq_health did before 0012
+        "health_full_scan_ms": scan_ms,  # the same numbers counted from every row: what the counters spare
         "health_exact": exact,
         "retention_rows": retention.rows_deleted,
         "retention_seconds": round(retention.seconds, 2),

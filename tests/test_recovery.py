@@ -152,7 +152,7 @@ def test_the_real_honeypots_logs_damaged_give_back_what_their_bytes_hold(
 
 
 def _dead_letter(conn: psycopg.Connection, log: Path, offset: int, raw: bytes, reason: str) -> None:
-    """A dead letter as an earlier reader stored it: the record's text at its offset, wrapped losslessly."""
+    """One line stored whole, as a line-based reader stores it: the text at its offset, wrapped losslessly."""
     text = raw.decode("utf-8")
     conn.execute(
         "INSERT INTO dead_letter_events (source, source_inode, source_offset, reason, payload, metadata_json) "
@@ -210,7 +210,7 @@ def test_dead_letters_an_earlier_reader_stored_are_recovered_on_their_next_attem
         "repair:stitch": 2,
         "repair:truncation_closed": 1,
     }
-    # The same log read again by today's reader: every event it finds is at a position already written.
+    # The same log read again by ingest's record reader: every event it finds is at a position already written.
     again = ingest_paths([log], url=db_url)
     assert again.raw_inserted == 0 and again.dlq_inserted == 0
     assert conn.execute("SELECT count(*) FROM raw_events").fetchone()[0] == len(found)

@@ -1,11 +1,11 @@
 """Repair dead letters without inventing data: a repaired event holds only what its bytes held.
 
-The old repairer filled missing usernames with "unknown", stamped missing timestamps with the repair time and
-invented a ``cowrie.system.info`` event id. Here a repair may only read what the bytes say: take raw control
-characters in strings as the characters they are, drop trailing commas, re-escape stray backslashes, close
-brackets after a complete value (marked partial), read a Python literal dict, split values written on one line,
-or join the fragments of one record; the result must pass Cowrie's catalogue (:func:`validate_event`) or it is
-refused, with the reason why. Where the bytes allow two readings, it is refused.
+A naive repairer (the shared reference cases' anchor) fills missing usernames with "unknown", stamps missing
+timestamps with the repair time and invents a ``cowrie.system.info`` event id. Here a repair may only read what
+the bytes say: take raw control characters in strings as the characters they are, drop trailing commas,
+re-escape stray backslashes, close brackets after a complete value (marked partial), read a Python literal dict,
+split values written on one line, or join the fragments of one record; the result must pass Cowrie's catalogue
+(:func:`validate_event`) or it is refused, with the reason why. Where the bytes allow two readings, it is refused.
 """
 
 from __future__ import annotations

@@ -329,7 +329,7 @@ def test_type_checks(field: str, value: object) -> None:
     assert result.errors == (f"invalid_{field}: {value}",)
 
 
-# --- real events the old validator rejected ---------------------------------------------------------------
+# --- real events a hand-kept event list rejects ------------------------------------------------------------
 
 REAL_EVENTS = {
     "session-params": _event("cowrie.session.params", arch="linux-x64-lsb", src_ip="203.0.113.10"),

@@ -721,7 +721,7 @@ def test_overrides_really_conflict() -> None:
 
 
 def test_what_the_anchor_fabricated_is_refused() -> None:
-    """Cases where the old tool filled in values pass only because the repair refuses to do the same."""
+    """Cases where the anchor fills in values pass only because the repair refuses to do the same."""
     filled = re.compile(r'"(username|password|session|timestamp)": "(unknown|unknown-session|<now>)"')
     anchors = {c["id"]: json.dumps({k: v for k, v in c.items() if "anchor" in k}) for c in CASES}
     fabricated = [c for c in CASES if c["kind"] == "repair_event" and filled.search(anchors[c["id"]])]

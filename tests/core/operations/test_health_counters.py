@@ -18,7 +18,7 @@ from dlq_assets.devtools.generator import write_corrupted_log
 from tests.core.operations.test_retention import add
 from tests.reliability.conftest import VALID, insert_dead_letter
 
-# The view as 0001 defined it: every row scanned. The counters must always agree with it.
+# The health numbers counted from every row (a full scan). The counters must always agree with it.
 FULL_SCAN = """
 SELECT count(*) FILTER (WHERE NOT resolved AND quarantined_at IS NULL),
        count(*) FILTER (WHERE resolved),
