@@ -19,7 +19,8 @@ from click.testing import CliRunner, Result
 from psycopg import sql
 from psycopg.types.json import Jsonb
 
-from dlq_assets.cli import EXIT_CLOSED_PIPE, main
+from dlq_assets.cli import main
+from dlq_assets.cli.app import EXIT_CLOSED_PIPE
 
 HOSTILE = "\x1b[31m[b]\t"  # a colour sequence, a Rich style tag and a tab
 SHOWN = "\\x1b[31m[b]\\t"  # how the CLI prints it
