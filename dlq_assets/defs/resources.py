@@ -11,39 +11,44 @@ from pydantic import Field, PrivateAttr
 from dlq_assets.core import db
 
 
+def resolve_database_url(url: str | None) -> str:
+    """The DLQ database a code location uses: ``url``, else ``$DLQ_DATABASE_URL``; nothing else.
+
+    ``embedded`` (:data:`dlq_assets.core.db.EMBEDDED`), in either, asks for the local embedded server by name: it
+    is started or joined through :func:`dlq_assets.devtools.embedded.resolve_url`. With neither set, or with a URL
+    that is not PostgreSQL's, this raises :class:`dagster.Failure` carrying the one-line reason (it names
+    DLQ_DATABASE_URL, never a password): the run, check or sensor tick that needed the database fails with it,
+    and no step retries it, since only a change of configuration can fix it."""
+    chosen = url or db.configured_url()
+    if chosen == db.EMBEDDED:
+        from dlq_assets.devtools import embedded  # only a deployment that names the embedded server loads it
+
+        return embedded.resolve_url(db.EMBEDDED)
+    try:
+        return db.database_url(chosen)
+    except (db.DatabaseNotConfigured, ValueError) as exc:
+        raise dg.Failure(description=str(exc), allow_retries=False) from None
+
+
 class DLQDatabase(dg.ConfigurableResource):
-    """The DLQ database: ``url`` if set, else ``DLQ_DATABASE_URL``, else the embedded server (started or joined)."""
+    """The DLQ database: ``url`` if set, else ``$DLQ_DATABASE_URL``; ``embedded`` in either names the local embedded
+    server. Resolved at first use, never when the definitions load: a code location with neither set loads, and
+    each use of the database fails with one line naming DLQ_DATABASE_URL (see :func:`resolve_database_url`)."""
 
     url: str | None = Field(
-        default=None, description="postgresql:// URL; empty means DLQ_DATABASE_URL, else the embedded server."
+        default=None,
+        description=(
+            "A postgresql:// URL, or `embedded` for the local embedded server. Empty: $DLQ_DATABASE_URL, which "
+            "takes the same two forms; with both empty, every run, check and sensor that uses the database fails."
+        ),
     )
     _resolved: str | None = PrivateAttr(default=None)
-    _engine: Any = PrivateAttr(default=None)
-
-    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
-        # Resolved once per run (this may start the embedded server); the engine serves pandas readers.
-        import sqlalchemy
-
-        self._resolved = db.database_url(self.url)
-        self._engine = sqlalchemy.create_engine(db.sqlalchemy_url(self._resolved), pool_pre_ping=True)
-
-    def teardown_after_execution(self, context: dg.InitResourceContext) -> None:
-        if self._engine is not None:
-            self._engine.dispose()
 
     def resolved_url(self) -> str:
+        """The database's psycopg URL, resolved once per resource instance (the embedded server may start here)."""
         if self._resolved is None:
-            self._resolved = db.database_url(self.url)
+            self._resolved = resolve_database_url(self.url)
         return self._resolved
-
-    @property
-    def engine(self) -> Any:
-        """A SQLAlchemy engine (``postgresql+psycopg``) on the same database."""
-        if self._engine is None:
-            import sqlalchemy
-
-            self._engine = sqlalchemy.create_engine(db.sqlalchemy_url(self.resolved_url()), pool_pre_ping=True)
-        return self._engine
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
         return psycopg.connect(self.resolved_url(), **kwargs)

@@ -2,14 +2,13 @@
 
 Starts or joins the embedded server (or uses DLQ_DATABASE_URL), provisions a ``dagster`` database beside the
 ``dlq`` one for Dagster's run, event and schedule storage, prepares ``$DAGSTER_HOME`` with the project's
-dagster.yaml, and runs ``dagster dev`` on 127.0.0.1. SIGTERM or Ctrl-C stops Dagster, then the embedded
-server if this command started it.
+dagster.yaml plus PostgreSQL storage, and runs ``dagster dev`` on 127.0.0.1. SIGTERM or Ctrl-C stops Dagster,
+then the embedded server if this command started it.
 """
 
 from __future__ import annotations
 
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -23,6 +22,13 @@ from dlq_assets.devtools.embedded import EmbeddedServer, default_data_dir, resol
 DAGSTER_DATABASE = "dagster"
 DAGSTER_DATABASE_ENV = "DLQ_DAGSTER_DATABASE"  # another name for Dagster's database (tests use their own)
 STORAGE_URL_ENV = "DLQ_DAGSTER_STORAGE_URL"
+# The URL must be postgresql+psycopg2://: with SQLAlchemy 2.1 a plain postgresql:// selects psycopg 3, and
+# Dagster's LISTEN/NOTIFY breaks on it. prepare() builds it.
+STORAGE = f"""storage:
+  postgres:
+    postgres_url:
+      env: {STORAGE_URL_ENV}
+"""
 
 
 def project_root() -> Path:
@@ -37,7 +43,8 @@ def prepare(url: str | None = None, *, dagster_home: Path | None = None) -> dict
     db.ensure_database(db.with_database(dlq_url, "postgres"), dagster_database)
     home = dagster_home or default_data_dir().parent / "dagster_home"
     home.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(project_root() / "dagster.yaml", home / "dagster.yaml")
+    settings = (project_root() / "dagster.yaml").read_text(encoding="utf-8")
+    (home / "dagster.yaml").write_text(settings.rstrip("\n") + "\n\n" + STORAGE, encoding="utf-8")
     return {
         db.URL_ENV: dlq_url,
         STORAGE_URL_ENV: db.sqlalchemy_url(db.with_database(dlq_url, dagster_database), "psycopg2"),

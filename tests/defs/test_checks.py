@@ -11,9 +11,11 @@ import dagster as dg
 import psycopg
 import pytest
 
-from dlq_assets.defs.checks import ASSET, health_checks
+from dlq_assets.defs.alerts.checks import health_checks
+from dlq_assets.defs.processing.assets import dlq_processed_batches
 from dlq_assets.defs.resources import DLQDatabase
 
+ASSET = dlq_processed_batches.key
 ERROR, WARN = dg.AssetCheckSeverity.ERROR, dg.AssetCheckSeverity.WARN
 
 

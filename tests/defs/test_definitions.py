@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 import warnings
+from pathlib import Path
 
 import dagster as dg
 
@@ -47,3 +50,29 @@ def test_importing_the_code_location_does_no_io() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
+
+
+def test_the_package_uses_only_dagsters_public_namespace() -> None:
+    """``dagster._*`` modules are Dagster's internals: they change without deprecation."""
+    package = Path(__file__).resolve().parents[2] / "dlq_assets"
+    private = re.compile(r"\bdagster\._")
+    found = [
+        f"{path.relative_to(package)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        for number, line in enumerate(path.read_text().splitlines(), 1)
+        if private.search(line)
+    ]
+    assert found == []
+
+
+def test_dg_loads_the_project_as_its_code_location() -> None:
+    """``[tool.dg]`` in pyproject.toml: ``dg check defs`` loads dlq_assets.definitions, from the checkout."""
+    env = {**os.environ, "DLQ_DATABASE_URL": "postgresql://nobody@127.0.0.1:1/none", "VIRTUAL_ENV": sys.prefix}
+    env.pop("DAGSTER_HOME", None)
+    dg_cli = Path(sys.executable).with_name("dg")
+    result = subprocess.run(
+        [str(dg_cli), "check", "defs"], cwd=Path(__file__).resolve().parents[2], env=env,
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    output = result.stdout + result.stderr
+    assert result.returncode == 0 and "All definitions loaded successfully" in result.stdout, output

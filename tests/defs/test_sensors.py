@@ -13,10 +13,12 @@ import dagster as dg
 import psycopg
 import pytest
 
-from dlq_assets.defs import sensors
-from dlq_assets.defs.checks import health_checks
+from dlq_assets.defs.alerts import sensors
+from dlq_assets.defs.alerts.checks import health_checks
+from dlq_assets.defs.alerts.sensors import WEBHOOK_ENV, check_failure_alert_sensor, notify, run_failure_alert_sensor
+from dlq_assets.defs.processing.jobs import processing_job
+from dlq_assets.defs.processing.sensors import BACKLOG_THRESHOLD_ENV, backlog_sensor
 from dlq_assets.defs.resources import DLQDatabase
-from dlq_assets.defs.sensors import WEBHOOK_ENV, check_failure_alert_sensor, notify, run_failure_alert_sensor
 
 
 class Webhook:
@@ -219,6 +221,33 @@ def test_a_check_still_running_at_a_tick_is_reported_when_it_fails(
     assert all(not s["planned"] for s in json.loads(cursor).values())
 
 
+def test_a_check_whose_run_ended_without_it_is_forgotten(
+    db_url: str, instance: dg.DagsterInstance, webhook: Webhook
+) -> None:
+    """The upstream step fails, so the run ends with its checks planned and never evaluated: the run-failure
+    sensor reports that run; this one reports nothing and keeps no planned id for it."""
+
+    @dg.asset(name="dlq_processed_batches")
+    def broken_batches() -> None:
+        raise RuntimeError("the worker crashed")
+
+    result = dg.materialize(
+        [broken_batches, *health_checks],
+        resources={"database": DLQDatabase(url=db_url)},
+        instance=instance,
+        raise_on_error=False,
+    )
+    assert not result.success
+    breaker_key = next(k for k in sensors.CHECK_KEYS if k.name == "breaker_open")
+    (planned,) = instance.event_log_storage.get_asset_check_execution_history(breaker_key, limit=10)
+    assert not isinstance(planned.evaluation, dg.AssetCheckEvaluation) and planned.run_id == result.run_id
+    cursor = tick(instance, None)
+    assert webhook.take() == []
+    state = json.loads(cursor)
+    assert all(s["planned"] == [] for s in state.values())
+    assert state["dlq_processed_batches:breaker_open"]["last"] == planned.id
+
+
 def test_a_failed_run_is_reported(instance: dg.DagsterInstance, webhook: Webhook) -> None:
     @dg.asset
     def broken_asset() -> None:
@@ -246,9 +275,8 @@ def test_the_backlog_sensor_launches_processing_past_the_threshold_once(
     db_url: str, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dlq_assets.definitions import defs
-    from dlq_assets.defs.sensors import backlog_sensor
 
-    monkeypatch.setenv(sensors.BACKLOG_THRESHOLD_ENV, "5")
+    monkeypatch.setenv(BACKLOG_THRESHOLD_ENV, "5")
     with psycopg.connect(db_url, autocommit=True) as conn:
         for i in range(4):
             conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', %s)", (json.dumps({"n": i}),))
@@ -264,7 +292,8 @@ def test_the_backlog_sensor_launches_processing_past_the_threshold_once(
             conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', %s)", (json.dumps({"n": i}),))
     request = evaluate()
     assert isinstance(request, dg.RunRequest) and request.tags["dlq/pending"] == "8"
+    assert backlog_sensor.job_name == processing_job.name  # the request launches the job the sensor targets
     # A processing run already running: no second one.
-    instance.add_run(dg.DagsterRun(job_name="dlq_processing_job", run_id="r1", status=dg.DagsterRunStatus.STARTED))
+    instance.add_run(dg.DagsterRun(job_name=processing_job.name, run_id="r1", status=dg.DagsterRunStatus.STARTED))
     skipped = evaluate()
     assert isinstance(skipped, dg.SkipReason) and "already active" in skipped.skip_message

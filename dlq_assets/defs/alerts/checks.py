@@ -12,9 +12,9 @@ from typing import Any
 import dagster as dg
 
 from dlq_assets.core.operations import health
+from dlq_assets.defs.processing.assets import dlq_processed_batches
 from dlq_assets.defs.resources import DLQDatabase
 
-ASSET = dg.AssetKey("dlq_processed_batches")
 _DEFAULTS = health.Thresholds()
 WARN, ERROR = dg.AssetCheckSeverity.WARN, dg.AssetCheckSeverity.ERROR
 
@@ -147,7 +147,9 @@ def _ok(check: _Check, value: float | None, limits: health.Thresholds) -> str:
 
 
 def _build(check: _Check) -> dg.AssetChecksDefinition:
-    @dg.asset_check(asset=ASSET, name=check.name, description=check.description, blocking=check.severity == ERROR)
+    @dg.asset_check(
+        asset=dlq_processed_batches, name=check.name, description=check.description, blocking=check.severity == ERROR
+    )
     def _evaluate(config: HealthCheckConfig, database: DLQDatabase) -> dg.AssetCheckResult:
         limits = config.thresholds()
         with database.connect() as conn:

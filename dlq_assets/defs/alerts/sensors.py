@@ -8,20 +8,15 @@ import json
 import logging
 import os
 import urllib.request
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import dagster as dg
 
-from dlq_assets.defs.checks import health_checks
-from dlq_assets.defs.resources import DLQDatabase
-
-if TYPE_CHECKING:
-    from dagster._core.storage.asset_check_execution_record import AssetCheckExecutionRecord
-    from dagster_shared.error import SerializableErrorInfo
+from dlq_assets.defs.alerts.checks import health_checks
 
 WEBHOOK_ENV = "DLQ_ALERT_WEBHOOK_URL"
 HISTORY_LIMIT = 100  # executions read per check and tick; more between two ticks would be a flood anyway
-CHECK_KEYS = [key for checks_def in health_checks for key in checks_def.check_keys]
+CHECK_KEYS = [dg.AssetCheckKey(spec.asset_key, spec.name) for checks in health_checks for spec in checks.check_specs]
 
 
 def notify(message: dict[str, Any], *, url: str | None) -> None:
@@ -46,30 +41,42 @@ def _alert(log: logging.Logger, message: dict[str, Any], *, error: bool) -> None
         log.error(f"alert webhook failed ({type(exc).__name__}: {exc}); the alert above was not delivered")
 
 
-def _check_message(record: AssetCheckExecutionRecord) -> dict[str, Any]:
-    evaluation = record.evaluation
+def _check_message(
+    evaluation: dg.AssetCheckEvaluation, *, run_id: str, execution_id: int, timestamp: float
+) -> dict[str, Any]:
     severity = evaluation.severity.value
     metadata = {k: v.value for k, v in evaluation.metadata.items() if k in ("value", "threshold")}
-    check = record.key.to_user_string()
+    check = evaluation.asset_check_key.to_user_string()
     return {
-        "text": f"[{severity}] DLQ check {check} failed: {evaluation.description or 'no description'} "
-        f"(run {record.run_id})",
+        "text": f"[{severity}] DLQ check {check} failed: {evaluation.description or 'no description'} (run {run_id})",
         "kind": "asset_check_failed",
         "check": check,
         "severity": severity,
         "description": evaluation.description,
         "metadata": metadata,
-        "run_id": record.run_id,
-        "execution_id": record.id,
-        "timestamp": record.create_timestamp,
+        "run_id": run_id,
+        "execution_id": execution_id,
+        "timestamp": timestamp,
     }
 
 
-def _root_cause(error: SerializableErrorInfo | None) -> str:
-    """The user's exception, not Dagster's wrapper around it."""
-    while error is not None and error.cause is not None:
-        error = error.cause
-    return error.message.strip()[:500] if error is not None else "no error recorded"
+def _executions(
+    instance: dg.DagsterInstance, key: dg.AssetCheckKey, *, limit: int, after: int, planned: set[int]
+) -> list[Any]:
+    """Of the check's latest ``limit`` executions, those newer than ``after`` or in ``planned``, oldest first."""
+    records = instance.event_log_storage.get_asset_check_execution_history(key, limit=limit)
+    return sorted((r for r in records if r.id > after or r.id in planned), key=lambda r: r.id)
+
+
+def _result(record: Any) -> dg.AssetCheckEvaluation | None:
+    """An execution's result; None while it is only planned (its event then holds the plan, not a result)."""
+    evaluation = record.evaluation
+    return evaluation if isinstance(evaluation, dg.AssetCheckEvaluation) else None
+
+
+def _run_ended(instance: dg.DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is None or run.is_finished
 
 
 @dg.sensor(
@@ -78,30 +85,48 @@ def _root_cause(error: SerializableErrorInfo | None) -> str:
     description="Reports each new failed DLQ health-check evaluation once: to the log and the alert webhook.",
 )
 def check_failure_alert_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
-    """Cursor per check: the newest execution id seen, plus ids still planned then (they complete in place).
+    """Cursor per check: the newest execution id seen, plus the ids still planned then (a planned execution gets
+    its result in place, under the same id). A fresh cursor reports only each check's latest execution: the current
+    state, not the whole history.
 
-    A fresh cursor reports only each check's latest execution: the current state, not the whole history."""
+    Executions come from the instance's event-log storage; each carries its result as a ``dg.AssetCheckEvaluation``
+    (none while it is only planned). A planned execution whose run has ended without a result (the run failed or
+    was cancelled first; the run-failure sensor reports that) is forgotten."""
     cursor: dict[str, dict[str, Any]] = json.loads(context.cursor) if context.cursor else {}
-    storage = context.instance.event_log_storage
+    instance = context.instance
     reported = 0
     for key in CHECK_KEYS:
         seen = cursor.get(key.to_user_string())
         last, planned = (seen["last"], set(seen["planned"])) if seen else (0, set())
-        records = storage.get_asset_check_execution_history(key, limit=HISTORY_LIMIT if seen else 1)
+        limit = HISTORY_LIMIT if seen else 1
+        records = _executions(instance, key, limit=limit, after=last, planned=planned)
+        ended = {r.run_id for r in records if _result(r) is None and _run_ended(instance, r.run_id)}
+        if ended:  # read again: a result is stored before its run ends, so this read holds every one of theirs
+            records = _executions(instance, key, limit=limit, after=last, planned=planned)
         still_planned = []
-        for record in sorted(records, key=lambda r: r.id):
-            if record.id <= last and record.id not in planned:
-                continue
-            if record.status.value == "PLANNED":
-                still_planned.append(record.id)
-            elif record.status.value == "FAILED":
-                message = _check_message(record)
-                _alert(context.log, message, error=message["severity"] == "ERROR")
+        for record in records:
+            evaluation = _result(record)
+            if evaluation is None:
+                if record.run_id not in ended:
+                    still_planned.append(record.id)
+            elif not evaluation.passed:
+                message = _check_message(
+                    evaluation, run_id=record.run_id, execution_id=record.id, timestamp=record.create_timestamp
+                )
+                _alert(context.log, message, error=evaluation.severity == dg.AssetCheckSeverity.ERROR)
                 reported += 1
         newest = max((r.id for r in records), default=last)
         cursor[key.to_user_string()] = {"last": max(last, newest), "planned": still_planned}
     context.update_cursor(json.dumps(cursor, sort_keys=True))
     return dg.SkipReason(f"reported {reported} failed check evaluation(s)")
+
+
+def _root_cause(event: dg.DagsterEvent) -> str:
+    """The user's exception behind a step failure, not Dagster's wrapper around it."""
+    error = event.event_specific_data.error  # the step-failure data, as the get_step_failure_events docs read it
+    while error is not None and error.cause is not None:
+        error = error.cause
+    return error.message.strip()[:500] if error is not None else "no error recorded"
 
 
 @dg.run_failure_sensor(
@@ -110,9 +135,7 @@ def check_failure_alert_sensor(context: dg.SensorEvaluationContext) -> dg.SkipRe
 )
 def run_failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
     run = context.dagster_run
-    steps = [
-        f"{event.step_key}: {_root_cause(event.step_failure_data.error)}" for event in context.get_step_failure_events()
-    ]
+    steps = [f"{event.step_key}: {_root_cause(event)}" for event in context.get_step_failure_events()]
     reason = context.failure_event.message or "no message"
     message = {
         "text": f"[ERROR] Dagster run {run.run_id} of {run.job_name} failed: {reason}"
@@ -125,32 +148,3 @@ def run_failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:
         "failed_steps": steps,
     }
     _alert(context.log, message, error=True)
-
-
-BACKLOG_THRESHOLD_ENV = "DLQ_BACKLOG_THRESHOLD"
-DEFAULT_BACKLOG_THRESHOLD = 10_000
-_ACTIVE = [
-    dg.DagsterRunStatus.QUEUED,
-    dg.DagsterRunStatus.NOT_STARTED,
-    dg.DagsterRunStatus.STARTING,
-    dg.DagsterRunStatus.STARTED,
-]
-
-
-@dg.sensor(
-    job_name="dlq_processing_job",
-    minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches processing early when the pending backlog passes DLQ_BACKLOG_THRESHOLD (default 10,000).",
-)
-def backlog_sensor(context: dg.SensorEvaluationContext, database: DLQDatabase) -> dg.RunRequest | dg.SkipReason:
-    threshold = int(os.environ.get(BACKLOG_THRESHOLD_ENV) or DEFAULT_BACKLOG_THRESHOLD)  # read per tick
-    with database.connect() as conn:
-        (pending,) = conn.execute("SELECT pending_events FROM dlq_health").fetchone()
-    if pending <= threshold:
-        return dg.SkipReason(f"{pending} pending dead letters, threshold {threshold}")
-    active = context.instance.get_run_records(dg.RunsFilter(job_name="dlq_processing_job", statuses=_ACTIVE), limit=1)
-    if active:
-        return dg.SkipReason(f"{pending} pending, but processing run {active[0].dagster_run.run_id} is already active")
-    context.log.info(f"{pending} pending dead letters passed the threshold {threshold}: launching processing")
-    return dg.RunRequest(tags={"dlq/trigger": "backlog", "dlq/pending": str(pending)})

@@ -1,0 +1,1 @@
+"""Working the backlog: the processed-batches asset, its job and schedule, and the backlog sensor."""

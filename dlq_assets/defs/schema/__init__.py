@@ -1,0 +1,1 @@
+"""The DLQ's schema (every migration in sql/) and its monthly partitions."""
