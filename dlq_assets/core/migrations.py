@@ -5,8 +5,9 @@
   never a silent re-run, and a failing one rolls back whole without advancing the recorded version.
 - ``sql/functions/NN_concern.sql`` hold every function, view and trigger, each defined once with
   ``CREATE OR REPLACE``. After the migrations, the files whose checksum differs from the one recorded are
-  applied in file order, together in one transaction (Flyway's repeatable migrations). Changing a function is
-  editing its file; dropping one, or changing its signature, takes a migration that drops the old one.
+  applied in file order, together in one transaction (Flyway's repeatable migrations); after a run that applied
+  a migration, all of them, so that what a migration dropped comes back with its grants. Changing a function is
+  editing its file; dropping one, or changing its return type, takes a migration that drops the old one.
 - ``0021_baseline`` is the schema the pre-baseline chain (0001-0021) built. A database that applied that chain
   keeps its ledger rows: those files count as the baseline, provided all of them are there unchanged.
 
@@ -198,13 +199,15 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
     )
 
 
-def _apply_functions(conn: psycopg.Connection[Any], files: list[FunctionsFile]) -> list[FunctionsFile]:
-    """Apply the function files whose checksum changed (all of them on a new database), in order."""
+def _apply_functions(
+    conn: psycopg.Connection[Any], files: list[FunctionsFile], *, every: bool = False
+) -> list[FunctionsFile]:
+    """Apply the function files whose checksum changed (``every``: all of them), in order."""
     conn.execute(_FUNCTIONS_LEDGER)
     recorded = dict(conn.execute("SELECT name, checksum FROM dlq_schema_functions").fetchall())
     if not files:
         return []
-    changed = [f for f in files if recorded.get(f.name) != f.checksum]
+    changed = [f for f in files if every or recorded.get(f.name) != f.checksum]
     for file in changed:
         duration = _run(conn, f"functions/{file.name}", file.sql)
         conn.execute(
@@ -224,7 +227,7 @@ def apply_in_transaction(conn: psycopg.Connection[Any], migrations: list[Migrati
     pending = _pending(conn, discover() if migrations is None else migrations)
     for migration in pending:
         _apply(conn, migration)
-    _apply_functions(conn, discover_functions() if migrations is None else [])
+    _apply_functions(conn, discover_functions() if migrations is None else [], every=bool(pending))
     return pending
 
 
@@ -242,7 +245,7 @@ def migrate(url: str | None = None, *, directory: Path | None = None) -> list[Mi
                 with conn.transaction():
                     _apply(conn, migration)
             with conn.transaction():
-                _apply_functions(conn, functions)
+                _apply_functions(conn, functions, every=bool(pending))
             return pending
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

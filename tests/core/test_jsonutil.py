@@ -42,7 +42,7 @@ def test_python_canonical_form_equals_jsonb_text(conn: psycopg.Connection, text:
 
 
 def test_the_sql_checksum_is_inlined_where_it_is_used(conn: psycopg.Connection) -> None:
-    """A SQL function PostgreSQL cannot inline runs as a call of its own per row (sql/0016: 2.5-4.8 µs against
+    """A SQL function PostgreSQL cannot inline runs as a call of its own per row (10_cowrie.sql: 2.5-4.8 µs against
     1.6 µs): writing raw_events and every insert take it once per row."""
     plan = "\n".join(
         row[0] for row in conn.execute("EXPLAIN (VERBOSE) SELECT dlq_payload_checksum(payload) FROM raw_events")

@@ -123,7 +123,7 @@ def test_updated_at_is_maintained_by_trigger(conn: psycopg.Connection) -> None:
 
 
 def test_updated_at_is_now_whatever_a_statement_sets(conn: psycopg.Connection) -> None:
-    """The trigger is skipped only for rows a statement already stamps with now() (sql/0013), never otherwise."""
+    """The row trigger (25_event_rules.sql) is skipped only for rows a statement stamps with now(), never otherwise."""
     event_id = insert_event(conn)
     conn.execute("UPDATE dead_letter_events SET updated_at = '2001-01-01' WHERE id = %s", (event_id,))
     (kept,) = conn.execute("SELECT updated_at FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()

@@ -223,7 +223,8 @@ def wait_until(predicate: Any, what: str, timeout: float = 30.0) -> Any:
 WORKER_SCRIPT = """
 import sys, time
 from dlq_assets.core.processing.handlers import HandlerRegistry, default_registry
-from dlq_assets.core.processing.worker import Worker, WorkerConfig
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.worker import Worker
 
 url, lease, batch, gate, mode = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], sys.argv[5]
 base = default_registry()

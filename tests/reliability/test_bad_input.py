@@ -24,10 +24,12 @@ from dlq_assets.core import jsonutil
 from dlq_assets.core.cowrie import validate_event
 from dlq_assets.core.intake.ingest import _RawRow, ingest_paths, is_cut_record, is_event, route
 from dlq_assets.core.intake.reader import Record, read_file, read_records
+from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.handlers import HandlerRegistry
-from dlq_assets.core.processing.worker import Worker, WorkerConfig, process
+from dlq_assets.core.processing.pool import process
+from dlq_assets.core.processing.worker import Worker
 from dlq_assets.core.repair import Fragment, raw_bytes_of, repair_record, stitch_fragments
-from dlq_assets.defs.assets import dlq_processed_batches
+from dlq_assets.defs.processing.assets import dlq_processed_batches
 from dlq_assets.defs.resources import CircuitBreaker, DLQDatabase
 from dlq_assets.devtools.generator import generate_events
 from tests.reliability.conftest import (
@@ -58,7 +60,7 @@ INJECTIONS = [
     "☃ 🦠 \u202eevil\u202c e\u0301 \u2028\u2029 \U0010ffff 日本語",
     '"; `id` $(id) <script>alert(1)</script>',
 ]
-BREAKER_NAME = re.compile(r"[!-~]([ -~]{0,62}[!-~])?")  # 1-64 printable ASCII (sql/0021_hardening.sql)
+BREAKER_NAME = re.compile(r"[!-~]([ -~]{0,62}[!-~])?")  # 1-64 printable ASCII (sql/functions/30_breaker.sql)
 TABLES = ("dead_letter_events", "dlq_poison_events", "raw_events", "dlq_idempotency_keys", "dlq_processing_metrics",
           "dlq_circuit_breaker_state", "dlq_retry_policies", "dlq_health")  # fmt: skip
 

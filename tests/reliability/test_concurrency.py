@@ -14,7 +14,8 @@ import pytest
 
 from dlq_assets.core.intake.ingest import IngestReport, ingest_paths
 from dlq_assets.core.operations.retention import RetentionReport, run_retention
-from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.pool import process
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.reliability.conftest import (
     SCALE,

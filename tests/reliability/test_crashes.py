@@ -17,8 +17,10 @@ from dlq_assets.core.db import ensure_database
 from dlq_assets.core.intake.ingest import _RawRow, ingest_paths, is_cut_record, is_event, route
 from dlq_assets.core.intake.reader import read_file
 from dlq_assets.core.migrations import migrate
+from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome, ReplayHandler
-from dlq_assets.core.processing.worker import Worker, WorkerConfig, process
+from dlq_assets.core.processing.pool import process
+from dlq_assets.core.processing.worker import Worker
 from dlq_assets.devtools.embedded import EmbeddedServer, remove_cluster
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.conftest import cluster_dir

@@ -18,9 +18,13 @@ from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.core.migrations import migrate
 from dlq_assets.core.operations.redrive import redrive
 from dlq_assets.core.operations.retention import run_retention
-from dlq_assets.core.processing.worker import WorkerConfig, process
-from dlq_assets.defs.assets import dlq_failure_patterns, dlq_processed_batches, dlq_retention_state, dlq_schema
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.pool import process
+from dlq_assets.defs.analysis.assets import dlq_failure_patterns
+from dlq_assets.defs.processing.assets import dlq_processed_batches
 from dlq_assets.defs.resources import CircuitBreaker, DLQDatabase
+from dlq_assets.defs.retention.assets import dlq_retention_state
+from dlq_assets.defs.schema.assets import dlq_schema
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.reliability.conftest import with_params, with_password
 

@@ -18,8 +18,10 @@ from psycopg.types.json import Jsonb
 
 from dlq_assets.cli import main
 from dlq_assets.core.intake.ingest import ingest_paths
+from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.handlers import HandlerRegistry
-from dlq_assets.core.processing.worker import Worker, WorkerConfig, process
+from dlq_assets.core.processing.pool import process
+from dlq_assets.core.processing.worker import Worker
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.core.test_security import ADMIN, PROCESSOR, READER, as_role
 from tests.reliability.conftest import VALID, assert_ledger_holds, insert_dead_letter, take_ledger

@@ -213,7 +213,7 @@ class CowrieRepairHandler:
 
 
 def _is_length(value: object) -> bool:
-    """A record length as dlq_record_bytes (sql/0021) reads one: metadata_json is writable by a processor."""
+    """A record length as dlq_record_bytes (10_cowrie.sql) reads one: metadata_json is writable by a processor."""
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15
 
 

@@ -4,39 +4,40 @@ Per batch: claim; verify each checksum (a mismatch is quarantined, never process
 reason's handler, consulting the circuit breaker for every event; then write the targets to ``raw_events``
 (idempotent), complete the whole batch in one fenced call and record its metrics row, atomically.
 
-The lease is a transaction by default (sql/0011): the batch is claimed ``FOR UPDATE SKIP LOCKED`` inside the
+The lease is a transaction by default (sql/functions/40_claims.sql): the batch is claimed
+``FOR UPDATE SKIP LOCKED`` inside the
 transaction that completes it, and its ids are journalled from a second connection, so a worker that dies loses
 its row locks at once and the next claim counts the attempt. With ``lease_mode="committed"`` the lease is
-written and committed first (sql/0003) and expires if the worker dies. Either way a crash before the commit
+written and committed first (the same file) and expires if the worker dies. Either way a crash before the commit
 applies nothing, and the events are claimed again. SIGTERM finishes the event at hand, releases the rest and
 exits.
+
+This module holds the Worker and its batch loop. The names callers use (``process``, ``WorkerConfig``,
+``LEASE_MODES``, ``RateLimiter``, ``next_batch_size``, ``ensure_breaker``) are importable from here as well as from
+their own modules.
 """
 
 from __future__ import annotations
 
 import gc
-import hashlib
-import math
-import multiprocessing
 import os
-import queue
-import resource
 import signal
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any
 
 import psycopg
 
-from dlq_assets.core import jsonutil
-from dlq_assets.core.db import JSON_TEXTS_SQL, bigint_array, database_url, json_texts, text_array
+from dlq_assets.core.db import bigint_array, database_url, text_array
+from dlq_assets.core.processing.breaker import ensure_breaker, is_infrastructure_failure
+from dlq_assets.core.processing.claims import _BatchSession, _checksum_ok, _claim_rows, _claimed
+from dlq_assets.core.processing.config import LEASE_MODES, WorkerConfig
 from dlq_assets.core.processing.handlers import (
     ClaimedEvent,
     Handler,
@@ -45,166 +46,23 @@ from dlq_assets.core.processing.handlers import (
     Target,
     default_registry,
 )
+from dlq_assets.core.processing.heartbeat import _Heartbeat
+from dlq_assets.core.processing.pacing import RateLimiter, next_batch_size
+from dlq_assets.core.processing.pool import process
+from dlq_assets.core.processing.report import ProcessReport, peak_rss_mb
+from dlq_assets.core.processing.targets import _write_targets
+
+__all__ = [
+    "LEASE_MODES",
+    "RateLimiter",
+    "Worker",
+    "WorkerConfig",
+    "ensure_breaker",
+    "next_batch_size",
+    "process",
+]
 
 PROCESSING_METHOD = "python_worker"
-LEASE_MODES = ("transaction", "committed")
-_CLAIM_COLUMNS = (  # the payload form and a raw record's text read here, not decoded from JSON per event
-    "id, created_at, reason, source, source_inode, source_offset, payload::text, payload_checksum, "
-    "coalesce(metadata_json, '{}'::jsonb)::text, retry_count, priority, metadata_json ->> 'payload_form', "
-    "CASE WHEN metadata_json ->> 'payload_form' = 'raw_text' AND jsonb_typeof(payload -> 'raw_text') = 'string' "
-    "THEN payload ->> 'raw_text' END, processing_lock"
-)
-_CLAIMED_FIELDS = 13  # the columns before processing_lock, one per ClaimedEvent field
-
-
-# Failures of the system around the events, not of an event: the connection, resources (disk, memory,
-# connections), an operator or a timeout cancelling a statement, a lock timeout, a deadlock (class 08, 53, 55, 57,
-# 58, 40: OperationalError), a missing privilege, a read-only server, a schema that lost its table or function.
-# A value the target refuses (a data or integrity error, a trigger's RAISE) is the event's.
-_INFRASTRUCTURE_ERRORS = (
-    psycopg.OperationalError,
-    psycopg.InterfaceError,
-    psycopg.errors.InsufficientPrivilege,
-    psycopg.errors.ReadOnlySqlTransaction,
-    psycopg.errors.UndefinedTable,
-    psycopg.errors.UndefinedColumn,
-    psycopg.errors.UndefinedFunction,
-)
-
-
-def is_infrastructure_failure(exc: BaseException) -> bool:
-    """An infrastructure failure opens the breaker and costs no event an attempt (docs/guarantees.md)."""
-    return isinstance(exc, _INFRASTRUCTURE_ERRORS)
-
-
-def ensure_breaker(
-    conn: psycopg.Connection[Any], name: str, threshold: int | None = None, timeout_seconds: int | None = None
-) -> None:
-    """Create the breaker with its defaults; a threshold or timeout given is applied too, which takes the owner's
-    or security_admin's rights (processors record outcomes, they do not configure the breaker)."""
-    if threshold is None and timeout_seconds is None:
-        conn.execute("SELECT dlq_breaker_ensure(%s)", (name,))
-    else:
-        conn.execute("SELECT dlq_breaker_configure(%s, %s, %s)", (name, threshold, timeout_seconds))
-
-
-def _claim_rows(conn: psycopg.Connection[Any], call: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
-    """``_CLAIM_COLUMNS`` of a claim function's rows, fetched in binary: the same values, loaded with less work
-    than their text (1.33 vs 1.65 ms per 1,000)."""
-    return conn.execute(f"SELECT {_CLAIM_COLUMNS} FROM {call}", params, binary=True).fetchall()
-
-
-@dataclass(frozen=True)
-class WorkerConfig:
-    batch_size: int = 1000
-    min_batch_size: int = 1000
-    max_batch_size: int = 5000
-    target_batch_seconds: float = 2.0  # adaptive sizing aims each batch at this duration
-    lease_seconds: int = 1800
-    priority_max: int | None = None
-    reason: str | None = None
-    limit: int | None = None  # stop after claiming this many events
-    time_budget_seconds: float | None = None
-    breaker_name: str = "dlq_processing"
-    breaker_threshold: int | None = None  # None: keep what the breaker row says (default 5)
-    breaker_timeout_seconds: int | None = None
-    max_events_per_second: float | None = None
-    pause_every: int | None = None  # the design's rate limit: pause_seconds every N events
-    pause_seconds: float = 0.01
-    # "transaction": the batch's row locks are its lease, one write per event (sql/0011); "committed": the lease
-    # is written and committed before any work (visible to others, two writes per event; sql/0003).
-    lease_mode: str = "transaction"
-
-    def __post_init__(self) -> None:
-        if self.lease_mode not in LEASE_MODES:
-            raise ValueError(f"lease_mode must be one of {', '.join(LEASE_MODES)}")
-        if not 1 <= self.min_batch_size <= self.batch_size <= self.max_batch_size <= 100_000:
-            raise ValueError("need 1 <= min_batch_size <= batch_size <= max_batch_size <= 100000")
-        if self.lease_seconds < 1:
-            raise ValueError("lease_seconds must be positive")
-        if self.priority_max is not None and not 1 <= self.priority_max <= 10:
-            raise ValueError("priority_max must be between 1 and 10")
-        if self.limit is not None and self.limit < 0:
-            raise ValueError("limit must not be negative")
-
-
-@dataclass
-class ProcessReport:
-    session_id: str = field(default_factory=lambda: uuid.uuid4().hex)
-    batches: int = 0
-    claimed: int = 0
-    resolved: int = 0
-    retried: int = 0
-    poisoned: int = 0
-    quarantined: int = 0
-    released: int = 0
-    not_owned: int = 0
-    breaker_denied: bool = False
-    infrastructure_error: str | None = None  # what stopped the run and opened the breaker; no attempt was charged
-    stopped_by_signal: bool = False
-    seconds: float = 0.0
-    strategies: Counter[str] = field(default_factory=Counter)
-    batch_seconds: list[float] = field(default_factory=list)
-    peak_rss_mb: float = 0.0  # the largest worker process's peak resident memory
-
-    @property
-    def failed(self) -> int:
-        return self.retried + self.poisoned
-
-    @property
-    def processed(self) -> int:
-        """Events that got an outcome (released ones were handed back untouched)."""
-        return self.claimed - self.released - self.not_owned
-
-    @property
-    def events_per_second(self) -> float:
-        return (self.claimed - self.released) / self.seconds if self.seconds > 0 else 0.0
-
-    def merge(self, other: ProcessReport) -> None:
-        for name in ("batches", "claimed", "resolved", "retried", "poisoned", "quarantined", "released", "not_owned"):
-            setattr(self, name, getattr(self, name) + getattr(other, name))
-        self.peak_rss_mb = max(self.peak_rss_mb, other.peak_rss_mb)
-        self.breaker_denied |= other.breaker_denied
-        self.infrastructure_error = self.infrastructure_error or other.infrastructure_error
-        self.stopped_by_signal |= other.stopped_by_signal
-        self.strategies.update(other.strategies)
-        self.batch_seconds.extend(other.batch_seconds)
-
-    def as_dict(self) -> dict[str, Any]:
-        data = asdict(self)
-        data.update(failed=self.failed, processed=self.processed, events_per_second=round(self.events_per_second, 1))
-        data["strategies"] = dict(self.strategies)
-        return data
-
-
-class RateLimiter:
-    """At most ``max_per_second`` events, and a pause every ``pause_every`` events (the design's rule)."""
-
-    def __init__(self, max_per_second: float | None, pause_every: int | None, pause_seconds: float) -> None:
-        self.max_per_second, self.pause_every, self.pause_seconds = max_per_second, pause_every, pause_seconds
-        self.count = 0
-        self.started = time.monotonic()
-
-    @property
-    def active(self) -> bool:
-        return bool(self.pause_every or self.max_per_second)
-
-    def tick(self) -> None:
-        self.count += 1
-        if self.pause_every and self.count % self.pause_every == 0:
-            time.sleep(self.pause_seconds)
-        if self.max_per_second:
-            ahead = self.count / self.max_per_second - (time.monotonic() - self.started)
-            if ahead > 0:
-                time.sleep(ahead)
-
-
-def next_batch_size(current: int, seconds: float, config: WorkerConfig) -> int:
-    """Move the batch size toward the one that takes ``target_batch_seconds``, halfway each time, in bounds."""
-    if seconds <= 0:
-        return current
-    wanted = current * config.target_batch_seconds / seconds
-    return max(config.min_batch_size, min(config.max_batch_size, round((current + wanted) / 2)))
 
 
 class _Stop:
@@ -233,34 +91,14 @@ class _Stop:
 
 @contextmanager
 def _fewer_collections() -> Iterator[None]:
-    """A batch allocates tens of thousands of short-lived, acyclic objects (freed by reference counting): the
-    cycle collector's default threshold (700) ran it every few dozen events, 12% of the per-event time."""
+    """A batch allocates tens of thousands of short-lived, acyclic objects (freed by reference counting): at
+    the cycle collector's default threshold (700) it runs every few dozen events, 12% of the per-event time."""
     previous = gc.get_threshold()
     gc.set_threshold(50_000, *previous[1:])
     try:
         yield
     finally:
         gc.set_threshold(*previous)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory (VmHWM; a forked worker's counts the pages it shares with its parent)."""
-    try:
-        with open("/proc/self/status") as status:
-            kb = next(int(line.split()[1]) for line in status if line.startswith("VmHWM:"))
-    except (OSError, StopIteration):
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # the same peak, in KiB, where /proc is not mounted
-    return round(kb / 1024, 1)
-
-
-def _claimed(row: Sequence[Any]) -> ClaimedEvent:
-    # positionally (_CLAIM_COLUMNS are the dataclass's fields in order, the lease last): a third of the keyword call
-    return ClaimedEvent(*row[:_CLAIMED_FIELDS])
-
-
-def _checksum_ok(event: ClaimedEvent) -> bool:
-    # payload::text is the canonical form, so its SHA-256 is the checksum taken at insert, unless tampered.
-    return hashlib.sha256(event.payload_text.encode("utf-8")).hexdigest() == event.payload_checksum
 
 
 class Worker:
@@ -626,264 +464,3 @@ def _counts(states: dict[int, str], uncounted: set[int]) -> Counter[str]:
     if not uncounted:
         return Counter(states.values())
     return Counter(state for event_id, state in states.items() if event_id not in uncounted)
-
-
-class _BatchSession:
-    """What a handler may do with the batch's lease: take neighbours; the worker heartbeats through it."""
-
-    def __init__(
-        self,
-        conn: psycopg.Connection[Any],
-        lease: uuid.UUID,
-        lease_seconds: int,
-        journal_conn: psycopg.Connection[Any] | None = None,
-        worker_name: str | None = None,
-    ) -> None:
-        self.conn, self.lease, self.lease_seconds = conn, lease, lease_seconds
-        self.journal_conn, self.worker_name = journal_conn, worker_name
-        self.neighbours: list[ClaimedEvent] = []
-        self.tampered: list[ClaimedEvent] = []  # neighbours whose checksum failed: quarantined, never handed on
-        self.held: list[int] = []  # every event this lease holds (a transaction lease writes no lock column)
-
-    def journal(self, ids: list[int]) -> None:
-        """Record events a transaction lease holds, committed at once, so a crash is counted (sql/0011)."""
-        self.held.extend(ids)
-        if self.journal_conn is not None and ids:
-            self.journal_conn.execute(
-                "SELECT dlq_journal_batch(%s, %s::bigint[], %s)", (self.lease, bigint_array(ids), self.worker_name)
-            )
-
-    def claim_neighbours_of(self, events: Sequence[ClaimedEvent], window_bytes: int) -> list[ClaimedEvent]:
-        """One statement for the whole batch (one per event cost more than the batch), contiguous records only.
-        Neighbours are verified like the batch's own events: a tampered one is kept back for quarantine."""
-        ids = [e.id for e in events if e.source is not None and e.source_offset is not None]
-        if not ids:
-            return []
-        rows = _claim_rows(
-            self.conn,
-            "dlq_claim_fragment_chains(%s, %s::bigint[], %s, %s)",
-            (self.lease, bigint_array(ids), window_bytes, self.lease_seconds),
-        )
-        found = [_claimed(r) for r in rows]
-        self.journal([e.id for e in found])
-        verified: list[ClaimedEvent] = []
-        for event in found:
-            (verified if _checksum_ok(event) else self.tampered).append(event)
-        self.neighbours.extend(verified)
-        return verified
-
-    def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
-        """Indexes of the spans with an unresolved dead letter outside this lease right before or after them."""
-        if not spans:
-            return set()
-        sources, inodes, starts, ends = zip(*spans, strict=True)
-        rows = self.conn.execute(
-            """
-            SELECT s.n - 1 FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
-                   WITH ORDINALITY AS s(source, inode, start_at, end_at, n)
-             CROSS JOIN LATERAL (  -- per span, two probes of the partial (source, source_offset) index: the
-                   -- unresolved dead letter right after it, and the nearest one before it (records never overlap,
-                   -- so only that one can end right where the span starts)
-                   SELECT 1 FROM (
-                        (SELECT d.* FROM dead_letter_events d
-                          WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
-                            AND d.source_offset BETWEEN s.end_at + 1 AND s.end_at + 2  -- a range: PostgreSQL
-                            AND NOT d.resolved  -- 15 scans the whole source for an IN list here (sql/0015)
-                          ORDER BY d.source_offset LIMIT 1)
-                        UNION ALL
-                        (SELECT d.* FROM dead_letter_events d
-                          WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
-                            AND d.source_offset < s.start_at AND d.source_offset >= s.start_at - %s
-                            AND NOT d.resolved
-                          ORDER BY d.source_offset DESC LIMIT 1)) d
-                    WHERE (d.source_offset IN (s.end_at + 1, s.end_at + 2)
-                           OR d.source_offset + dlq_record_bytes(d.metadata_json) + 1 IN (s.start_at, s.start_at - 1))
-                      AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
-                      AND d.classification IS DISTINCT FROM 'malicious'  -- never claimed: nothing to wait for
-                      AND d.id <> ALL (%s::bigint[])
-                    LIMIT 1) found
-            """,
-            (
-                text_array(sources),
-                text_array(inodes),
-                bigint_array(starts),
-                bigint_array(ends),
-                64 * 1024,
-                self.lease,
-                bigint_array(self.held),
-            ),
-        ).fetchall()
-        return {n for (n,) in rows}
-
-
-class _Heartbeat:
-    """Extends the current batch's lease from its own thread every lease/3 seconds, however long a handler
-    or a write takes. A committed lease is extended on the heartbeat's own connection, opened only when a batch
-    first runs that long; a transaction lease by a statement on the batch's connection, which keeps the server
-    from ending the transaction as idle."""
-
-    def __init__(self, url: str, config: WorkerConfig, batch_conn: psycopg.Connection[Any] | None = None) -> None:
-        self.url, self.lease_seconds, self.batch_conn = url, config.lease_seconds, batch_conn
-        self.lease: uuid.UUID | None = None
-        self.beats = 0
-        self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="dlq-heartbeat", daemon=True)
-
-    def __enter__(self) -> _Heartbeat:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
-
-    @contextmanager
-    def holding(self, lease: uuid.UUID) -> Iterator[None]:
-        with self._lock:
-            self.lease = lease
-        try:
-            yield
-        finally:
-            with self._lock:
-                self.lease = None
-
-    def _run(self) -> None:
-        conn: psycopg.Connection[Any] | None = None
-        try:
-            while not self._stop.wait(self.lease_seconds / 3):
-                with self._lock:
-                    lease = self.lease
-                    if lease is None:
-                        continue
-                    if self.batch_conn is not None:
-                        self.batch_conn.execute("SELECT 1")
-                    else:
-                        conn = conn or psycopg.connect(self.url, autocommit=True)
-                        conn.execute("SELECT dlq_heartbeat(%s, %s)", (lease, self.lease_seconds))
-                    self.beats += 1
-        finally:
-            if conn is not None:
-                conn.close()
-
-
-_INSERT_TARGETS = f"""
-    INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
-                            payload, payload_checksum, dlq_event_id, repair_strategy, partial)
-    SELECT t.source, t.inode, t.off, t.payload->>'eventid', t.payload->>'session',
-           (t.payload->>'src_ip')::inet, (t.payload->>'timestamp')::timestamptz, t.payload,
-           coalesce(t.checksum, dlq_payload_checksum(t.payload)), t.dlq_id, t.strategy,
-           t.strategy = 'truncation_closed'
-      FROM (SELECT u.source, u.inode, u.off, u.payload::jsonb AS payload, u.checksum, u.dlq_id, u.strategy
-              FROM unnest(%s::text[], %s::text[], %s::bigint[], {JSON_TEXTS_SQL}, %s::text[], %s::bigint[],
-                          %s::text[]) AS u(source, inode, off, payload, checksum, dlq_id, strategy)
-            OFFSET 0) t  -- each payload parsed once: flattened, every reference above would cast it again
-"""
-
-
-def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
-    """Payloads go as the JSON text at hand (jsonb canonicalises it), joined unescaped (see JSON_TEXTS_SQL);
-    a checksum not known yet is taken from the stored payload, which is what the checksum covers.
-
-    Idempotent by position: a plain INSERT in a savepoint first, and only when a position is in raw_events
-    already (a redrive, a duplicate dead letter) the batch again with ON CONFLICT DO NOTHING. ON CONFLICT makes
-    every row a speculative insertion: 3 ms more per 1,000 rows, paid for the rare conflict."""
-    if not targets:
-        return 0
-    events, sources, inodes, offsets, dlq_ids, strategies, texts, checksums = zip(*targets, strict=True)
-    if None in texts:
-        texts = tuple(jsonutil.canonical_json(e) if t is None else t for e, t in zip(events, texts, strict=True))
-    params = (text_array(sources), text_array(inodes), bigint_array(offsets), json_texts(texts),
-              text_array(checksums), bigint_array(dlq_ids), text_array(strategies))  # fmt: skip
-    try:
-        with conn.transaction():
-            return conn.execute(_INSERT_TARGETS, params).rowcount
-    except psycopg.errors.UniqueViolation:
-        conflict = "ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING"
-        return conn.execute(_INSERT_TARGETS + conflict, params).rowcount
-
-
-# -- several workers ------------------------------------------------------------------------------------------
-def _worker_main(url: str, config: WorkerConfig, results: Any) -> None:
-    try:
-        results.put(Worker(url, config).run().as_dict())
-    except BaseException as exc:  # reported once, by the parent, as one line: no traceback from the child
-        results.put({"error": f"{type(exc).__name__}: {exc}"})
-        raise SystemExit(1) from None
-
-
-def process(url: str | None = None, config: WorkerConfig | None = None, *, workers: int = 1) -> ProcessReport:
-    """Process the backlog with ``workers`` processes (one in-process when 1); returns the combined report."""
-    config = config or WorkerConfig()
-    if workers < 1:
-        raise ValueError("workers must be at least 1")
-    if workers == 1:
-        return Worker(url, config).run()
-    url = database_url(url)
-    share = None if config.limit is None else math.ceil(config.limit / workers)
-    context = multiprocessing.get_context(_start_method())
-    results = context.Queue()
-    procs = [
-        context.Process(target=_worker_main, args=(url, _with_limit(config, share), results), daemon=True)
-        for _ in range(workers)
-    ]
-    started = time.monotonic()
-    for proc in procs:
-        proc.start()
-
-    def forward(signum: int, frame: FrameType | None) -> None:
-        for proc in procs:
-            if proc.is_alive() and proc.pid:
-                os.kill(proc.pid, signal.SIGTERM)
-
-    in_main = threading.current_thread() is threading.main_thread()
-    previous = signal.signal(signal.SIGTERM, forward) if in_main else None
-    reports: list[dict[str, Any]] = []
-    try:
-        while len(reports) < len(procs):
-            try:
-                reports.append(results.get(timeout=1))
-            except queue.Empty:
-                if not any(p.is_alive() for p in procs) and results.empty():
-                    break  # a worker died without a report (killed): the others' reports still count
-        for proc in procs:
-            proc.join()
-    finally:
-        if in_main:
-            signal.signal(signal.SIGTERM, previous)
-    if errors := [r["error"] for r in reports if "error" in r]:
-        raise RuntimeError(f"a worker failed: {errors[0]}")
-    combined = ProcessReport()
-    for data in reports:
-        combined.merge(_report_from(data))
-    combined.seconds = time.monotonic() - started
-    if any(p.exitcode not in (0, None) for p in procs):
-        raise RuntimeError(f"a worker exited with {[p.exitcode for p in procs]}")
-    return combined
-
-
-def _with_limit(config: WorkerConfig, limit: int | None) -> WorkerConfig:
-    return config if limit is None else WorkerConfig(**{**asdict(config), "limit": limit})
-
-
-def _report_from(data: dict[str, Any]) -> ProcessReport:
-    report = ProcessReport(session_id=data["session_id"])
-    for name in ("batches", "claimed", "resolved", "retried", "poisoned", "quarantined", "released", "not_owned"):
-        setattr(report, name, data[name])
-    report.breaker_denied = data["breaker_denied"]
-    report.infrastructure_error = data["infrastructure_error"]
-    report.stopped_by_signal = data["stopped_by_signal"]
-    report.strategies = Counter(data["strategies"])
-    report.batch_seconds = list(data["batch_seconds"])
-    report.seconds = data["seconds"]
-    report.peak_rss_mb = data["peak_rss_mb"]
-    return report
-
-
-def _start_method() -> str:
-    """fork when this process runs no other thread: a forked worker starts in milliseconds with its modules
-    already imported, where spawn re-imports them (0.3 s per worker, 5% of a 100k-event run). With other threads
-    (a Dagster run, say) spawn: a fork copies any lock another thread holds, and nothing would release it."""
-    if "fork" in multiprocessing.get_all_start_methods() and threading.active_count() == 1:
-        return "fork"
-    return "spawn"

@@ -1,4 +1,4 @@
-"""dlq_health from maintained counters (sql/0012): equal to a full scan after every kind of write."""
+"""dlq_health from maintained counters (sql/functions/20_counts.sql): equal to a full scan after every kind of write."""
 
 from __future__ import annotations
 
@@ -133,7 +133,7 @@ def test_the_cli_health_reads_the_counters(db_url: str, conn: psycopg.Connection
 
 
 def test_statements_that_change_no_row_add_no_counts(conn: psycopg.Connection) -> None:
-    """The trigger returns before building its statement (sql/0017): the completion's DELETE of poisoned rows
+    """The trigger returns before building its statement (20_counts.sql): the completion's DELETE of poisoned rows
     deletes none in most batches."""
     insert_dead_letter(conn, VALID)
     conn.execute("SELECT dlq_event_counts_fold()")

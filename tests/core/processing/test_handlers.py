@@ -13,7 +13,7 @@ from decimal import Decimal
 import psycopg
 
 from dlq_assets.core import jsonutil
-from dlq_assets.core.processing import worker
+from dlq_assets.core.processing import claims
 from dlq_assets.core.processing.handlers import ClaimedEvent, CowrieRepairHandler
 from dlq_assets.core.repair import raw_bytes_of
 
@@ -84,9 +84,9 @@ def test_a_claimed_row_fills_every_field_by_position(conn: psycopg.Connection) -
         "retry_count, priority) VALUES ('json_parse_error', %s, %s, 'cowrie.json', '7', 42, 2, 3) RETURNING id",
         (json.dumps({"raw_text": raw}), json.dumps({"payload_form": "raw_text", "record_bytes": 35})),
     ).fetchone()
-    row = conn.execute(f"SELECT {worker._CLAIM_COLUMNS} FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
-    event = worker._claimed(row)
-    assert len(dataclasses.fields(ClaimedEvent)) == worker._CLAIMED_FIELDS == len(row) - 1
+    row = conn.execute(f"SELECT {claims._CLAIM_COLUMNS} FROM dead_letter_events WHERE id = %s", (event_id,)).fetchone()
+    event = claims._claimed(row)
+    assert len(dataclasses.fields(ClaimedEvent)) == claims._CLAIMED_FIELDS == len(row) - 1
     expected = conn.execute(
         "SELECT id, created_at, payload::text, payload_checksum, metadata_json::text FROM dead_letter_events"
     ).fetchone()

@@ -1,4 +1,4 @@
-"""Transaction leases (sql/0011): row locks as the lease, a journal for crash accounting, fencing by holder."""
+"""Transaction leases (40_claims.sql): row locks as the lease, a journal for crash accounting, fencing by holder."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from typing import Any
 import psycopg
 import pytest
 
-from dlq_assets.core.migrations import migrations_dir
-from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.pool import process
+from tests.conftest import TESTS_DIR
 from tests.core.processing.test_claim import BACKLOG, claimed_plans, fill_backlog
 from tests.core.test_security import PROCESSOR, as_role
 from tests.reliability.conftest import VALID, insert_dead_letter, wait_until
@@ -232,19 +233,20 @@ def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
         complete = next(p for p in plans if "WITH input" in p)
         for partition in populated:
             assert f"Seq Scan on {partition} " not in complete, complete
-            # the UPDATE and the poisoning DELETE both by primary key: not a walk of the whole claimable index
-            assert complete.count(f"{partition}_pkey") == 2, complete
+            # the failed rows' policy lookup, the UPDATE and the poisoning DELETE by primary key: not a walk of the
+            # whole claimable index
+            assert complete.count(f"{partition}_pkey") == 3, complete
         # the poisoning DELETE probes each failed row by key: an id list in its index condition would be searched
         # again for every row it joins (quadratic when a whole batch fails)
         deletion = complete[complete.index("Delete on dead_letter_events") :]
         assert "Index Cond: (id = i_" in deletion and "= ANY (" not in deletion.split("CTE poisoned")[0], complete
-        # the policy table read once into its CTE; no policy function called per row (sql/0018)
-        assert "CTE policy" in complete and "Function Scan on dlq_retry_policy" not in complete, complete
+        # each failed row's policy looked up once, in its CTE, with dlq_retry_policy inlined: no call per row
+        assert "CTE failing" in complete and "Function Scan on dlq_retry_policy" not in complete, complete
 
 
 def _create_0013_completion(conn: psycopg.Connection[Any]) -> None:
-    """0013's dlq_complete_batch beside today's, as dlq_complete_batch_0013 (the function 0018 replaced)."""
-    text = (migrations_dir() / "0013_cheaper_completion.sql").read_text(encoding="utf-8")
+    """The pre-baseline chain's two-probe dlq_complete_batch (0013, in the fixture) as dlq_complete_batch_0013."""
+    text = (TESTS_DIR / "fixtures" / "sql_chain" / "0013_cheaper_completion.sql").read_text(encoding="utf-8")
     body = text[text.index("CREATE OR REPLACE FUNCTION dlq_complete_batch(") :]
     conn.execute(body.replace("FUNCTION dlq_complete_batch(", "FUNCTION dlq_complete_batch_0013(", 1))
 
@@ -266,7 +268,8 @@ SELECT (SELECT coalesce(jsonb_agg(to_jsonb(e) ORDER BY e.id), '[]') FROM dead_le
 def test_the_single_update_completion_leaves_what_0013s_left(
     db_url: str, conn: psycopg.Connection, other: psycopg.Connection[Any], seed: int
 ) -> None:
-    """sql/0018 finds each row once; 0013 found them twice through a pipeline of CTEs. On the same batches (both
+    """dlq_complete_batch finds each row once; the fixture's 0013 finds them twice, through a pipeline of CTEs. On
+    the same batches (both
     kinds of lease, every outcome, rows owned and not, policies that retry, cap and refuse, events near their cap)
     both return the same states and leave every row of every table the same, to the microsecond: one transaction,
     so now() is the same, with jitter 0 so the backoff is too."""
@@ -295,7 +298,9 @@ def test_the_single_update_completion_leaves_what_0013s_left(
             i for (i,) in batch.execute("SELECT id FROM dead_letter_events WHERE processing_lock = %s", (committed,))
         ]
         for current, owned in ((lease, held), (committed, held_by_committed)):
-            ids = owned + rng.sample(all_ids, 15) + [10**9]  # some not this lease's, one that does not exist
+            # some not this lease's, one that does not exist; each once (an id given twice is applied by whichever of
+            # its inputs the statement's join meets first: unspecified, so not compared)
+            ids = list(dict.fromkeys(owned + rng.sample(all_ids, 15) + [10**9]))
             rng.shuffle(ids)
             outcomes = [rng.choice(["resolved", "failed", "failed", "quarantined", "released"]) for _ in ids]
             classes = [rng.choice([None, "unrepairable", "target_unavailable", "lease_expired"]) for _ in ids]
@@ -326,7 +331,7 @@ def _differences(rows: list[dict[str, Any]] | None, expected: list[dict[str, Any
 
 
 def test_journalled_ids_are_stored_uncompressed(conn: psycopg.Connection, other: psycopg.Connection[Any]) -> None:
-    """sql/0019: a batch's ids live for a second; compressing them cost more than it saved."""
+    """A batch's ids live for a second: compressing them costs more than it saves (0021_baseline)."""
     ids = events(conn, 1000)
     with psycopg.connect(conn.info.dsn) as batch:
         lease, held = claim(batch, other, 1000)

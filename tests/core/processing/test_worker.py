@@ -18,9 +18,12 @@ import pytest
 
 from dlq_assets.core import jsonutil
 from dlq_assets.core.intake.ingest import ingest_paths
-from dlq_assets.core.processing import worker
+from dlq_assets.core.processing import pool
+from dlq_assets.core.processing.config import LEASE_MODES, WorkerConfig
 from dlq_assets.core.processing.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome, ReplayHandler, Target
-from dlq_assets.core.processing.worker import LEASE_MODES, RateLimiter, Worker, WorkerConfig, next_batch_size, process
+from dlq_assets.core.processing.pacing import RateLimiter, next_batch_size
+from dlq_assets.core.processing.pool import process
+from dlq_assets.core.processing.worker import Worker
 from dlq_assets.devtools.generator import write_corrupted_log
 
 SMALL = {"batch_size": 50, "min_batch_size": 10, "max_batch_size": 200}
@@ -102,7 +105,7 @@ def test_a_corrupted_log_is_repaired_without_a_single_wrong_repair(
 def test_two_workers_never_process_an_event_twice_and_leave_none_behind(
     db_url: str, conn: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str
 ) -> None:
-    monkeypatch.setattr(worker, "_start_method", lambda: start_method)
+    monkeypatch.setattr(pool, "_start_method", lambda: start_method)
     corpus(db_url, tmp_path, n=1500, seed=11)
     (backlog,) = conn.execute("SELECT count(*) FROM dead_letter_events").fetchone()
     report = process(db_url, WorkerConfig(batch_size=20, min_batch_size=10, max_batch_size=40), workers=2)
@@ -128,14 +131,14 @@ def test_two_workers_never_process_an_event_twice_and_leave_none_behind(
 
 
 def test_workers_are_forked_only_from_a_process_without_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(worker.threading, "active_count", lambda: 1)
-    assert worker._start_method() == "fork"
+    monkeypatch.setattr(pool.threading, "active_count", lambda: 1)
+    assert pool._start_method() == "fork"
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     monkeypatch.undo()
     other.start()
     try:
-        assert worker._start_method() == "spawn"  # a fork would copy the locks the other thread may hold
+        assert pool._start_method() == "spawn"  # a fork would copy the locks the other thread may hold
     finally:
         release.set()
         other.join()
@@ -144,7 +147,8 @@ def test_workers_are_forked_only_from_a_process_without_other_threads(monkeypatc
 SLOW_WORKER = """
 import sys, time
 from dlq_assets.core.processing.handlers import CowrieRepairHandler, HandlerRegistry
-from dlq_assets.core.processing.worker import Worker, WorkerConfig
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.worker import Worker
 
 class Slow(CowrieRepairHandler):
     def handle(self, events, claimer):

@@ -1,0 +1,129 @@
+"""Claiming: the columns a claim reads, the ClaimedEvent built from them, the checksum check, and the batch
+session through which a handler claims a batch's neighbours and probes for unresolved records next to a span.
+
+The claim columns are ClaimedEvent's fields in order (the lease last), so a row becomes an event positionally.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+from typing import Any
+
+import psycopg
+
+from dlq_assets.core.db import bigint_array, text_array
+from dlq_assets.core.processing.handlers import ClaimedEvent
+
+_CLAIM_COLUMNS = (  # the payload form and a raw record's text read here, not decoded from JSON per event
+    "id, created_at, reason, source, source_inode, source_offset, payload::text, payload_checksum, "
+    "coalesce(metadata_json, '{}'::jsonb)::text, retry_count, priority, metadata_json ->> 'payload_form', "
+    "CASE WHEN metadata_json ->> 'payload_form' = 'raw_text' AND jsonb_typeof(payload -> 'raw_text') = 'string' "
+    "THEN payload ->> 'raw_text' END, processing_lock"
+)
+_CLAIMED_FIELDS = 13  # the columns before processing_lock, one per ClaimedEvent field
+
+
+def _claim_rows(conn: psycopg.Connection[Any], call: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    """``_CLAIM_COLUMNS`` of a claim function's rows, fetched in binary: the same values, loaded with less work
+    than their text (1.33 vs 1.65 ms per 1,000)."""
+    return conn.execute(f"SELECT {_CLAIM_COLUMNS} FROM {call}", params, binary=True).fetchall()
+
+
+def _claimed(row: Sequence[Any]) -> ClaimedEvent:
+    # positionally (_CLAIM_COLUMNS are the dataclass's fields in order, the lease last): a third of the keyword call
+    return ClaimedEvent(*row[:_CLAIMED_FIELDS])
+
+
+def _checksum_ok(event: ClaimedEvent) -> bool:
+    # payload::text is the canonical form, so its SHA-256 is the checksum taken at insert, unless tampered.
+    return hashlib.sha256(event.payload_text.encode("utf-8")).hexdigest() == event.payload_checksum
+
+
+class _BatchSession:
+    """What a handler may do with the batch's lease: take neighbours; the worker heartbeats through it."""
+
+    def __init__(
+        self,
+        conn: psycopg.Connection[Any],
+        lease: uuid.UUID,
+        lease_seconds: int,
+        journal_conn: psycopg.Connection[Any] | None = None,
+        worker_name: str | None = None,
+    ) -> None:
+        self.conn, self.lease, self.lease_seconds = conn, lease, lease_seconds
+        self.journal_conn, self.worker_name = journal_conn, worker_name
+        self.neighbours: list[ClaimedEvent] = []
+        self.tampered: list[ClaimedEvent] = []  # neighbours whose checksum failed: quarantined, never handed on
+        self.held: list[int] = []  # every event this lease holds (a transaction lease writes no lock column)
+
+    def journal(self, ids: list[int]) -> None:
+        """Record events a transaction lease holds, committed at once, so a crash is counted (40_claims.sql)."""
+        self.held.extend(ids)
+        if self.journal_conn is not None and ids:
+            self.journal_conn.execute(
+                "SELECT dlq_journal_batch(%s, %s::bigint[], %s)", (self.lease, bigint_array(ids), self.worker_name)
+            )
+
+    def claim_neighbours_of(self, events: Sequence[ClaimedEvent], window_bytes: int) -> list[ClaimedEvent]:
+        """One statement for the whole batch (one per event costs more than the batch), contiguous records only.
+        Neighbours are verified like the batch's own events: a tampered one is kept back for quarantine."""
+        ids = [e.id for e in events if e.source is not None and e.source_offset is not None]
+        if not ids:
+            return []
+        rows = _claim_rows(
+            self.conn,
+            "dlq_claim_fragment_chains(%s, %s::bigint[], %s, %s)",
+            (self.lease, bigint_array(ids), window_bytes, self.lease_seconds),
+        )
+        found = [_claimed(r) for r in rows]
+        self.journal([e.id for e in found])
+        verified: list[ClaimedEvent] = []
+        for event in found:
+            (verified if _checksum_ok(event) else self.tampered).append(event)
+        self.neighbours.extend(verified)
+        return verified
+
+    def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
+        """Indexes of the spans with an unresolved dead letter outside this lease right before or after them."""
+        if not spans:
+            return set()
+        sources, inodes, starts, ends = zip(*spans, strict=True)
+        rows = self.conn.execute(
+            """
+            SELECT s.n - 1 FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
+                   WITH ORDINALITY AS s(source, inode, start_at, end_at, n)
+             CROSS JOIN LATERAL (  -- per span, two probes of the partial (source, source_offset) index: the
+                   -- unresolved dead letter right after it, and the nearest one before it (records never overlap,
+                   -- so only that one can end right where the span starts)
+                   SELECT 1 FROM (
+                        (SELECT d.* FROM dead_letter_events d
+                          WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
+                            AND d.source_offset BETWEEN s.end_at + 1 AND s.end_at + 2  -- a range: PostgreSQL
+                            AND NOT d.resolved  -- 15 scans the whole source for an IN list here (partial index)
+                          ORDER BY d.source_offset LIMIT 1)
+                        UNION ALL
+                        (SELECT d.* FROM dead_letter_events d
+                          WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
+                            AND d.source_offset < s.start_at AND d.source_offset >= s.start_at - %s
+                            AND NOT d.resolved
+                          ORDER BY d.source_offset DESC LIMIT 1)) d
+                    WHERE (d.source_offset IN (s.end_at + 1, s.end_at + 2)
+                           OR d.source_offset + dlq_record_bytes(d.metadata_json) + 1 IN (s.start_at, s.start_at - 1))
+                      AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
+                      AND d.classification IS DISTINCT FROM 'malicious'  -- never claimed: nothing to wait for
+                      AND d.id <> ALL (%s::bigint[])
+                    LIMIT 1) found
+            """,
+            (
+                text_array(sources),
+                text_array(inodes),
+                bigint_array(starts),
+                bigint_array(ends),
+                64 * 1024,
+                self.lease,
+                bigint_array(self.held),
+            ),
+        ).fetchall()
+        return {n for (n,) in rows}
