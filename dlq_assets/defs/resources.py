@@ -9,6 +9,7 @@ import psycopg
 from pydantic import Field, PrivateAttr
 
 from dlq_assets.core import db
+from dlq_assets.core.operations import control, inspect
 
 
 def resolve_database_url(url: str | None) -> str:
@@ -54,15 +55,6 @@ class DLQDatabase(dg.ConfigurableResource):
         return psycopg.connect(self.resolved_url(), **kwargs)
 
 
-# One row whether or not the breaker exists yet: a missing breaker is closed, with the table's defaults.
-BREAKER_STATE_SQL = """
-SELECT coalesce(b.state, 'closed') AS state, coalesce(b.failure_count, 0) AS failure_count,
-       coalesce(b.failure_threshold, 5) AS failure_threshold, coalesce(b.timeout_seconds, 60) AS timeout_seconds,
-       b.opened_at, b.next_attempt_time
-  FROM (SELECT 1) AS one LEFT JOIN dlq_circuit_breaker_state b ON b.breaker_name = %s
-"""
-
-
 class CircuitBreaker(dg.ConfigurableResource):
     """A named circuit breaker whose state lives in PostgreSQL, so it holds across processes and run workers."""
 
@@ -83,10 +75,9 @@ class CircuitBreaker(dg.ConfigurableResource):
 
     def state(self, conn: psycopg.Connection[Any]) -> dict[str, Any]:
         """Read only (a reader may call it): a breaker not created yet is reported closed, with the defaults."""
-        cur = conn.execute(BREAKER_STATE_SQL, (self.name,))
-        return dict(zip([c.name for c in cur.description], cur.fetchone(), strict=True))
+        return inspect.breaker_state(conn, self.name)
 
     def set(self, conn: psycopg.Connection[Any], action: str) -> dict[str, Any]:
         """Manual control: ``open``, ``close`` or ``reset``."""
-        conn.execute("SELECT dlq_breaker_set(%s, %s)", (self.name, action))
+        control.set_breaker(conn, self.name, action)
         return self.state(conn)

@@ -48,6 +48,14 @@ BREAKER_COLUMNS = (
 )  # fmt: skip
 _BREAKER = f"SELECT {', '.join(BREAKER_COLUMNS)} FROM dlq_circuit_breaker_state WHERE breaker_name = %s"
 
+# One row whether or not the breaker exists yet: a missing breaker is closed, with the table's defaults.
+_BREAKER_OR_DEFAULTS = """
+SELECT coalesce(b.state, 'closed') AS state, coalesce(b.failure_count, 0) AS failure_count,
+       coalesce(b.failure_threshold, 5) AS failure_threshold, coalesce(b.timeout_seconds, 60) AS timeout_seconds,
+       b.opened_at, b.next_attempt_time
+  FROM (SELECT 1) AS one LEFT JOIN dlq_circuit_breaker_state b ON b.breaker_name = %s
+"""
+
 _THROUGHPUT = """
 SELECT coalesce(sum(processed_count), 0), coalesce(sum(repaired_count), 0), coalesce(sum(processing_duration_ms), 0)
   FROM dlq_processing_metrics
@@ -88,6 +96,15 @@ def breaker_status(conn: psycopg.Connection[Any], name: str) -> dict[str, Any] |
     cur = conn.execute(_BREAKER, (name,))
     row = cur.fetchone()
     return None if row is None else _row_dict(cur, row)
+
+
+def breaker_state(conn: psycopg.Connection[Any], name: str) -> dict[str, Any]:
+    """The breaker's state, threshold, timeout and times; a breaker no worker created yet reads as closed with the
+    defaults. Only reads (a reader may call it)."""
+    cur = conn.execute(_BREAKER_OR_DEFAULTS, (name,))
+    row = cur.fetchone()
+    assert row is not None  # the LEFT JOIN from one row: always one row
+    return _row_dict(cur, row)
 
 
 def health_view(conn: psycopg.Connection[Any]) -> dict[str, Any]:

@@ -6,6 +6,7 @@ import os
 
 import dagster as dg
 
+from dlq_assets.core.operations.inspect import health_view
 from dlq_assets.defs.processing.jobs import processing_job
 from dlq_assets.defs.resources import DLQDatabase
 
@@ -28,7 +29,7 @@ ACTIVE_STATUSES = [
 def backlog_sensor(context: dg.SensorEvaluationContext, database: DLQDatabase) -> dg.RunRequest | dg.SkipReason:
     threshold = int(os.environ.get(BACKLOG_THRESHOLD_ENV) or DEFAULT_BACKLOG_THRESHOLD)  # read per tick
     with database.connect() as conn:
-        (pending,) = conn.execute("SELECT pending_events FROM dlq_health").fetchone()
+        pending = health_view(conn)["pending_events"]
     if pending <= threshold:
         return dg.SkipReason(f"{pending} pending dead letters, threshold {threshold}")
     active = context.instance.get_run_records(

@@ -8,6 +8,7 @@ import dagster as dg
 from pydantic import Field
 
 from dlq_assets.core.migrations import applied_versions, migrate
+from dlq_assets.core.operations.partitions import ensure_month
 from dlq_assets.defs.common import GROUP, POOL, markdown_table
 from dlq_assets.defs.resources import DLQDatabase
 
@@ -52,22 +53,12 @@ def dlq_partitions(
 ) -> dg.MaterializeResult:
     month = datetime.strptime(context.partition_key, "%Y-%m-%d").replace(tzinfo=UTC)
     with database.connect(autocommit=True) as conn:
-        created = [
-            r[0] for r in conn.execute("SELECT * FROM dlq_ensure_partitions(%s, %s)", (month, config.months_ahead))
-        ]
-        (name,) = conn.execute("SELECT dlq_partition_name(%s)", (month,)).fetchone()
-        (rows,) = conn.execute(
-            "SELECT count(*) FROM dead_letter_events WHERE created_at >= %s AND created_at < %s + interval '1 month'",
-            (month, month),
-        ).fetchone()
-        partitions = conn.execute(
-            "SELECT partition_name, estimated_rows, pg_size_pretty(total_bytes) FROM dlq_partitions ORDER BY 1"
-        ).fetchall()
+        made = ensure_month(conn, month, config.months_ahead)
     return dg.MaterializeResult(
         metadata={
-            "partition": dg.MetadataValue.text(name),
-            "rows": dg.MetadataValue.int(rows),
-            "created": dg.MetadataValue.json(created),
-            "partitions": dg.MetadataValue.md(markdown_table(["partition", "estimated rows", "size"], partitions)),
+            "partition": dg.MetadataValue.text(made.partition),
+            "rows": dg.MetadataValue.int(made.rows),
+            "created": dg.MetadataValue.json(made.created),
+            "partitions": dg.MetadataValue.md(markdown_table(["partition", "estimated rows", "size"], made.partitions)),
         }
     )
