@@ -28,10 +28,10 @@ $$;
 
 -- dlq_complete_batch finds each row once: the UPDATE takes its rows straight from the input, locks them itself
 -- and checks ownership in its WHERE (re-checked on the newest row version, as FOR UPDATE would). The retry policy
--- matters only for failed rows: a CTE looks it up once for each of them (dlq_retry_policy, inlined), and both
--- statements read it. Poisoned rows are the failed rows their policy caps: a DELETE of its own takes exactly
--- those, so the two statements never touch the same row. Finding every row a second time (a locking probe, then
--- the UPDATE by primary key) costs 5.7 ms per 1,000 rows on the benchmark's mix (benchmarks/README.md).
+-- matters only for failed rows, and is looked up only for them, by dlq_retry_policy (inlined: a scan of a table of
+-- a handful of rows). Poisoned rows are the failed rows their policy caps: a DELETE of its own takes exactly those,
+-- so the two statements never touch the same row. Finding every row a second time (a locking probe, then the
+-- UPDATE by primary key) costs 5.7 ms per 1,000 rows on the benchmark's mix (benchmarks/README.md).
 
 CREATE OR REPLACE FUNCTION dlq_complete_batch(
     p_lease         uuid,
@@ -71,21 +71,11 @@ BEGIN
         'lease', p_lease, 'claimed_at', v_claimed_at, 'worker', v_worker, 'attempt', 1, 'as', 'transaction'));
     RETURN QUERY
     WITH input AS (
-        SELECT i.n, i.id, i.outcome, i.method, coalesce(i.error_class, 'error') AS error_class, i.message
+        SELECT i.id, i.outcome, i.method, coalesce(i.error_class, 'error') AS error_class, i.message
           FROM unnest(p_ids, p_outcomes, p_methods, p_error_classes, p_messages)
-               WITH ORDINALITY AS i(id, outcome, method, error_class, message, n)
+               AS i(id, outcome, method, error_class, message)
     ), journal AS (
         SELECT DISTINCT j.id FROM unnest(v_journal) j(id)
-    ), failing AS MATERIALIZED (  -- each failed input's policy, looked up once: poisoned now, or when to retry
-        SELECT i.n,  -- by position: an id given twice is two inputs, as the UPDATE and the DELETE join them
-               NOT p.retryable OR e.retry_count + 1 >= p.max_attempts AS capped,  -- NULL with no policy at all
-               CASE WHEN NOT p.retryable THEN 'non_retryable:' || i.error_class ELSE 'max_attempts' END AS poison_reason,
-               dlq_backoff_seconds(e.retry_count + 1, p.backoff_base_seconds, p.backoff_cap_seconds, p.jitter)
-                   AS backoff_seconds
-          FROM input i
-          JOIN dead_letter_events e ON e.id = i.id  -- a few rows, each probed by primary key
-          LEFT JOIN LATERAL dlq_retry_policy(e.reason, i.error_class) p ON true
-         WHERE i.outcome = 'failed'
     ), updated AS (
         UPDATE dead_letter_events e
            SET updated_at = now(),  -- set here, the row trigger is skipped (25_event_rules.sql)
@@ -108,8 +98,11 @@ BEGIN
                        'error_class', CASE WHEN i.outcome = 'quarantined' THEN 'checksum_mismatch' ELSE i.error_class END,
                        'message', left(i.message, 2000), 'lease', p_lease))
                    ELSE e.error_history END,
-               next_attempt_at = CASE WHEN i.outcome = 'failed'  -- no policy: NULL, an error
-                   THEN now() + make_interval(secs => f.backoff_seconds::double precision)
+               next_attempt_at = CASE WHEN i.outcome = 'failed'
+                   THEN now() + make_interval(secs => (
+                       SELECT dlq_backoff_seconds(e.retry_count + 1, p.backoff_base_seconds, p.backoff_cap_seconds,
+                                                  p.jitter)
+                         FROM dlq_retry_policy(e.reason, i.error_class) p)::double precision)
                    ELSE e.next_attempt_at END,
                quarantined_at = CASE WHEN i.outcome = 'quarantined' THEN now() ELSE e.quarantined_at END,
                classification = CASE WHEN i.outcome = 'quarantined' AND e.classification IS DISTINCT FROM 'malicious'
@@ -118,25 +111,31 @@ BEGIN
                metadata_json = CASE WHEN i.outcome = 'quarantined'
                    THEN coalesce(e.metadata_json, '{}'::jsonb) || jsonb_build_object('original_reason', e.reason)
                    ELSE e.metadata_json END
-          FROM input i LEFT JOIN failing f ON f.n = i.n
+          FROM input i
          WHERE e.id = i.id
            AND e.id = ANY (p_ids)  -- by primary key, partition by partition (the join alone scanned them)
            AND NOT e.resolved
            AND e.quarantined_at IS NULL  -- a quarantine is never lifted by a lease, however it was taken
            AND (e.processing_lock = p_lease
                 OR (v_held AND e.processing_lock IS NULL AND e.id IN (SELECT j.id FROM journal j)))
-           AND f.capped IS NOT TRUE  -- capped failures are the DELETE's below
+           AND (i.outcome <> 'failed' OR (  -- capped failures are the DELETE's below; with no policy at all the
+                SELECT NOT p.retryable OR e.retry_count + 1 >= p.max_attempts  -- backoff is NULL: an error
+                  FROM dlq_retry_policy(e.reason, i.error_class) p) IS NOT TRUE)
         RETURNING e.id, CASE WHEN i.outcome = 'failed' THEN 'retry_scheduled' ELSE i.outcome END AS state
     ), moved AS (
         DELETE FROM dead_letter_events e
-         USING input i JOIN failing f ON f.n = i.n AND f.capped
-         WHERE e.id = i.id  -- a few rows: each probed by primary key (an id list here would be searched again
-                            -- for every one of them: quadratic in a failing batch)
+         USING input i
+         WHERE i.outcome = 'failed'  -- a few rows: each probed by primary key (an id list here would be
+           AND e.id = i.id            -- searched again for every one of them: quadratic in a failing batch)
            AND NOT e.resolved
            AND e.quarantined_at IS NULL
            AND (e.processing_lock = p_lease
                 OR (v_held AND e.processing_lock IS NULL AND e.id IN (SELECT j.id FROM journal j)))
-        RETURNING e.*, f.poison_reason,
+           AND (SELECT NOT p.retryable OR e.retry_count + 1 >= p.max_attempts
+                  FROM dlq_retry_policy(e.reason, i.error_class) p) IS TRUE
+        RETURNING e.*,
+               (SELECT CASE WHEN NOT p.retryable THEN 'non_retryable:' || i.error_class ELSE 'max_attempts' END
+                  FROM dlq_retry_policy(e.reason, i.error_class) p) AS poison_reason,
                jsonb_build_object('at', now(), 'attempt', e.retry_count + 1, 'error_class', i.error_class,
                                   'message', left(i.message, 2000), 'lease', p_lease) AS history_entry,
                CASE WHEN e.processing_lock IS NOT NULL THEN '[]'::jsonb
