@@ -21,7 +21,8 @@ def test_the_package_list_names_every_package() -> None:
     found = {
         ".".join(init.parent.relative_to(REPO_ROOT).parts) for init in (REPO_ROOT / "dlq_assets").rglob("__init__.py")
     }
-    assert sorted(listed) == sorted(found | {"dlq_assets.sql"})
+    data = {"dlq_assets.data", "dlq_assets.sql", "dlq_assets.sql.functions", "dlq_assets.sql.migrations"}
+    assert sorted(listed) == sorted(found | data)
 
 
 def run(argv: list[str], cwd: Path, env: dict[str, str], timeout: float = 600) -> subprocess.CompletedProcess[str]:

@@ -61,11 +61,18 @@ class _Group(click.Group):
         except (psycopg.Error, MigrationError, EmbeddedServerError, RuntimeError, OSError, ValueError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            fail(db.redact(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__))
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction):
+                message += " (is the DLQ schema there and up to date? `dlq create` creates or upgrades it)"
+            fail(db.redact(message, (ctx.obj or {}).get("url"), db.configured_url()))
 
 
 @click.group(cls=_Group)
-@click.option("--database-url", envvar=db.URL_ENV, help="PostgreSQL URL, or 'embedded'; default: the embedded server.")
+@click.option(
+    "--database-url",
+    envvar=db.URL_ENV,
+    help="PostgreSQL URL, or 'embedded' (also $DLQ_DATABASE_URL); default: the embedded server.",
+)
 @click.option("--debug", is_flag=True, help="Show tracebacks.")
 @click.pass_context
 def main(ctx: click.Context, database_url: str | None, debug: bool) -> None:

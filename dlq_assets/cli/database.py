@@ -19,19 +19,29 @@ from dlq_assets.devtools.embedded import EmbeddedServer, default_data_dir
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def create(ctx: click.Context, as_json: bool) -> None:
-    """Create or upgrade the DLQ schema (apply pending migrations)."""
-    from dlq_assets.core.migrations import current_version, migrate
+    """Create or upgrade the DLQ schema (pending migrations, then changed function files)."""
+    from dlq_assets.core.migrations import current_version, run_migrations
 
     url = url_of(ctx)
-    applied = migrate(url)
+    run = run_migrations(url)
     with psycopg.connect(url) as conn:
         version = current_version(conn)
-    data = {"applied": [m.name for m in applied], "schema_version": version, "database": db.redact(url)}
-    emit(
-        data,
-        as_json,
-        lambda d: click.echo(f"schema at version {version}; applied: {visible(', '.join(d['applied']) or 'nothing')}"),
-    )
+    data = {
+        "applied": [m.name for m in run.migrations],
+        "functions": [f.name for f in run.functions],
+        "restored": run.restored,
+        "schema_version": version,
+        "database": db.redact(url),
+    }
+
+    def show(d: dict[str, Any]) -> None:
+        click.echo(f"schema at version {version}; applied: {visible(', '.join(d['applied']) or 'nothing')}")
+        if d["functions"]:
+            click.echo(f"function files applied: {visible(', '.join(d['functions']))}")
+        if d["restored"]:
+            click.echo(f"missing, brought back: {visible(', '.join(d['restored']))}")
+
+    emit(data, as_json, show)
 
 
 @main.group(name="db")

@@ -19,7 +19,7 @@ from rich.text import Text
 
 from dlq_assets.cli.app import EXIT_NOT_FOUND, EXIT_UNHEALTHY, fail, main, url_of
 from dlq_assets.cli.display import text, visible
-from dlq_assets.cli.output import Console, emit, json_default
+from dlq_assets.cli.output import Console, Finite, emit, json_default
 from dlq_assets.core.operations.control import release_stale_leases
 from dlq_assets.core.operations.health import Thresholds, breaches, snapshot
 from dlq_assets.core.operations.inspect import find_event, list_leases, throughput
@@ -45,10 +45,10 @@ def _health_table(d: dict[str, Any]) -> None:
 @main.command()
 @click.option("--max-high-retry", default=0, show_default=True, type=click.IntRange(0), help="retry_count > 5.")
 @click.option("--max-stale-locks", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--max-backlog-age-hours", default=6.0, show_default=True, type=click.FloatRange(0))
+@click.option("--max-backlog-age-hours", default=6.0, show_default=True, type=Finite(0, 24 * 365))
 @click.option("--max-tampered", default=0, show_default=True, type=click.IntRange(0))
 @click.option("--max-malicious", default=0, show_default=True, type=click.IntRange(0))
-@click.option("--min-success-rate", default=0.2, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--min-success-rate", default=0.2, show_default=True, type=Finite(0, 1))
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def health(
@@ -74,9 +74,9 @@ def health(
 
 
 @main.command()
-@click.option("--duration", default=10.0, show_default=True, type=click.FloatRange(min=0, min_open=True),
+@click.option("--duration", default=10.0, show_default=True, type=Finite(min=0, min_open=True, max=60 * 24 * 365),
               help="Minutes to watch.")  # fmt: skip
-@click.option("--interval", default=2.0, show_default=True, type=click.FloatRange(min=0.1), help="Seconds.")
+@click.option("--interval", default=2.0, show_default=True, type=Finite(min=0.1, max=3600), help="Seconds.")
 @click.option("--json", "as_json", is_flag=True, help="One JSON line per refresh.")
 @click.pass_context
 def monitor(ctx: click.Context, duration: float, interval: float, as_json: bool) -> None:
@@ -120,7 +120,7 @@ def _monitor_view(d: dict[str, Any]) -> Table:
 
 
 @main.command()
-@click.option("--since-hours", type=click.FloatRange(min=0, min_open=True), help="Only recent dead letters.")
+@click.option("--since-hours", type=Finite(min=0, min_open=True, max=24 * 365 * 100), help="Only recent dead letters.")
 @click.option("--top", default=10, show_default=True, type=click.IntRange(1, 100))
 @click.option("--chart", "chart_path", type=click.Path(dir_okay=False, path_type=Path), help="Write a PNG chart.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")

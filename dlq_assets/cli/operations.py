@@ -12,7 +12,7 @@ import psycopg
 
 from dlq_assets.cli.app import main, url_of
 from dlq_assets.cli.display import visible
-from dlq_assets.cli.output import emit, polled_progress
+from dlq_assets.cli.output import Finite, emit, polled_progress
 from dlq_assets.core.operations.progress import expired_resolved
 
 
@@ -28,7 +28,7 @@ def _utc(moment: datetime | None) -> datetime | None:
 @click.option("--until", type=click.DateTime(), help="Poisoned before this time (UTC).")
 @click.option("--max-redrives", default=3, show_default=True, type=click.IntRange(0), help="Cycle protection.")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--max-per-second", type=click.FloatRange(min=0, min_open=True), help="Pace the redrive.")
+@click.option("--max-per-second", type=Finite(0.001, 1e9), help="Pace the redrive.")
 @click.option("--limit", type=click.IntRange(min=1))
 @click.option("--dry-run", is_flag=True, help="Show what would be redriven; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
@@ -61,7 +61,7 @@ def redrive(
 
 
 @main.command()
-@click.option("--older-than-days", default=90, show_default=True, type=click.IntRange(0))
+@click.option("--older-than-days", default=90, show_default=True, type=click.IntRange(0, 36_500))
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--keep-partitions", is_flag=True, help="Delete rows only; never drop whole partitions.")
 @click.option("--dry-run", is_flag=True, help="Report what would be deleted; change nothing.")

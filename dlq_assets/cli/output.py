@@ -6,6 +6,7 @@ Values from outside go through ``display.visible`` / ``display.text`` before the
 from __future__ import annotations
 
 import json
+import math
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -87,3 +88,15 @@ def polled_progress(
         finally:
             stop.set()
             thread.join()
+
+
+class Finite(click.FloatRange):
+    """A FloatRange that also refuses nan and infinity (click's range checks let nan through)."""
+
+    name = "finite float range"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if not math.isfinite(number):
+            self.fail(f"{value!r} is not a finite number.", param, ctx)
+        return number

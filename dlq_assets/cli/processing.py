@@ -10,10 +10,11 @@ import psycopg
 
 from dlq_assets.cli.app import EXIT_BREAKER_OPEN, EXIT_UNHEALTHY, main, url_of
 from dlq_assets.cli.display import visible
-from dlq_assets.cli.output import emit, polled_progress, print_fields
+from dlq_assets.cli.output import Finite, emit, polled_progress, print_fields
 from dlq_assets.core.operations.control import BREAKER_ACTIONS, set_breaker
 from dlq_assets.core.operations.inspect import BREAKER_COLUMNS, breaker_status
 from dlq_assets.core.operations.progress import due_events, processed_since
+from dlq_assets.core.processing.config import MAX_LEASE_SECONDS, MAX_RATE, MIN_RATE
 
 
 @main.command()
@@ -22,7 +23,7 @@ from dlq_assets.core.operations.progress import due_events, processed_since
 @click.option("--reason", help="Only dead letters with this reason.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000))
-@click.option("--lease-seconds", default=1800, show_default=True, type=click.IntRange(1))
+@click.option("--lease-seconds", default=1800, show_default=True, type=click.IntRange(1, MAX_LEASE_SECONDS))
 @click.option(
     "--lease-mode",
     type=click.Choice(["transaction", "committed"]),
@@ -31,7 +32,7 @@ from dlq_assets.core.operations.progress import due_events, processed_since
     help="transaction: row locks are the lease (fast); committed: a visible lease row, written first.",
 )
 @click.option("--time-budget", type=click.FloatRange(min=0), help="Stop claiming after this many seconds.")
-@click.option("--max-events-per-second", type=click.FloatRange(min=0, min_open=True), help="Rate limit.")
+@click.option("--max-events-per-second", type=Finite(MIN_RATE, MAX_RATE), help="Rate limit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
 def process(

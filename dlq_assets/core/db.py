@@ -12,7 +12,7 @@ import re
 from collections.abc import Sequence
 from functools import lru_cache
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import psycopg
 from psycopg import sql
@@ -52,11 +52,11 @@ def normalize_url(url: str) -> str:
     if scheme.startswith(("postgresql+", "postgres+")) or scheme == "postgres":
         return f"postgresql://{rest}"
     if scheme != "postgresql":
-        raise ValueError(f"not a PostgreSQL URL: {redact(url)}")
+        raise ValueError(f"not a PostgreSQL URL: {redact(url, url)}")
     try:
         conninfo_to_dict(url)  # libpq's own parse: its errors quote the whole URL, password and all
     except psycopg.ProgrammingError as exc:
-        raise ValueError(redact(str(exc))) from None
+        raise ValueError(redact(str(exc), url)) from None
     return url
 
 
@@ -75,9 +75,27 @@ def with_database(url: str, database: str) -> str:
 _PASSWORDS = re.compile(r"(://[^/:@\s]*:)[^\s'\"]*(?=@)|(\bpassword\s*=\s*)(?:'(?:[^'\\]|\\.)*'|[^\s&]*)", re.I)
 
 
-def redact(url: str) -> str:
-    """The URL (or conninfo, or a message holding one) with every password replaced, for what a person or log sees."""
-    return _PASSWORDS.sub(lambda m: f"{m[1] or m[2]}***", url)
+def _password_pieces(url: str) -> list[str]:
+    """The password of a URL's userinfo (up to its last "@"), as written and decoded, and its pieces around "@",
+    ":" and spaces: what libpq may quote of it in an error (a host it parsed out of the password, say)."""
+    if "://" not in url or "@" not in url:
+        return []
+    userinfo = url.split("://", 1)[1].rsplit("@", 1)[0]
+    if ":" not in userinfo:
+        return []
+    password = userinfo.split(":", 1)[1]
+    pieces = {password, unquote(password), *re.split(r"[@:\s]+", password)}
+    return sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True)
+
+
+def redact(text: str, *urls: str | None) -> str:
+    """The URL (or conninfo, or a message holding one) with every password replaced, for what a person or log sees;
+    with ``urls``, whatever libpq may quote of their passwords too, however oddly they are written."""
+    text = _PASSWORDS.sub(lambda m: f"{m[1] or m[2]}***", text)
+    for url in urls:
+        for piece in _password_pieces(url or ""):
+            text = text.replace(piece, "***")
+    return text
 
 
 def connect(url: str | None = None, *, autocommit: bool = False, **kwargs: Any) -> psycopg.Connection[Any]:

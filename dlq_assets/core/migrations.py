@@ -5,9 +5,10 @@
   never a silent re-run, and a failing one rolls back whole without advancing the recorded version.
 - ``sql/functions/NN_concern.sql`` hold every function, view and trigger, each defined once with
   ``CREATE OR REPLACE``. After the migrations, the files whose checksum differs from the one recorded are
-  applied in file order, together in one transaction (Flyway's repeatable migrations); after a run that applied
-  a migration, all of them, so that what a migration dropped comes back with its grants. Changing a function is
-  editing its file; dropping one, or changing its return type, takes a migration that drops the old one.
+  applied in file order, together in one transaction (Flyway's repeatable migrations). Applying a migration
+  forgets their checksums in its own transaction, so all of them follow it (what a migration dropped comes back
+  with its grants, even when the run stops in between); so does an object missing from the database. Changing a
+  function is editing its file; dropping one, or changing its return type, takes a migration that drops it.
 - ``0021_baseline`` is the schema the pre-baseline chain (0001-0021) built. A database that applied that chain
   keeps its ledger rows: those files count as the baseline, provided all of them are there unchanged.
 
@@ -149,12 +150,17 @@ def applied_versions(conn: psycopg.Connection[Any]) -> dict[int, tuple[str, str]
 
 
 def _squashed_chain_applied(applied: dict[int, tuple[str, str]]) -> bool:
-    """True when the ledger holds the pre-baseline chain; an error when it holds only part of it."""
-    chain = {v: row for v, row in applied.items() if row == SQUASHED_CHAIN.get(v)}
-    if not chain:
+    """True when the ledger holds the pre-baseline chain; an error when it holds only part of it, or other files."""
+    recorded = {v: row for v, row in applied.items() if v in SQUASHED_CHAIN}
+    if not recorded or not any(row == SQUASHED_CHAIN[v] for v, row in recorded.items()):
         return False
-    if chain != SQUASHED_CHAIN:
-        missing = sorted(set(SQUASHED_CHAIN) - set(chain))
+    if other := sorted(v for v, row in recorded.items() if row != SQUASHED_CHAIN[v]):
+        v = other[0]
+        raise MigrationError(
+            f"version {v} is recorded as {applied[v][0]} ({applied[v][1][:12]}), not as the pre-baseline chain's "
+            f"{SQUASHED_CHAIN[v][0]} ({SQUASHED_CHAIN[v][1][:12]}): this database's history is not one this code knows"
+        )
+    if missing := sorted(set(SQUASHED_CHAIN) - set(recorded)):
         raise MigrationError(
             f"the database applied part of the pre-baseline chain (missing versions {missing}); "
             "it needs all of 0001-0021 before the baseline can take their place"
@@ -165,20 +171,52 @@ def _squashed_chain_applied(applied: dict[int, tuple[str, str]]) -> bool:
 def _pending(conn: psycopg.Connection[Any], migrations: list[Migration]) -> list[Migration]:
     applied = applied_versions(conn)
     known = {m.version for m in migrations}
-    if _squashed_chain_applied(applied) and BASELINE_VERSION in known:
+    if BASELINE_VERSION in known and _squashed_chain_applied(applied):
         applied = {v: row for v, row in applied.items() if v not in SQUASHED_CHAIN}
         baseline = next(m for m in migrations if m.version == BASELINE_VERSION)
         applied[BASELINE_VERSION] = (baseline.name, baseline.checksum)
     if unknown := sorted(set(applied) - known):
         raise MigrationError(f"the database has migrations this code does not know: {unknown}")
     for migration in migrations:
-        if migration.version in applied and applied[migration.version][1] != migration.checksum:
+        if migration.version not in applied:
+            continue
+        name, checksum = applied[migration.version]
+        if name != migration.name:
+            raise MigrationError(
+                f"version {migration.version} is recorded as {name}, but this code's file is {migration.name}"
+            )
+        if checksum != migration.checksum:
             raise ChangedMigrationError(
                 f"migration {migration.name} changed after it was applied "
-                f"(recorded {applied[migration.version][1][:12]}, file {migration.checksum[:12]}); "
+                f"(recorded {checksum[:12]}, file {migration.checksum[:12]}); "
                 "add a new migration instead of editing an applied one"
             )
     return [m for m in migrations if m.version not in applied]
+
+
+def _ensure_ledgers(conn: psycopg.Connection[Any]) -> None:
+    """Refuse a table named like a ledger that is something else, then create the ledgers that are missing (an
+    up-to-date database needs no CREATE right): all before anything is applied."""
+    ledgers = (
+        ("dlq_schema_migrations", _LEDGER, {"version", "name", "checksum", "applied_at", "duration_ms"}),
+        ("dlq_schema_functions", _FUNCTIONS_LEDGER, {"name", "checksum", "applied_at", "duration_ms"}),
+    )
+    missing_tables = []
+    for table, ddl, columns in ledgers:
+        (found,) = conn.execute(
+            "SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
+            "AND NOT attisdropped",
+            (f"public.{table}",),
+        ).fetchone()  # type: ignore[misc]  # an aggregate: always one row
+        if found is None:
+            missing_tables.append(ddl)
+        elif lacking := sorted(columns - set(found)):
+            raise MigrationError(
+                f"public.{table} exists but is not the schema ledger (no column {', '.join(lacking)}): "
+                "rename it, or use another database"
+            )
+    for ddl in missing_tables:
+        conn.execute(ddl)
 
 
 def _run(conn: psycopg.Connection[Any], name: str, text: str) -> int:
@@ -192,22 +230,50 @@ def _run(conn: psycopg.Connection[Any], name: str, text: str) -> int:
 
 
 def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
+    """Apply and record one migration; in the same transaction, forget what the function files recorded, so that
+    all of them are applied after it (a migration may drop a function, a view or a grant), even by a later run
+    when this one stops before its functions."""
     duration = _run(conn, migration.name, migration.sql)
     conn.execute(
         "INSERT INTO dlq_schema_migrations (version, name, checksum, duration_ms) VALUES (%s, %s, %s, %s)",
         (migration.version, migration.name, migration.checksum, duration),
     )
+    conn.execute("DELETE FROM dlq_schema_functions")
+
+
+_DEFINED = re.compile(r"^CREATE OR REPLACE (FUNCTION|VIEW|TRIGGER) (\w+)", re.M | re.I)
+_IN_CATALOG = """
+SELECT 'FUNCTION', proname::text FROM pg_proc WHERE pronamespace = 'public'::regnamespace
+UNION ALL SELECT 'VIEW', viewname::text FROM pg_views WHERE schemaname = 'public'
+UNION ALL SELECT 'TRIGGER', t.tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
+           WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND c.relnamespace = 'public'::regnamespace
+"""
+
+
+def _missing_objects(conn: psycopg.Connection[Any], files: list[FunctionsFile]) -> list[str]:
+    """Functions, views and triggers the files define that the database lacks (dropped by hand, say)."""
+    defined = {(kind.upper(), name) for f in files for kind, name in _DEFINED.findall(f.sql)}
+    present = set(conn.execute(_IN_CATALOG).fetchall())
+    return sorted(f"{kind.lower()} {name}" for kind, name in defined - present)
+
+
+@dataclass(frozen=True)
+class MigrationRun:
+    migrations: list[Migration]  # the numbered migrations applied, in order
+    functions: list[FunctionsFile]  # the function files applied
+    restored: list[str] = field(default_factory=list)  # objects that were missing, which the files brought back
 
 
 def _apply_functions(
-    conn: psycopg.Connection[Any], files: list[FunctionsFile], *, every: bool = False
-) -> list[FunctionsFile]:
-    """Apply the function files whose checksum changed (``every``: all of them), in order."""
-    conn.execute(_FUNCTIONS_LEDGER)
-    recorded = dict(conn.execute("SELECT name, checksum FROM dlq_schema_functions").fetchall())
+    conn: psycopg.Connection[Any], files: list[FunctionsFile]
+) -> tuple[list[FunctionsFile], list[str]]:
+    """Apply the function files whose checksum differs from the one recorded, in order; all of them when an
+    object one defines is missing from the database."""
     if not files:
-        return []
-    changed = [f for f in files if every or recorded.get(f.name) != f.checksum]
+        return [], []
+    recorded = dict(conn.execute("SELECT name, checksum FROM dlq_schema_functions").fetchall())
+    restored = _missing_objects(conn, files) if recorded else []
+    changed = [f for f in files if restored or recorded.get(f.name) != f.checksum]
     for file in changed:
         duration = _run(conn, f"functions/{file.name}", file.sql)
         conn.execute(
@@ -216,39 +282,46 @@ def _apply_functions(
             "duration_ms = EXCLUDED.duration_ms",
             (file.name, file.checksum, duration),
         )
-    return changed
+    return changed, restored
 
 
 def apply_in_transaction(conn: psycopg.Connection[Any], migrations: list[Migration] | None = None) -> list[Migration]:
     """Apply pending migrations, then changed functions, inside the caller's open transaction; the caller
     commits or rolls back."""
     conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
-    conn.execute(_LEDGER)
+    conn.execute("SET LOCAL search_path = public")  # the schema's home, whatever schema the role's name has
+    _ensure_ledgers(conn)
     pending = _pending(conn, discover() if migrations is None else migrations)
     for migration in pending:
         _apply(conn, migration)
-    _apply_functions(conn, discover_functions() if migrations is None else [], every=bool(pending))
+    _apply_functions(conn, discover_functions() if migrations is None else [])
     return pending
 
 
-def migrate(url: str | None = None, *, directory: Path | None = None) -> list[Migration]:
-    """Bring the database up to date: each pending migration in its transaction, then the changed function files
-    in one; returns the migrations applied."""
+def run_migrations(url: str | None = None, *, directory: Path | None = None) -> MigrationRun:
+    """Bring the database up to date: each pending migration in its transaction, then the function files that
+    changed (or all of them, after a migration or when an object is missing) in one."""
     migrations = discover(directory)
     functions = discover_functions(directory)
     with psycopg.connect(database_url(url), autocommit=True) as conn:
+        conn.execute("SET search_path = public")  # the schema's home, whatever schema the role's name has
         conn.execute("SELECT pg_advisory_lock(%s)", (MIGRATION_LOCK_KEY,))
         try:
-            conn.execute(_LEDGER)
+            _ensure_ledgers(conn)
             pending = _pending(conn, migrations)
             for migration in pending:
                 with conn.transaction():
                     _apply(conn, migration)
             with conn.transaction():
-                _apply_functions(conn, functions, every=bool(pending))
-            return pending
+                applied, restored = _apply_functions(conn, functions)
+            return MigrationRun(pending, applied, restored)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))
+
+
+def migrate(url: str | None = None, *, directory: Path | None = None) -> list[Migration]:
+    """:func:`run_migrations`, returning the numbered migrations it applied."""
+    return run_migrations(url, directory=directory).migrations
 
 
 def current_version(conn: psycopg.Connection[Any]) -> int:

@@ -28,7 +28,7 @@ def resolve_database_url(url: str | None) -> str:
     try:
         return db.database_url(chosen)
     except (db.DatabaseNotConfigured, ValueError) as exc:
-        raise dg.Failure(description=str(exc), allow_retries=False) from None
+        raise dg.Failure(description=db.redact(str(exc), chosen), allow_retries=False) from None
 
 
 class DLQDatabase(dg.ConfigurableResource):

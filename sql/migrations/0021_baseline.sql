@@ -201,7 +201,8 @@ CREATE INDEX ix_dlq_poison_events_reason ON dlq_poison_events (reason);
 -- dlq_reader reads for reporting and writes nothing; security_admin sees everything and alone changes
 -- classification. The design's policy (classification != 'malicious') hid every unclassified row, because
 -- NULL != 'malicious' is NULL: IS DISTINCT FROM keeps them visible.
--- Roles are cluster-wide, so they are created once and reused by every database on the server.
+-- Roles are cluster-wide, so they are created once and reused by every database on the server; the advisory
+-- lock is per database, so two databases migrated at once may both try to create one.
 
 DO $$
 DECLARE
@@ -209,7 +210,11 @@ DECLARE
 BEGIN
     FOREACH v_role IN ARRAY ARRAY['dlq_processor_role', 'dlq_reader', 'security_admin'] LOOP
         IF NOT EXISTS (SELECT 1 FROM pg_roles WHERE rolname = v_role) THEN
-            EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+            BEGIN
+                EXECUTE format('CREATE ROLE %I NOLOGIN', v_role);
+            EXCEPTION WHEN duplicate_object OR unique_violation THEN
+                NULL;  -- created at the same moment by a migration of another database on this server
+            END;
         END IF;
     END LOOP;
 END

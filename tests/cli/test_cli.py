@@ -12,7 +12,7 @@ import psycopg
 from click.testing import CliRunner
 
 from dlq_assets.cli import main
-from dlq_assets.core.migrations import discover
+from dlq_assets.core.migrations import discover, discover_functions
 from tests.reliability.conftest import wait_until
 
 
@@ -241,3 +241,16 @@ def test_every_command_has_help() -> None:
     for command in commands:
         code, out = run(command, "--help")
         assert code == 0 and "Usage:" in out, command
+
+
+def test_a_command_on_a_database_without_the_schema_says_to_create_it(empty_db_url: str) -> None:
+    for command in (["health"], ["locks"], ["breaker", "status"]):
+        result = CliRunner().invoke(main, ["--database-url", empty_db_url, *command])
+        assert result.exit_code == 1 and "`dlq create` creates or upgrades it" in result.output, result.output
+
+
+def test_create_reports_the_function_files_it_applies(empty_db_url: str) -> None:
+    first = json.loads(CliRunner().invoke(main, ["--database-url", empty_db_url, "create", "--json"]).output)
+    assert first["functions"] == [f.name for f in discover_functions()] and first["restored"] == []
+    again = json.loads(CliRunner().invoke(main, ["--database-url", empty_db_url, "create", "--json"]).output)
+    assert again["applied"] == [] and again["functions"] == []

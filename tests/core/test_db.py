@@ -6,8 +6,10 @@ import json
 
 import psycopg
 import pytest
+from click.testing import CliRunner
 
-from dlq_assets.core.db import JSON_TEXTS_SQL, bigint_array, json_texts, text_array
+from dlq_assets.cli import main
+from dlq_assets.core.db import JSON_TEXTS_SQL, bigint_array, json_texts, normalize_url, redact, text_array
 
 AWKWARD_TEXTS = [
     "plain",
@@ -61,3 +63,19 @@ def test_json_texts_arrive_as_the_same_jsonb_values(server_url: str) -> None:
 def test_json_texts_refuse_what_would_split_wrongly(texts: list[str]) -> None:
     with pytest.raises(ValueError):
         json_texts(texts)
+
+
+@pytest.mark.parametrize(
+    ("url", "secret"),
+    [
+        ("postgresql://postgres:S3cret E@127.0.0.1:1/x", "S3cret"),  # a space: libpq quotes the password
+        ("postgresql://postgres:pa%ss@127.0.0.1:1/x", "pa%ss"),  # a bad escape: libpq quotes it too
+        ("postgresql://postgres:abc@Tail99Secret@127.0.0.1:1/x", "Tail99Secret"),  # "@": libpq takes it for a host
+    ],
+)
+def test_no_part_of_an_oddly_written_password_reaches_an_error(url: str, secret: str) -> None:
+    with pytest.raises((ValueError, psycopg.Error)) as raised:
+        psycopg.connect(normalize_url(url), connect_timeout=3).close()
+    assert secret not in redact(str(raised.value), url)
+    result = CliRunner().invoke(main, ["--database-url", url, "health"])
+    assert result.exit_code != 0 and secret not in result.output, result.output

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
+from psycopg import sql
 
 from dlq_assets.core import migrations
 from dlq_assets.core.migrations import SQUASHED_CHAIN, MigrationError, discover, discover_functions, migrate, sql_dir
@@ -146,7 +147,7 @@ def test_a_failing_function_file_applies_none_of_that_run(empty_db_url: str, tmp
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT to_regprocedure('a()')").fetchone() == (None,)
         assert conn.execute("SELECT count(*) FROM dlq_schema_migrations").fetchone() == (1,)  # the migration stays
-        assert conn.execute("SELECT to_regclass('dlq_schema_functions')").fetchone() == (None,)
+        assert conn.execute("SELECT count(*) FROM dlq_schema_functions").fetchone() == (0,)
 
 
 def test_a_database_with_part_of_the_old_chain_is_refused_and_left_alone(empty_db_url: str, tmp_path: Path) -> None:
@@ -164,3 +165,92 @@ def test_a_database_with_part_of_the_old_chain_is_refused_and_left_alone(empty_d
 
 def test_the_sql_directory_is_found_beside_the_package_or_in_it() -> None:
     assert (sql_dir() / "migrations").is_dir() and (sql_dir() / "functions").is_dir()
+
+
+def test_a_run_stopped_after_a_migration_still_applies_every_function_file_next_time(
+    empty_db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "migrations").mkdir()
+    (tmp_path / "functions").mkdir()
+    (tmp_path / "migrations" / "0001_t.sql").write_text("CREATE TABLE t (n int);")
+    function(tmp_path, "10_a", "a", "SELECT 1")
+    migrate(empty_db_url, directory=tmp_path)
+    (tmp_path / "migrations" / "0002_drop.sql").write_text("DROP FUNCTION a();")  # the file of a() is unchanged
+
+    def stopped(*args: object) -> None:
+        raise MigrationError("stopped before the function files")
+
+    monkeypatch.setattr(migrations, "_apply_functions", stopped)
+    with pytest.raises(MigrationError, match="stopped"):
+        migrate(empty_db_url, directory=tmp_path)
+    monkeypatch.undo()
+    run = migrations.run_migrations(empty_db_url, directory=tmp_path)
+    assert run.migrations == [] and [f.name for f in run.functions] == ["10_a"]
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT a()").fetchone() == (1,)
+
+
+def test_an_object_dropped_by_hand_is_brought_back(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("DROP VIEW dlq_health")
+        conn.execute("DROP FUNCTION dlq_claim_batch")
+    run = migrations.run_migrations(db_url)
+    assert run.restored == ["function dlq_claim_batch", "view dlq_health"]
+    assert len(run.functions) == len(discover_functions())
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT count(*) FROM dlq_health").fetchone() == (1,)
+        assert conn.execute("SELECT to_regprocedure('dlq_claim_batch(uuid, integer, integer, text)')").fetchone()[0]
+    assert migrations.run_migrations(db_url) == migrations.MigrationRun([], [], [])
+
+
+@pytest.mark.parametrize("ledger", ["dlq_schema_migrations", "dlq_schema_functions"])
+def test_a_foreign_table_named_like_a_ledger_is_refused_before_anything_is_applied(
+    empty_db_url: str, ledger: str
+) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE TABLE {ledger} (id serial PRIMARY KEY, filename text)")
+    with pytest.raises(MigrationError, match=rf"public\.{ledger} exists but is not the schema ledger"):
+        migrate(empty_db_url)
+    with psycopg.connect(empty_db_url) as conn:
+        tables = conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = 'public'").fetchone()
+    assert tables == (1,)  # only the foreign table: nothing applied, no ledger created
+
+
+def test_the_schema_goes_to_public_whatever_schema_the_role_name_has(empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        user = conn.execute("SELECT current_user").fetchone()[0]
+        conn.execute(sql.SQL("CREATE SCHEMA {}").format(sql.Identifier(user)))
+    migrate(empty_db_url)
+    with psycopg.connect(empty_db_url) as conn:
+        assert conn.execute("SELECT to_regclass('public.dead_letter_events')").fetchone()[0] is not None
+        assert conn.execute("SELECT count(*) FROM pg_tables WHERE schemaname = current_user").fetchone() == (0,)
+
+
+def test_an_up_to_date_database_needs_no_create_right(db_url: str) -> None:
+    role = f"dlq_ro_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute(f"CREATE ROLE {role} NOLOGIN IN ROLE dlq_reader")
+        conn.execute(f"GRANT SELECT ON dlq_schema_migrations, dlq_schema_functions TO {role}")
+    try:
+        as_reader = f"{db_url}{'&' if '?' in db_url else '?'}options=-c%20role%3D{role}"
+        assert migrations.run_migrations(as_reader) == migrations.MigrationRun([], [], [])
+    finally:
+        with psycopg.connect(db_url, autocommit=True) as conn:
+            conn.execute(f"DROP OWNED BY {role}")
+            conn.execute(f"DROP ROLE {role}")
+
+
+def test_a_ledger_that_names_another_file_is_refused(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("UPDATE dlq_schema_migrations SET name = '0022_my_extra' WHERE version = 22")
+    with pytest.raises(MigrationError, match="version 22 is recorded as 0022_my_extra, but this code's file is 0022_"):
+        migrate(db_url)
+
+
+def test_a_chain_with_another_file_in_it_says_which(empty_db_url: str, tmp_path: Path) -> None:
+    chain = chain_dir(tmp_path)
+    last = chain / "migrations" / "0021_hardening.sql"
+    last.write_text(last.read_text() + "\n-- a local edit\n")
+    migrate(empty_db_url, directory=chain)
+    with pytest.raises(MigrationError, match=r"version 21 is recorded as 0021_hardening \(\w+\), not as the pre-base"):
+        migrate(empty_db_url)

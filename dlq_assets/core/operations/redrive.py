@@ -40,13 +40,16 @@ def redrive(
 ) -> RedriveReport:
     """Move poisoned events selected by ids, reason or poisoning time back to the queue.
 
-    Each batch commits on its own; ``max_per_second`` paces them so a redrive does not flood the workers.
+    Each batch commits on its own; ``max_per_second`` (0.001 to 1e9) paces them so a redrive does not flood the
+    workers.
     An event already redriven ``max_redrives`` times stays in the poison table (cycle protection).
     """
     if ids is None and reason is None and since is None and until is None:
         raise ValueError("choose what to redrive: ids, a reason, or a time range")
     if not 1 <= batch_size <= 100_000 or max_redrives < 0 or (limit is not None and limit < 1):
         raise ValueError("batch_size must be 1..100000, max_redrives >= 0, limit >= 1")
+    if max_per_second is not None and not 0.001 <= max_per_second <= 1e9:  # also refuses nan
+        raise ValueError("max_per_second must be between 0.001 and 1e9")
     selection = (list(ids) if ids is not None else None, reason, since, until)
     report = RedriveReport(dry_run=dry_run)
     started = time.monotonic()

@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 LEASE_MODES = ("transaction", "committed")
+MAX_LEASE_SECONDS = 86_400  # a day: the lease also bounds how long a transaction may sit idle
+MIN_RATE, MAX_RATE = 0.001, 1e9  # events per second: slower sleeps for more than a week per event
 
 
 @dataclass(frozen=True)
@@ -36,8 +38,11 @@ class WorkerConfig:
             raise ValueError(f"lease_mode must be one of {', '.join(LEASE_MODES)}")
         if not 1 <= self.min_batch_size <= self.batch_size <= self.max_batch_size <= 100_000:
             raise ValueError("need 1 <= min_batch_size <= batch_size <= max_batch_size <= 100000")
-        if self.lease_seconds < 1:
-            raise ValueError("lease_seconds must be positive")
+        if not 1 <= self.lease_seconds <= MAX_LEASE_SECONDS:
+            raise ValueError(f"lease_seconds must be between 1 and {MAX_LEASE_SECONDS}")
+        rate = self.max_events_per_second
+        if rate is not None and not (MIN_RATE <= rate <= MAX_RATE):  # also refuses nan
+            raise ValueError(f"max_events_per_second must be between {MIN_RATE} and {MAX_RATE:g}")
         if self.priority_max is not None and not 1 <= self.priority_max <= 10:
             raise ValueError("priority_max must be between 1 and 10")
         if self.limit is not None and self.limit < 0:
