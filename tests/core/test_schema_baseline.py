@@ -32,7 +32,7 @@ _ANY_CREATE = re.compile(r"^\s*CREATE\s+(?:OR\s+REPLACE\s+)?(FUNCTION|VIEW|TRIGG
 
 def chain_dir(tmp_path: Path) -> Path:
     """An SQL directory holding only the pre-baseline chain, as it was applied."""
-    (tmp_path / "migrations").mkdir()
+    (tmp_path / "migrations").mkdir(parents=True)
     for path in CHAIN.glob("*.sql"):
         shutil.copyfile(path, tmp_path / "migrations" / path.name)
     return tmp_path
@@ -150,8 +150,10 @@ def test_a_failing_function_file_applies_none_of_that_run(empty_db_url: str, tmp
         assert conn.execute("SELECT count(*) FROM dlq_schema_functions").fetchone() == (0,)
 
 
-def test_a_database_with_part_of_the_old_chain_is_refused_and_left_alone(empty_db_url: str, tmp_path: Path) -> None:
-    partial = chain_dir(tmp_path)
+def test_a_database_with_part_of_the_old_chain_is_refused_then_finishes_the_chain_and_upgrades(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    partial = chain_dir(tmp_path / "partial")
     for path in sorted((partial / "migrations").glob("*.sql"))[15:]:
         path.unlink()
     migrate(empty_db_url, directory=partial)
@@ -161,6 +163,8 @@ def test_a_database_with_part_of_the_old_chain_is_refused_and_left_alone(empty_d
         migrate(empty_db_url)
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT max(version) FROM dlq_schema_migrations").fetchone() == (15,)
+    assert [m.version for m in migrate(empty_db_url, directory=chain_dir(tmp_path / "whole"))] == list(range(16, 22))
+    assert [m.version for m in migrate(empty_db_url)] == [v.version for v in discover() if v.version > 21]
 
 
 def test_the_sql_directory_is_found_beside_the_package_or_in_it() -> None:
