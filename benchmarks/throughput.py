@@ -5,7 +5,7 @@
 
 It writes N dead letters straight into the database (set-based, from ~2,000 templates built by the real
 reader and ingest routing, so each row is stored exactly as ingest would store it), keeps the ground truth of
-every row in side tables, runs ``dlq_assets.core.processing.worker.process`` over the whole backlog, checks that
+every row in side tables, runs ``dlq_assets.core.processing.pool.process`` over the whole backlog, checks that
 every event ended where it must, then reloads the same backlog and times the ceiling: one set-based claim-and-resolve
 ``UPDATE`` per batch and nothing else, with as many connections as workers. See benchmarks/README.md.
 """
@@ -36,7 +36,8 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from dlq_assets.core.processing.worker import LEASE_MODES, WorkerConfig, process
+from dlq_assets.core.processing.config import LEASE_MODES, WorkerConfig
+from dlq_assets.core.processing.pool import process
 
 # Per 100 dead letters. Resolvable: repairable raw text (a trailing comma, a lost closing brace) and valid events
 # after a transient failure. Not resolvable: cut values and binary junk (retried later, nothing invented),

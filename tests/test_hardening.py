@@ -20,8 +20,9 @@ from psycopg.errors import InsufficientPrivilege, InvalidParameterValue
 from dlq_assets.cli import main
 from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.core.operations.health import Thresholds, breaches, snapshot
+from dlq_assets.core.processing.config import LEASE_MODES, WorkerConfig
 from dlq_assets.core.processing.handlers import ClaimedEvent, Claimer, HandlerRegistry, Outcome
-from dlq_assets.core.processing.worker import LEASE_MODES, Worker, WorkerConfig
+from dlq_assets.core.processing.worker import Worker
 from tests.core.operations.test_legacy import make_legacy, query, upgrade_committed
 from tests.core.processing.test_worker import SMALL, VALID, insert_dead_letter
 from tests.core.test_security import ADMIN, PROCESSOR, as_role

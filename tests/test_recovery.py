@@ -20,7 +20,8 @@ import pytest
 
 from dlq_assets.core import jsonutil
 from dlq_assets.core.intake.ingest import ingest_paths
-from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.pool import process
 from dlq_assets.devtools.generator import KINDS, TruthRecord, write_corrupted_log
 
 from .conftest import SHARED_REFERENCE

@@ -29,8 +29,8 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
     """Generate a corrupted Cowrie log, create the schema, ingest it, and show the DLQ's health."""
     from dlq_assets.core.intake.ingest import ingest_paths
     from dlq_assets.core.migrations import migrate
-    from dlq_assets.core.processing.worker import WorkerConfig
-    from dlq_assets.core.processing.worker import process as run_workers
+    from dlq_assets.core.processing.config import WorkerConfig
+    from dlq_assets.core.processing.pool import process as run_workers
     from dlq_assets.devtools.generator import write_corrupted_log
 
     out = out or default_data_dir().parent / "demo"

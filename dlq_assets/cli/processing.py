@@ -49,8 +49,8 @@ def process(
     as_json: bool,
 ) -> None:
     """Repair, replay or retire the backlog: claim with a lease, verify, repair, write, complete."""
-    from dlq_assets.core.processing.worker import WorkerConfig
-    from dlq_assets.core.processing.worker import process as run_workers
+    from dlq_assets.core.processing.config import WorkerConfig
+    from dlq_assets.core.processing.pool import process as run_workers
 
     config = WorkerConfig(
         batch_size=batch_size, min_batch_size=min(batch_size, 1000), max_batch_size=max(batch_size, 5000),

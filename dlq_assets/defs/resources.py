@@ -69,7 +69,7 @@ class CircuitBreaker(dg.ConfigurableResource):
     def ensure(self, conn: psycopg.Connection[Any]) -> None:
         """Create the breaker, with this resource's threshold and timeout when set (the owner's or
         security_admin's to do)."""
-        from dlq_assets.core.processing.worker import ensure_breaker
+        from dlq_assets.core.processing.breaker import ensure_breaker
 
         ensure_breaker(conn, self.name, self.failure_threshold, self.timeout_seconds)
 

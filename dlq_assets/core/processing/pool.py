@@ -1,8 +1,5 @@
 """Several worker processes over one backlog: starts them (fork where it is safe, spawn otherwise), shares the
 event limit between them, forwards SIGTERM to each, and combines their reports. One worker runs in-process.
-
-``Worker`` is imported inside the functions that start one: ``worker`` imports ``process`` from this module, so
-that callers find both in one place, and an import at the top would be circular.
 """
 
 from __future__ import annotations
@@ -22,11 +19,10 @@ from typing import Any
 from dlq_assets.core.db import database_url
 from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.report import ProcessReport
+from dlq_assets.core.processing.worker import Worker
 
 
 def _worker_main(url: str, config: WorkerConfig, results: Any) -> None:
-    from dlq_assets.core.processing.worker import Worker
-
     try:
         results.put(Worker(url, config).run().as_dict())
     except BaseException as exc:  # reported once, by the parent, as one line: no traceback from the child
@@ -40,8 +36,6 @@ def process(url: str | None = None, config: WorkerConfig | None = None, *, worke
     if workers < 1:
         raise ValueError("workers must be at least 1")
     if workers == 1:
-        from dlq_assets.core.processing.worker import Worker
-
         return Worker(url, config).run()
     url = database_url(url)
     share = None if config.limit is None else math.ceil(config.limit / workers)

@@ -4,17 +4,15 @@ Per batch: claim; verify each checksum (a mismatch is quarantined, never process
 reason's handler, consulting the circuit breaker for every event; then write the targets to ``raw_events``
 (idempotent), complete the whole batch in one fenced call and record its metrics row, atomically.
 
-The lease is a transaction by default (sql/functions/40_claims.sql): the batch is claimed
-``FOR UPDATE SKIP LOCKED`` inside the
-transaction that completes it, and its ids are journalled from a second connection, so a worker that dies loses
-its row locks at once and the next claim counts the attempt. With ``lease_mode="committed"`` the lease is
-written and committed first (the same file) and expires if the worker dies. Either way a crash before the commit
+The lease is a transaction by default (sql/functions/40_claims.sql): the batch is claimed ``FOR UPDATE SKIP
+LOCKED`` inside the transaction that completes it, and its ids are journalled from a second connection, so a
+worker that dies loses its row locks at once and the next claim counts the attempt. With
+``lease_mode="committed"`` the lease is written and committed first (the same file) and expires if the worker
+dies. Either way a crash before the commit
 applies nothing, and the events are claimed again. SIGTERM finishes the event at hand, releases the rest and
 exits.
 
-This module holds the Worker and its batch loop. The names callers use (``process``, ``WorkerConfig``,
-``LEASE_MODES``, ``RateLimiter``, ``next_batch_size``, ``ensure_breaker``) are importable from here as well as from
-their own modules.
+This module holds the Worker and its batch loop; ``pool.process`` runs one or several of them.
 """
 
 from __future__ import annotations
@@ -37,7 +35,7 @@ import psycopg
 from dlq_assets.core.db import bigint_array, database_url, text_array
 from dlq_assets.core.processing.breaker import ensure_breaker, is_infrastructure_failure
 from dlq_assets.core.processing.claims import _BatchSession, _checksum_ok, _claim_rows, _claimed
-from dlq_assets.core.processing.config import LEASE_MODES, WorkerConfig
+from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.handlers import (
     ClaimedEvent,
     Handler,
@@ -48,19 +46,8 @@ from dlq_assets.core.processing.handlers import (
 )
 from dlq_assets.core.processing.heartbeat import _Heartbeat
 from dlq_assets.core.processing.pacing import RateLimiter, next_batch_size
-from dlq_assets.core.processing.pool import process
 from dlq_assets.core.processing.report import ProcessReport, peak_rss_mb
 from dlq_assets.core.processing.targets import _write_targets
-
-__all__ = [
-    "LEASE_MODES",
-    "RateLimiter",
-    "Worker",
-    "WorkerConfig",
-    "ensure_breaker",
-    "next_batch_size",
-    "process",
-]
 
 PROCESSING_METHOD = "python_worker"
 

@@ -33,7 +33,8 @@ def dlq_processed_batches(
     config: ProcessingConfig, database: DLQDatabase, breaker: CircuitBreaker
 ) -> dg.MaterializeResult:
     # Imported per run: loading the definitions does not import the worker.
-    from dlq_assets.core.processing.worker import WorkerConfig, process
+    from dlq_assets.core.processing.config import WorkerConfig
+    from dlq_assets.core.processing.pool import process
 
     with database.connect(autocommit=True) as conn:
         breaker.ensure(conn)

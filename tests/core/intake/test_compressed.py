@@ -38,7 +38,7 @@ from dlq_assets.core.intake.compressed import (
 )
 from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.core.intake.reader import read_records
-from dlq_assets.core.processing.worker import process
+from dlq_assets.core.processing.pool import process
 from dlq_assets.devtools.generator import write_corrupted_log
 
 FORMATS = ("gzip", "bzip2", "xz", "zstd")

@@ -16,7 +16,8 @@ import pytest
 
 from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.core.operations.analysis import COLUMNS, NONE, FailurePatterns, analyze, chart_png, load_failure_frame
-from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.pool import process
 from dlq_assets.devtools.generator import write_corrupted_log
 
 H0 = datetime(2024, 3, 1, 10, 0, tzinfo=UTC)

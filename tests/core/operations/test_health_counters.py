@@ -13,7 +13,8 @@ import psycopg
 from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.core.operations.redrive import redrive
 from dlq_assets.core.operations.retention import run_retention
-from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.pool import process
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.core.operations.test_retention import add
 from tests.reliability.conftest import VALID, insert_dead_letter

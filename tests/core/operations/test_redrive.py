@@ -9,7 +9,8 @@ import psycopg
 import pytest
 
 from dlq_assets.core.operations.redrive import redrive
-from dlq_assets.core.processing.worker import WorkerConfig, process
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.pool import process
 
 VALID = {
     "eventid": "cowrie.session.connect",
