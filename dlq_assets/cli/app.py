@@ -19,6 +19,8 @@ from dlq_assets.core import db
 from dlq_assets.core.migrations import MigrationError
 from dlq_assets.devtools.embedded import EmbeddedServerError, resolve_url
 
+MAX_ERROR_CHARS = 600  # an error line longer than this is cut
+
 # Exit codes (README, "The dlq command"). 2 is click's own, for a usage error.
 EXIT_ERROR = 1
 EXIT_NOT_RUNNING = 3  # db status: the embedded server is not running
@@ -26,6 +28,16 @@ EXIT_BREAKER_OPEN = 4  # process: the circuit breaker denied the work
 EXIT_UNHEALTHY = 5  # health: a threshold breached; process: an infrastructure failure stopped it
 EXIT_NOT_FOUND = 6  # inspect: no such event
 EXIT_CLOSED_PIPE = 141  # 128 + SIGPIPE: what a shell reports for a writer whose reader went away
+
+
+def one_line(message: str, *, schema_missing: bool = False) -> str:
+    """An error as one line: its first, cut at MAX_ERROR_CHARS (a statement quoted whole comes after what
+    failed), with the way out when the schema is missing or out of date."""
+    lines = message.strip().splitlines() or [""]
+    line = lines[0] if len(lines[0]) <= MAX_ERROR_CHARS else lines[0][:MAX_ERROR_CHARS] + "… (--debug shows it all)"
+    if schema_missing:
+        line += " (is the DLQ schema there and up to date? `dlq create` creates or upgrades it)"
+    return line
 
 
 def fail(message: str, code: int = EXIT_ERROR) -> NoReturn:
@@ -61,9 +73,8 @@ class _Group(click.Group):
         except (psycopg.Error, MigrationError, EmbeddedServerError, RuntimeError, OSError, ValueError) as exc:
             if ctx.obj and ctx.obj.get("debug"):
                 raise
-            message = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction):
-                message += " (is the DLQ schema there and up to date? `dlq create` creates or upgrades it)"
+            missing = isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedFunction)
+            message = one_line(str(exc) or type(exc).__name__, schema_missing=missing)
             fail(db.redact(message, (ctx.obj or {}).get("url"), db.configured_url()))
 
 

@@ -31,7 +31,7 @@ def create(ctx: click.Context, as_json: bool) -> None:
         "functions": [f.name for f in run.functions],
         "restored": run.restored,
         "schema_version": version,
-        "database": db.redact(url),
+        "database": db.redact(url, url),
     }
 
     def show(d: dict[str, Any]) -> None:

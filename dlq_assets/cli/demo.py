@@ -11,7 +11,7 @@ import psycopg
 
 from dlq_assets.cli.app import main, url_of
 from dlq_assets.cli.display import visible
-from dlq_assets.cli.output import emit
+from dlq_assets.cli.output import Finite, emit
 from dlq_assets.cli.processing import process_summary
 from dlq_assets.core import db
 from dlq_assets.core.operations.inspect import dead_letters_by_reason, health_view
@@ -21,7 +21,7 @@ from dlq_assets.devtools.embedded import default_data_dir
 @main.command()
 @click.option("--events", default=2000, show_default=True, type=click.IntRange(1, 10_000_000))
 @click.option("--seed", default=1, show_default=True)
-@click.option("--corruption-rate", default=0.3, show_default=True, type=click.FloatRange(0, 1))
+@click.option("--corruption-rate", default=0.3, show_default=True, type=Finite(0, 1))
 @click.option("--out", type=click.Path(path_type=Path), help="Where to write the log (default .dlq/demo).")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -47,7 +47,7 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
         reasons = dead_letters_by_reason(conn)
     data = {"log": str(log), "records_written": len(truth), "ingest": report.as_dict(), "dlq_by_reason": reasons,
             "process": processed.as_dict() | {"batch_seconds": None}, "health": health_row,
-            "database": db.redact(url)}  # fmt: skip
+            "database": db.redact(url, url)}  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
         click.echo(f"wrote {d['records_written']} records to {visible(d['log'])}")

@@ -12,7 +12,7 @@ import psycopg
 
 from dlq_assets.cli.app import main, url_of
 from dlq_assets.cli.display import visible
-from dlq_assets.cli.output import Finite, emit, polled_progress
+from dlq_assets.cli.output import MAX_ID, Finite, emit, polled_progress
 from dlq_assets.core.operations.progress import expired_resolved
 
 
@@ -22,14 +22,14 @@ def _utc(moment: datetime | None) -> datetime | None:
 
 
 @main.command()
-@click.option("--id", "ids", multiple=True, type=int, help="A poisoned event id (repeatable).")
+@click.option("--id", "ids", multiple=True, type=click.IntRange(1, MAX_ID), help="A poisoned event id (repeatable).")
 @click.option("--reason", help="Poisoned events with this reason.")
 @click.option("--since", type=click.DateTime(), help="Poisoned at or after this time (UTC).")
 @click.option("--until", type=click.DateTime(), help="Poisoned before this time (UTC).")
-@click.option("--max-redrives", default=3, show_default=True, type=click.IntRange(0), help="Cycle protection.")
+@click.option("--max-redrives", default=3, show_default=True, type=click.IntRange(0, 1000), help="Cycle protection.")
 @click.option("--batch-size", default=500, show_default=True, type=click.IntRange(1, 100_000))
 @click.option("--max-per-second", type=Finite(0.001, 1e9), help="Pace the redrive.")
-@click.option("--limit", type=click.IntRange(min=1))
+@click.option("--limit", type=click.IntRange(1, MAX_ID))
 @click.option("--dry-run", is_flag=True, help="Show what would be redriven; change nothing.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context

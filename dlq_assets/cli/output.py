@@ -90,6 +90,9 @@ def polled_progress(
             thread.join()
 
 
+MAX_ID = 2**63 - 1  # bigint: ids and counts the database holds
+
+
 class Finite(click.FloatRange):
     """A FloatRange that also refuses nan and infinity (click's range checks let nan through)."""
 

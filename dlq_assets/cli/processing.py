@@ -8,9 +8,9 @@ from typing import Any
 import click
 import psycopg
 
-from dlq_assets.cli.app import EXIT_BREAKER_OPEN, EXIT_UNHEALTHY, main, url_of
+from dlq_assets.cli.app import EXIT_BREAKER_OPEN, EXIT_UNHEALTHY, main, one_line, url_of
 from dlq_assets.cli.display import visible
-from dlq_assets.cli.output import Finite, emit, polled_progress, print_fields
+from dlq_assets.cli.output import MAX_ID, Finite, emit, polled_progress, print_fields
 from dlq_assets.core.operations.control import BREAKER_ACTIONS, set_breaker
 from dlq_assets.core.operations.inspect import BREAKER_COLUMNS, breaker_status
 from dlq_assets.core.operations.progress import due_events, processed_since
@@ -19,7 +19,7 @@ from dlq_assets.core.processing.config import MAX_LEASE_SECONDS, MAX_RATE, MIN_R
 
 @main.command()
 @click.option("--priority", type=click.IntRange(1, 10), help="Only events of this priority or higher (1 is highest).")
-@click.option("--limit", type=click.IntRange(min=1), help="Stop after this many events.")
+@click.option("--limit", type=click.IntRange(1, MAX_ID), help="Stop after this many events.")
 @click.option("--reason", help="Only dead letters with this reason.")
 @click.option("--workers", default=1, show_default=True, type=click.IntRange(1, 64), help="Worker processes.")
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 100_000))
@@ -31,7 +31,7 @@ from dlq_assets.core.processing.config import MAX_LEASE_SECONDS, MAX_RATE, MIN_R
     show_default=True,
     help="transaction: row locks are the lease (fast); committed: a visible lease row, written first.",
 )
-@click.option("--time-budget", type=click.FloatRange(min=0), help="Stop claiming after this many seconds.")
+@click.option("--time-budget", type=Finite(min=0, max=366 * 86_400), help="Stop claiming after this many seconds.")
 @click.option("--max-events-per-second", type=Finite(MIN_RATE, MAX_RATE), help="Rate limit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
@@ -65,9 +65,10 @@ def process(
         report = run_workers(url, config, workers=workers)
     emit(report.as_dict() | {"batch_seconds": None}, as_json, process_summary)
     if report.infrastructure_error:
+        error = report.infrastructure_error
         click.echo(
-            f"error: processing stopped by an infrastructure failure, no event was charged an attempt: "
-            f"{visible(report.infrastructure_error)}",
+            "error: processing stopped by an infrastructure failure, no event was charged an attempt: "
+            + visible(one_line(error, schema_missing="does not exist" in error)),
             err=True,
         )
         sys.exit(EXIT_UNHEALTHY)

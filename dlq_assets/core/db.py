@@ -84,7 +84,8 @@ def _password_pieces(url: str) -> list[str]:
     if ":" not in userinfo:
         return []
     password = userinfo.split(":", 1)[1]
-    pieces = {password, unquote(password), *re.split(r"[@:\s]+", password)}
+    pieces = {password, unquote(password)}
+    pieces |= {part for whole in tuple(pieces) for part in re.split(r"[@:\s]+", whole)}
     return sorted((p for p in pieces if len(p) >= 3), key=len, reverse=True)
 
 

@@ -117,6 +117,13 @@ def sql_dir() -> Path:
     raise MigrationError(f"no SQL directory with migrations/ found (looked in {', '.join(map(str, candidates))})")
 
 
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise MigrationError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+
+
 def discover(directory: Path | None = None) -> list[Migration]:
     """The numbered migrations under ``directory/migrations`` (default :func:`sql_dir`), in version order."""
     found: dict[int, Migration] = {}
@@ -127,7 +134,7 @@ def discover(directory: Path | None = None) -> list[Migration]:
         version = int(match.group(1))
         if version in found:
             raise MigrationError(f"two migrations share version {version}: {found[version].name}, {path.name}")
-        found[version] = Migration(version, path.stem, path.read_text(encoding="utf-8"))
+        found[version] = Migration(version, path.stem, _read(path))
     return [found[v] for v in sorted(found)]
 
 
@@ -137,15 +144,15 @@ def discover_functions(directory: Path | None = None) -> list[FunctionsFile]:
     for path in sorted(((directory or sql_dir()) / "functions").glob("*.sql")):
         if not _FUNCTIONS_NAME.match(path.name):
             raise MigrationError(f"{path.name}: function files are named NN_concern.sql")
-        files.append(FunctionsFile(path.stem, path.read_text(encoding="utf-8")))
+        files.append(FunctionsFile(path.stem, _read(path)))
     return files
 
 
 def applied_versions(conn: psycopg.Connection[Any]) -> dict[int, tuple[str, str]]:
     """version -> (name, checksum) of what the database has applied; empty before the first migration."""
-    if conn.execute("SELECT to_regclass('dlq_schema_migrations')").fetchone() == (None,):
+    if conn.execute("SELECT to_regclass('public.dlq_schema_migrations')").fetchone() == (None,):
         return {}
-    rows = conn.execute("SELECT version, name, checksum FROM dlq_schema_migrations ORDER BY version").fetchall()
+    rows = conn.execute("SELECT version, name, checksum FROM public.dlq_schema_migrations ORDER BY version").fetchall()
     return {version: (name, checksum) for version, name, checksum in rows}
 
 
@@ -163,8 +170,9 @@ def _squashed_chain_applied(applied: dict[int, tuple[str, str]]) -> bool:
     if missing := sorted(set(SQUASHED_CHAIN) - set(recorded)):
         raise MigrationError(
             f"the database applied part of the pre-baseline chain (missing versions {missing}); "
-            "it needs all of 0001-0021 before the baseline can take their place: apply the rest first from the "
-            "source's tests/fixtures/sql_chain (DLQ_SQL_DIR=<a folder holding them as migrations/> dlq create)"
+            "it needs all of 0001-0021 before the baseline can take their place: apply the rest first with "
+            "DLQ_SQL_DIR=<a folder whose migrations/ holds the whole chain, the source's tests/fixtures/sql_chain> "
+            "dlq create"
         )
     return True
 
@@ -205,14 +213,17 @@ def _ensure_ledgers(conn: psycopg.Connection[Any]) -> None:
     )
     missing_tables = []
     for table, ddl, columns in ledgers:
-        (found,) = conn.execute(
-            "SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid = to_regclass(%s) AND attnum > 0 "
-            "AND NOT attisdropped",
-            (f"public.{table}",),
-        ).fetchone()  # type: ignore[misc]  # an aggregate: always one row
-        if found is None:
+        kind, found = conn.execute(
+            "SELECT (SELECT relkind::text FROM pg_class WHERE oid = to_regclass(%(t)s)), "
+            "(SELECT array_agg(attname::text) FROM pg_attribute WHERE attrelid = to_regclass(%(t)s) AND attnum > 0 "
+            "AND NOT attisdropped)",
+            {"t": f"public.{table}"},
+        ).fetchone()  # type: ignore[misc]  # a SELECT without FROM: always one row
+        if kind is None:
             missing_tables.append(ddl)
-        elif lacking := sorted(columns - set(found)):
+        elif kind != "r":
+            raise MigrationError(f"public.{table} exists but is not a table of this database (relkind {kind})")
+        elif lacking := sorted(columns - set(found or ())):
             raise MigrationError(
                 f"public.{table} exists but is not the schema ledger (no column {', '.join(lacking)}): "
                 "rename it, or use another database"
@@ -221,13 +232,13 @@ def _ensure_ledgers(conn: psycopg.Connection[Any]) -> None:
         conn.execute(ddl)
 
 
-def _run(conn: psycopg.Connection[Any], name: str, text: str) -> int:
+def _run(conn: psycopg.Connection[Any], what: str, text: str) -> int:
     """Run one file as a script; its duration in ms. A failure names the file."""
     started = time.perf_counter()
     try:
         conn.execute(text.encode("utf-8"))  # bytes: run as a script, several statements
     except psycopg.Error as exc:
-        raise MigrationError(f"migration {name} failed: {exc}") from exc
+        raise MigrationError(f"{what} failed: {exc}") from exc
     return round((time.perf_counter() - started) * 1000)
 
 
@@ -235,7 +246,7 @@ def _apply(conn: psycopg.Connection[Any], migration: Migration) -> None:
     """Apply and record one migration; in the same transaction, forget what the function files recorded, so that
     all of them are applied after it (a migration may drop a function, a view or a grant), even by a later run
     when this one stops before its functions."""
-    duration = _run(conn, migration.name, migration.sql)
+    duration = _run(conn, f"migration {migration.name}", migration.sql)
     conn.execute(
         "INSERT INTO dlq_schema_migrations (version, name, checksum, duration_ms) VALUES (%s, %s, %s, %s)",
         (migration.version, migration.name, migration.checksum, duration),
@@ -249,11 +260,13 @@ SELECT 'FUNCTION', proname::text FROM pg_proc WHERE pronamespace = 'public'::reg
 UNION ALL SELECT 'VIEW', viewname::text FROM pg_views WHERE schemaname = 'public'
 UNION ALL SELECT 'TRIGGER', t.tgname::text FROM pg_trigger t JOIN pg_class c ON c.oid = t.tgrelid
            WHERE NOT t.tgisinternal AND t.tgparentid = 0 AND c.relnamespace = 'public'::regnamespace
+             AND t.tgenabled <> 'D'  -- a disabled trigger counts as missing: re-creating it enables it
 """
 
 
 def _missing_objects(conn: psycopg.Connection[Any], files: list[FunctionsFile]) -> list[str]:
-    """Functions, views and triggers the files define that the database lacks (dropped by hand, say)."""
+    """Functions, views and (enabled) triggers the files define that the database lacks (dropped or disabled by
+    hand, say): matched by name."""
     defined = {(kind.upper(), name) for f in files for kind, name in _DEFINED.findall(f.sql)}
     present = set(conn.execute(_IN_CATALOG).fetchall())
     return sorted(f"{kind.lower()} {name}" for kind, name in defined - present)
@@ -274,16 +287,20 @@ def _apply_functions(
     if not files:
         return [], []
     recorded = dict(conn.execute("SELECT name, checksum FROM dlq_schema_functions").fetchall())
-    restored = _missing_objects(conn, files) if recorded else []
-    changed = [f for f in files if restored or recorded.get(f.name) != f.checksum]
+    missing = _missing_objects(conn, files)
+    defined = {(kind.upper(), name) for f in files for kind, name in _DEFINED.findall(f.sql)}
+    restored = missing if len(missing) < len(defined) else []  # all of them missing: a new database
+    changed = [f for f in files if missing or recorded.get(f.name) != f.checksum]
     for file in changed:
-        duration = _run(conn, f"functions/{file.name}", file.sql)
+        duration = _run(conn, f"function file {file.name}", file.sql)
         conn.execute(
             "INSERT INTO dlq_schema_functions (name, checksum, duration_ms) VALUES (%s, %s, %s) "
             "ON CONFLICT (name) DO UPDATE SET checksum = EXCLUDED.checksum, applied_at = now(), "
             "duration_ms = EXCLUDED.duration_ms",
             (file.name, file.checksum, duration),
         )
+    if any(name.startswith("trigger dead_letter_events_count") for name in restored):
+        conn.execute("SELECT dlq_recount_events()")  # writes may have gone uncounted while it was missing
     return changed, restored
 
 
@@ -314,8 +331,17 @@ def run_migrations(url: str | None = None, *, directory: Path | None = None) -> 
             for migration in pending:
                 with conn.transaction():
                     _apply(conn, migration)
-            with conn.transaction():
-                applied, restored = _apply_functions(conn, functions)
+            try:
+                with conn.transaction():
+                    applied, restored = _apply_functions(conn, functions)
+            except MigrationError as exc:
+                if not pending:
+                    raise
+                done = ", ".join(m.name for m in pending)
+                raise MigrationError(
+                    f"{exc} (committed before it: {done}; the function files are not: fix the file and run "
+                    "`dlq create` again)"
+                ) from exc
             return MigrationRun(pending, applied, restored)
         finally:
             conn.execute("SELECT pg_advisory_unlock(%s)", (MIGRATION_LOCK_KEY,))

@@ -52,7 +52,12 @@ class DLQDatabase(dg.ConfigurableResource):
         return self._resolved
 
     def connect(self, **kwargs: Any) -> psycopg.Connection[Any]:
-        return psycopg.connect(self.resolved_url(), **kwargs)
+        """A connection; a server that cannot be reached fails the step with one line, no password in it."""
+        url = self.resolved_url()
+        try:
+            return psycopg.connect(url, **kwargs)
+        except psycopg.OperationalError as exc:
+            raise dg.Failure(description=db.redact(str(exc).strip(), url)) from None
 
 
 class CircuitBreaker(dg.ConfigurableResource):

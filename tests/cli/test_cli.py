@@ -9,6 +9,7 @@ import uuid
 from pathlib import Path
 
 import psycopg
+import pytest
 from click.testing import CliRunner
 
 from dlq_assets.cli import main
@@ -254,3 +255,15 @@ def test_create_reports_the_function_files_it_applies(empty_db_url: str) -> None
     assert first["functions"] == [f.name for f in discover_functions()] and first["restored"] == []
     again = json.loads(CliRunner().invoke(main, ["--database-url", empty_db_url, "create", "--json"]).output)
     assert again["applied"] == [] and again["functions"] == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["process", "--time-budget", "nan"], ["process", "--limit", "99999999999999999999"],
+     ["redrive", "--id", "9223372036854775808", "--dry-run"],
+     ["redrive", "--reason", "x", "--max-redrives", "3000000000"],
+     ["demo", "--corruption-rate", "nan"], ["analyze", "--since-hours", "inf"]],
+)  # fmt: skip
+def test_numbers_out_of_range_are_usage_errors(args: list[str]) -> None:
+    result = CliRunner().invoke(main, ["--database-url", "postgresql://nobody@127.0.0.1:1/none", *args])
+    assert result.exit_code == 2 and "Invalid value" in result.output, result.output

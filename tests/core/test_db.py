@@ -71,6 +71,8 @@ def test_json_texts_refuse_what_would_split_wrongly(texts: list[str]) -> None:
         ("postgresql://postgres:S3cret E@127.0.0.1:1/x", "S3cret"),  # a space: libpq quotes the password
         ("postgresql://postgres:pa%ss@127.0.0.1:1/x", "pa%ss"),  # a bad escape: libpq quotes it too
         ("postgresql://postgres:abc@Tail99Secret@127.0.0.1:1/x", "Tail99Secret"),  # "@": libpq takes it for a host
+        ("postgresql://postgres:abc@HUNTER%32PASS@127.0.0.1:1/x", "HUNTER2PASS"),  # and decodes what follows
+        ("postgresql://postgres:SEC'RET\"SECRET@127.0.0.1:1/x", "SECRET"),  # quotes
     ],
 )
 def test_no_part_of_an_oddly_written_password_reaches_an_error(url: str, secret: str) -> None:

@@ -21,6 +21,7 @@ from dlq_assets.core import migrations
 from dlq_assets.core.migrations import SQUASHED_CHAIN, MigrationError, discover, discover_functions, migrate, sql_dir
 from dlq_assets.devtools.embedded import _bin
 from tests.conftest import TESTS_DIR, _create_database, _drop_database
+from tests.reliability.conftest import VALID, insert_dead_letter
 
 CHAIN = TESTS_DIR / "fixtures" / "sql_chain"
 # A per-column option some servers (the 5432 service here) stamp on every column with a per-database value.
@@ -142,7 +143,7 @@ def test_a_failing_function_file_applies_none_of_that_run(empty_db_url: str, tmp
     (tmp_path / "migrations" / "0001_t.sql").write_text("CREATE TABLE t (n int);")
     function(tmp_path, "10_a", "a", "SELECT 1")
     function(tmp_path, "20_b", "b", "SELECT nope")
-    with pytest.raises(MigrationError, match="functions/20_b failed"):
+    with pytest.raises(MigrationError, match="function file 20_b failed"):
         migrate(empty_db_url, directory=tmp_path)
     with psycopg.connect(empty_db_url) as conn:
         assert conn.execute("SELECT to_regprocedure('a()')").fetchone() == (None,)
@@ -258,3 +259,37 @@ def test_a_chain_with_another_file_in_it_says_which(empty_db_url: str, tmp_path:
     migrate(empty_db_url, directory=chain)
     with pytest.raises(MigrationError, match=r"version 21 is recorded as 0021_hardening \(\w+\), not as the pre-base"):
         migrate(empty_db_url)
+
+
+def test_a_disabled_trigger_comes_back_enabled_and_a_missing_counter_is_recounted(db_url: str) -> None:
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        conn.execute("ALTER TABLE dead_letter_events DISABLE TRIGGER dead_letter_events_before_update")
+        conn.execute("DROP TRIGGER dead_letter_events_count_insert ON dead_letter_events")
+        insert_dead_letter(conn, VALID)  # not counted while the trigger is gone
+    run = migrations.run_migrations(db_url)
+    assert run.restored == ["trigger dead_letter_events_before_update", "trigger dead_letter_events_count_insert"]
+    with psycopg.connect(db_url) as conn:
+        assert conn.execute("SELECT total_events FROM dlq_health").fetchone() == (1,)
+        enabled = (
+            "SELECT tgenabled FROM pg_trigger WHERE tgname = 'dead_letter_events_before_update' AND tgparentid = 0"
+        )
+        assert conn.execute(enabled).fetchone() == ("O",)
+
+
+def test_a_view_named_like_a_ledger_is_refused(empty_db_url: str) -> None:
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        conn.execute(
+            "CREATE VIEW dlq_schema_functions AS SELECT ''::text AS name, ''::char(64) AS checksum, "
+            "now() AS applied_at, 0 AS duration_ms"
+        )
+    with pytest.raises(MigrationError, match=r"public\.dlq_schema_functions exists but is not a table"):
+        migrate(empty_db_url)
+
+
+def test_a_function_file_failing_after_a_migration_says_what_was_committed(db_url: str, tmp_path: Path) -> None:
+    shutil.copytree(sql_dir(), tmp_path / "sql")
+    (tmp_path / "sql" / "migrations" / "0099_extra.sql").write_text("CREATE TABLE extra (n int);")
+    (tmp_path / "sql" / "functions" / "90_health.sql").write_text("CREATE OR REPLACE VIEW broken AS SELECT nope;")
+    committed = r"(?s)function file 90_health failed: .* \(committed before it: 0099_extra;"
+    with pytest.raises(MigrationError, match=committed):
+        migrate(db_url, directory=tmp_path / "sql")

@@ -5,9 +5,11 @@ No ``from __future__ import annotations``: Dagster reads the ``config`` and reso
 from datetime import UTC, datetime
 
 import dagster as dg
+import psycopg
 from pydantic import Field
 
-from dlq_assets.core.migrations import applied_versions, migrate
+from dlq_assets.core import db
+from dlq_assets.core.migrations import MigrationError, applied_versions, migrate
 from dlq_assets.core.operations.partitions import ensure_month
 from dlq_assets.defs.common import GROUP, POOL, markdown_table
 from dlq_assets.defs.resources import DLQDatabase
@@ -22,7 +24,11 @@ MONTHLY = dg.MonthlyPartitionsDefinition(start_date="2024-01-01", timezone="UTC"
     description="The DLQ schema in PostgreSQL: every migration in sql/ applied, in order, each once.",
 )
 def dlq_schema(database: DLQDatabase) -> dg.MaterializeResult:
-    applied = migrate(database.resolved_url())
+    url = database.resolved_url()
+    try:
+        applied = migrate(url)
+    except (psycopg.OperationalError, MigrationError) as exc:  # one line, no password in it
+        raise dg.Failure(description=db.redact(str(exc).strip(), url)) from None
     with database.connect() as conn:
         versions = applied_versions(conn)
     return dg.MaterializeResult(
