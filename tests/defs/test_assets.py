@@ -74,6 +74,19 @@ def test_processed_batches_asset_works_the_backlog(db_url: str, tmp_path: Path) 
     assert meta["repaired"] == resolved > 0 and meta["processed"] == total
     assert meta["breaker_state"] == "closed" and meta["events_per_s"] > 0
     assert "repair:tokenizer_fix" in meta["strategies"] and "repair:control_characters" in meta["strategies"]
+    with psycopg.connect(db_url) as conn:
+        pending = dict(
+            conn.execute(
+                "SELECT reason, count(*) FROM dead_letter_events "
+                "WHERE NOT resolved AND quarantined_at IS NULL GROUP BY 1"
+            ).fetchall()
+        )
+        (rate,) = conn.execute(
+            "SELECT sum(repaired_count)::float / sum(processed_count) FROM dlq_processing_metrics"
+        ).fetchone()
+    assert meta["backlog_pending"] == sum(pending.values()) > 0 and meta["backlog_pending_by_reason"] == pending
+    assert meta["backlog_oldest_age_seconds"] >= 0 and meta["backlog_poisoned"] == meta["backlog_quarantined"] == 0
+    assert meta["backlog_resolution_rate"] == round(rate, 4)
 
 
 def test_failure_patterns_asset_reports_tables_and_a_chart(db_url: str, tmp_path: Path) -> None:

@@ -147,6 +147,7 @@ def test_a_run_launched_through_graphql_materializes_and_its_checks_report(
     dagster_dev: int, db_url: str, tmp_path: Path
 ) -> None:
     _quiet_scheduler(dagster_dev, time.monotonic() + 240)
+    assert graphql(dagster_dev, "{ shouldShowNux }") == {"shouldShowNux": False}  # dagster.yaml: nux off
     log = tmp_path / "cowrie.json"
     write_corrupted_log(log, n_events=300, seed=2, corruption_rate=0.4)
     ingest_paths([log], url=db_url)

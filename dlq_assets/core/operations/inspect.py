@@ -120,6 +120,16 @@ def dead_letters_by_reason(conn: psycopg.Connection[Any]) -> dict[str, int]:
     return dict(conn.execute("SELECT reason, count(*) FROM dead_letter_events GROUP BY 1 ORDER BY 2 DESC").fetchall())
 
 
+def pending_by_reason(conn: psycopg.Connection[Any]) -> dict[str, int]:
+    """Pending dead letters (unresolved, not quarantined) per reason, the largest first."""
+    return dict(
+        conn.execute(
+            "SELECT reason, count(*) FROM dead_letter_events WHERE NOT resolved AND quarantined_at IS NULL "
+            "GROUP BY 1 ORDER BY 2 DESC, 1"
+        ).fetchall()
+    )
+
+
 def throughput(conn: psycopg.Connection[Any], minutes: int = 1) -> dict[str, int]:
     """What the batches completed in the last ``minutes`` did: events ``processed``, events ``resolved``, and the
     milliseconds the workers were busy (``busy_ms``)."""

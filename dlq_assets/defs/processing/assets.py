@@ -5,6 +5,7 @@ No ``from __future__ import annotations``: Dagster reads the ``config`` and reso
 import dagster as dg
 from pydantic import Field
 
+from dlq_assets.core.operations import health, inspect
 from dlq_assets.defs.common import GROUP, POOL, markdown_table
 from dlq_assets.defs.resources import CircuitBreaker, DLQDatabase
 from dlq_assets.defs.schema.assets import dlq_schema
@@ -55,6 +56,7 @@ def dlq_processed_batches(
         )
     with database.connect(autocommit=True) as conn:
         state = breaker.state(conn)
+        backlog, by_reason = health.snapshot(conn), inspect.pending_by_reason(conn)
     strategies = sorted(report.strategies.items(), key=lambda kv: -kv[1])
     return dg.MaterializeResult(
         metadata={
@@ -69,5 +71,12 @@ def dlq_processed_batches(
             "breaker_state": dg.MetadataValue.text(state["state"]),
             "breaker_denied": dg.MetadataValue.bool(report.breaker_denied),
             "strategies": dg.MetadataValue.md(markdown_table(["method", "events"], strategies)),
+            # The backlog after the run, as numbers the UI plots across materializations.
+            "backlog_pending": dg.MetadataValue.int(backlog.pending_events),
+            "backlog_oldest_age_seconds": dg.MetadataValue.float(round(backlog.backlog_age_seconds or 0.0, 1)),
+            "backlog_poisoned": dg.MetadataValue.int(backlog.poisoned_events),
+            "backlog_quarantined": dg.MetadataValue.int(backlog.quarantined_events),
+            "backlog_resolution_rate": dg.MetadataValue.float(round(backlog.recent_success_rate or 0.0, 4)),
+            "backlog_pending_by_reason": dg.MetadataValue.json(by_reason),
         }
     )
