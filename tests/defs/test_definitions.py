@@ -89,3 +89,10 @@ def test_the_dagster_layer_and_the_cli_run_no_sql_of_their_own() -> None:
         if ".execute(" in line
     ]
     assert found == []
+
+
+def test_a_run_is_one_process_whatever_its_steps() -> None:
+    """The health checks are seven steps: in-process, a check run starts no step process of its own."""
+    for job in defs.resolve_all_job_defs():
+        assert job.executor_def.name == "in_process", job.name
+    assert len(defs.resolve_job_def("dlq_health_checks_job").asset_layer.asset_graph.asset_check_keys) == 7

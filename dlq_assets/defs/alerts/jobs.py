@@ -16,5 +16,5 @@ checks_schedule = dg.ScheduleDefinition(
     name="dlq_health_checks_every_15_minutes",
     job=checks_job,
     cron_schedule="*/15 * * * *",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=dg.DefaultScheduleStatus.RUNNING,  # on: a stalled DLQ must show even when nothing processes
 )

@@ -81,7 +81,7 @@ def _run_ended(instance: dg.DagsterInstance, run_id: str) -> bool:
 
 @dg.sensor(
     minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=dg.DefaultSensorStatus.RUNNING,  # on: alerts go to the daemon log, a webhook only when set
     description="Reports each new failed DLQ health-check evaluation once: to the log and the alert webhook.",
 )
 def check_failure_alert_sensor(context: dg.SensorEvaluationContext) -> dg.SkipReason:
@@ -130,7 +130,7 @@ def _root_cause(event: dg.DagsterEvent) -> str:
 
 
 @dg.run_failure_sensor(
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=dg.DefaultSensorStatus.RUNNING,  # on: alerts go to the daemon log, a webhook only when set
     description="Reports each failed run of this code location: to the log and the alert webhook.",
 )
 def run_failure_alert_sensor(context: dg.RunFailureSensorContext) -> None:

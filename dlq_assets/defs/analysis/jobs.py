@@ -13,5 +13,5 @@ analysis_schedule = dg.ScheduleDefinition(
     name="dlq_analysis_hourly",
     job=analysis_job,
     cron_schedule="7 * * * *",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=dg.DefaultScheduleStatus.RUNNING,  # on: read-only, and the failure patterns stay current
 )

@@ -15,5 +15,5 @@ processing_schedule = dg.ScheduleDefinition(
     name="dlq_processing_every_5_minutes",
     job=processing_job,
     cron_schedule="*/5 * * * *",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=dg.DefaultScheduleStatus.RUNNING,  # on: working the backlog is what the DLQ is for
 )

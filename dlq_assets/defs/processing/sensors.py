@@ -23,7 +23,7 @@ ACTIVE_STATUSES = [
 @dg.sensor(
     job=processing_job,
     minimum_interval_seconds=60,
-    default_status=dg.DefaultSensorStatus.RUNNING,
+    default_status=dg.DefaultSensorStatus.RUNNING,  # on: a burst of dead letters should not wait 5 minutes
     description="Launches processing early when the pending backlog passes DLQ_BACKLOG_THRESHOLD (default 10,000).",
 )
 def backlog_sensor(context: dg.SensorEvaluationContext, database: DLQDatabase) -> dg.RunRequest | dg.SkipReason:

@@ -14,5 +14,5 @@ retention_schedule = dg.ScheduleDefinition(
     job=retention_job,
     cron_schedule="30 3 * * *",
     execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=dg.DefaultScheduleStatus.RUNNING,  # on: it deletes only what was resolved 90+ days ago
 )

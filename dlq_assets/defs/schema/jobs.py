@@ -20,7 +20,7 @@ partitions_job = asset_job(
     job=partitions_job,
     cron_schedule="15 0 * * *",
     execution_timezone="UTC",
-    default_status=dg.DefaultScheduleStatus.RUNNING,
+    default_status=dg.DefaultScheduleStatus.RUNNING,  # on: without next month's partition, rows pile into the default
 )
 def partitions_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     """Every day, make sure this month's partition and the months ahead exist (idempotent)."""
