@@ -18,7 +18,7 @@ install: $(BIN)/dlq
 run: demo dev
 
 demo: install
-	$(BIN)/dlq demo
+	$(BIN)/dlq demo --dagster
 
 dev: install
 	$(BIN)/dlq dev

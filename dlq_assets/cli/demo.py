@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -23,10 +24,17 @@ from dlq_assets.devtools.embedded import default_data_dir
 @click.option("--seed", default=1, show_default=True)
 @click.option("--corruption-rate", default=0.3, show_default=True, type=Finite(0, 1))
 @click.option("--out", type=click.Path(path_type=Path), help="Where to write the log (default .dlq/demo).")
+@click.option(
+    "--dagster", "through_dagster", is_flag=True,
+    help="Process through Dagster: materialize every asset and its checks on the instance `dlq dev` serves.",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out: Path | None, as_json: bool) -> None:
-    """Generate a corrupted Cowrie log, create the schema, ingest it, and show the DLQ's health."""
+def demo(
+    ctx: click.Context, events: int, seed: int, corruption_rate: float, out: Path | None, through_dagster: bool,
+    as_json: bool,
+) -> None:  # fmt: skip
+    """Generate a corrupted Cowrie log, create the schema, ingest it, process it, and show the DLQ's health."""
     from dlq_assets.core.intake.ingest import ingest_paths
     from dlq_assets.core.migrations import migrate
     from dlq_assets.core.processing.config import WorkerConfig
@@ -41,13 +49,18 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
     url = url_of(ctx)
     migrate(url)
     report = ingest_paths([log], url=url)
-    processed = run_workers(url, WorkerConfig(batch_size=1000))
+    if through_dagster:
+        from dlq_assets.devtools.first_run import materialize_everything
+
+        first = materialize_everything(url)
+        processing: dict[str, Any] = {"dagster": asdict(first)}
+    else:
+        processing = {"process": run_workers(url, WorkerConfig(batch_size=1000)).as_dict() | {"batch_seconds": None}}
     with psycopg.connect(url) as conn:
         health_row = health_view(conn)
         reasons = dead_letters_by_reason(conn)
     data = {"log": str(log), "records_written": len(truth), "ingest": report.as_dict(), "dlq_by_reason": reasons,
-            "process": processed.as_dict() | {"batch_seconds": None}, "health": health_row,
-            "database": db.redact(url, url)}  # fmt: skip
+            **processing, "health": health_row, "database": db.redact(url, url)}  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
         click.echo(f"wrote {d['records_written']} records to {visible(d['log'])}")
@@ -56,12 +69,31 @@ def demo(ctx: click.Context, events: int, seed: int, corruption_rate: float, out
         click.echo("dead letters by reason:")
         for reason, count in reasons.items():
             click.echo(f"  {visible(reason):<20} {count}")
-        process_summary(d["process"])
+        if "process" in d:
+            process_summary(d["process"])
+        else:
+            dagster_summary(d["dagster"])
         click.echo("health:")
         for key, value in health_row.items():
             click.echo(f"  {key:<28} {visible(value)}")
 
     emit(data, as_json, human)
+
+
+def dagster_summary(first: dict[str, Any]) -> None:
+    """What the first run through Dagster did: the processed batch's counts, its checks, where the UI finds them."""
+    batch = first["metadata"].get("dlq_processed_batches", {})
+    processed, poisoned = batch.get("processed", 0), batch.get("poisoned", 0)
+    click.echo(
+        f"processed through Dagster: {processed} dead letters ({batch.get('events_per_s', 0)} events/s): "
+        f"{batch.get('repaired', 0)} resolved, {batch.get('failed', 0) - poisoned} to retry, {poisoned} poisoned, "
+        f"{batch.get('quarantined', 0)} quarantined"
+    )
+    failed = sorted(name for name, passed in first["checks"].items() if not passed)
+    click.echo(
+        f"checks: {len(first['checks']) - len(failed)} passed" + (f", failed: {', '.join(failed)}" if failed else "")
+    )
+    click.echo(f"materialized: {', '.join(first['metadata'])} (Dagster home {visible(first['dagster_home'])})")
 
 
 @main.command()

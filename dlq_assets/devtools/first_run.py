@@ -1,0 +1,85 @@
+"""Every asset materialized through Dagster, on the instance ``dlq dev`` serves, so the UI's first screen shows a
+living DLQ: the schema, this month's partition, a processed batch with its checks, the failure patterns and the
+retention state, each with its metadata.
+
+The jobs are the ones the schedules launch (``dlq_assets.definitions``), run in this process against the same
+``DAGSTER_HOME`` and the same ``dagster`` database that ``dlq dev`` prepares.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from dlq_assets.devtools.dev import prepare
+
+# In the order a first run needs them: the schema before its partitions, processing before the analysis of it.
+FIRST_RUN_JOBS = ("dlq_schema_job", "dlq_partitions_job", "dlq_processing_job", "dlq_analysis_job", "dlq_retention_job")
+
+
+# The runs' event log is in the instance (the UI shows it); the console gets warnings and errors only.
+_QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+
+
+@dataclass
+class FirstRun:
+    dagster_home: str
+    metadata: dict[str, dict[str, Any]] = field(default_factory=dict)  # asset -> its metadata, as plain values
+    checks: dict[str, bool] = field(default_factory=dict)  # check name -> passed
+    runs: dict[str, str] = field(default_factory=dict)  # job -> run id
+
+
+@contextmanager
+def _environment(values: Mapping[str, str]) -> Iterator[None]:
+    """``values`` in os.environ for the duration (Dagster's instance and the resources read them there)."""
+    saved = {key: os.environ.get(key) for key in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def _plain(value: Any) -> Any:
+    """A metadata value as JSON-ready Python (the UI's types hold it in ``.value``, markdown as its text)."""
+    inner = getattr(value, "value", value)
+    return inner if isinstance(inner, str | int | float | bool | list | dict | type(None)) else str(inner)
+
+
+def materialize_everything(url: str, *, dagster_home: Path | None = None) -> FirstRun:
+    """Run the five asset jobs once, in order, on the ``dlq dev`` instance; a job that fails raises."""
+    import dagster as dg
+
+    env = prepare(url, dagster_home=dagster_home)
+    report = FirstRun(dagster_home=env["DAGSTER_HOME"])
+    with _environment(env):
+        from dlq_assets.definitions import defs
+
+        instance = dg.DagsterInstance.get()
+        month = datetime.now(UTC).strftime("%Y-%m-01")
+        for name in FIRST_RUN_JOBS:
+            job = defs.resolve_job_def(name)
+            result = job.execute_in_process(
+                run_config=_QUIET,
+                instance=instance,
+                partition_key=month if name == "dlq_partitions_job" else None,
+                tags={"dlq/trigger": "first_run"},
+            )
+            report.runs[name] = result.run_id
+            for event in result.get_asset_materialization_events():
+                materialization = event.step_materialization_data.materialization
+                report.metadata[materialization.asset_key.to_user_string()] = {
+                    key: _plain(value) for key, value in materialization.metadata.items()
+                }
+            for evaluation in result.get_asset_check_evaluations():
+                report.checks[evaluation.check_name] = evaluation.passed
+    return report
