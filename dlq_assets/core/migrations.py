@@ -264,10 +264,9 @@ UNION ALL SELECT 'TRIGGER', t.tgname::text FROM pg_trigger t JOIN pg_class c ON 
 """
 
 
-def _missing_objects(conn: psycopg.Connection[Any], files: list[FunctionsFile]) -> list[str]:
-    """Functions, views and (enabled) triggers the files define that the database lacks (dropped or disabled by
-    hand, say): matched by name."""
-    defined = {(kind.upper(), name) for f in files for kind, name in _DEFINED.findall(f.sql)}
+def _missing_objects(conn: psycopg.Connection[Any], defined: set[tuple[str, str]]) -> list[str]:
+    """Of the (kind, name) the files define, the functions, views and (enabled) triggers the database lacks
+    (dropped or disabled by hand, say): matched by name."""
     present = set(conn.execute(_IN_CATALOG).fetchall())
     return sorted(f"{kind.lower()} {name}" for kind, name in defined - present)
 
@@ -287,8 +286,8 @@ def _apply_functions(
     if not files:
         return [], []
     recorded = dict(conn.execute("SELECT name, checksum FROM dlq_schema_functions").fetchall())
-    missing = _missing_objects(conn, files)
     defined = {(kind.upper(), name) for f in files for kind, name in _DEFINED.findall(f.sql)}
+    missing = _missing_objects(conn, defined)
     restored = missing if len(missing) < len(defined) else []  # all of them missing: a new database
     changed = [f for f in files if missing or recorded.get(f.name) != f.checksum]
     for file in changed:
@@ -299,8 +298,6 @@ def _apply_functions(
             "duration_ms = EXCLUDED.duration_ms",
             (file.name, file.checksum, duration),
         )
-    if any(name.startswith("trigger dead_letter_events_count") for name in restored):
-        conn.execute("SELECT dlq_recount_events()")  # writes may have gone uncounted while it was missing
     return changed, restored
 
 

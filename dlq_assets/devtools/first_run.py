@@ -18,10 +18,6 @@ from typing import Any
 
 from dlq_assets.devtools.dev import prepare
 
-# In the order a first run needs them: the schema before its partitions, processing before the analysis of it.
-FIRST_RUN_JOBS = ("dlq_schema_job", "dlq_partitions_job", "dlq_processing_job", "dlq_analysis_job", "dlq_retention_job")
-
-
 # The runs' event log is in the instance (the UI shows it); the console gets warnings and errors only.
 _QUIET = {"loggers": {"console": {"config": {"log_level": "WARNING"}}}}
 
@@ -55,6 +51,17 @@ def _plain(value: Any) -> Any:
     return inner if isinstance(inner, str | int | float | bool | list | dict | type(None)) else str(inner)
 
 
+def first_run_jobs() -> tuple[Any, ...]:
+    """The asset jobs in the order a first run needs them: the schema before its partitions, processing before
+    the analysis of it."""
+    from dlq_assets.defs.analysis.jobs import analysis_job
+    from dlq_assets.defs.processing.jobs import processing_job
+    from dlq_assets.defs.retention.jobs import retention_job
+    from dlq_assets.defs.schema.jobs import partitions_job, schema_job
+
+    return schema_job, partitions_job, processing_job, analysis_job, retention_job
+
+
 def materialize_everything(url: str, *, dagster_home: Path | None = None) -> FirstRun:
     """Run the five asset jobs once, in order, on the ``dlq dev`` instance; a job that fails raises."""
     import dagster as dg
@@ -63,18 +70,18 @@ def materialize_everything(url: str, *, dagster_home: Path | None = None) -> Fir
     report = FirstRun(dagster_home=env["DAGSTER_HOME"])
     with _environment(env):
         from dlq_assets.definitions import defs
+        from dlq_assets.defs.schema.jobs import partitions_job
 
         instance = dg.DagsterInstance.get()
         month = datetime.now(UTC).strftime("%Y-%m-01")
-        for name in FIRST_RUN_JOBS:
-            job = defs.resolve_job_def(name)
-            result = job.execute_in_process(
+        for job in first_run_jobs():
+            result = defs.resolve_job_def(job.name).execute_in_process(  # bound to the location's resources
                 run_config=_QUIET,
                 instance=instance,
-                partition_key=month if name == "dlq_partitions_job" else None,
+                partition_key=month if job is partitions_job else None,
                 tags={"dlq/trigger": "first_run"},
             )
-            report.runs[name] = result.run_id
+            report.runs[job.name] = result.run_id
             for event in result.get_asset_materialization_events():
                 materialization = event.step_materialization_data.materialization
                 report.metadata[materialization.asset_key.to_user_string()] = {

@@ -105,3 +105,7 @@ CREATE OR REPLACE TRIGGER dead_letter_events_count_insert AFTER INSERT ON dead_l
 CREATE OR REPLACE TRIGGER dead_letter_events_count_truncate AFTER TRUNCATE ON dead_letter_events FOR EACH STATEMENT EXECUTE FUNCTION dlq_events_count_statement();
 
 CREATE OR REPLACE TRIGGER dead_letter_events_count_update AFTER UPDATE ON dead_letter_events REFERENCING OLD TABLE AS dlq_old_rows NEW TABLE AS dlq_new_rows FOR EACH STATEMENT EXECUTE FUNCTION dlq_events_count_statement();
+
+-- Whenever this file is applied (a new database, a changed rule, a counting trigger that was missing and is back):
+-- the counts rebuilt from the rows, since writes made while a trigger was missing went uncounted.
+SELECT dlq_recount_events();

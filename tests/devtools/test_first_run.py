@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from dlq_assets.cli import main
 from dlq_assets.core import db
-from dlq_assets.devtools.first_run import FIRST_RUN_JOBS
+from dlq_assets.devtools.first_run import first_run_jobs
 from tests.conftest import _drop_database
 
 ASSETS = {"dlq_schema", "dlq_partitions", "dlq_processed_batches", "dlq_failure_patterns", "dlq_retention_state"}
@@ -31,7 +31,7 @@ def test_the_demo_through_dagster_materializes_every_asset_on_the_dev_instance(
         )
         assert result.exit_code == 0, result.output
         first = json.loads(result.output)["dagster"]
-        assert set(first["metadata"]) == ASSETS and set(first["runs"]) == set(FIRST_RUN_JOBS)
+        assert set(first["metadata"]) == ASSETS and set(first["runs"]) == {job.name for job in first_run_jobs()}
         assert len(first["checks"]) == 7
         batch = first["metadata"]["dlq_processed_batches"]
         assert batch["processed"] > 0 and batch["backlog_pending"] >= 0
