@@ -12,6 +12,11 @@ from dlq_assets.core import db
 from dlq_assets.core.operations import control, inspect
 
 
+def database_failure(exc: Exception, url: str | None, *, allow_retries: bool = True) -> dg.Failure:
+    """The step's failure for a database error: its message, no password of ``url`` in it."""
+    return dg.Failure(description=db.redact(str(exc).strip(), url), allow_retries=allow_retries)
+
+
 def resolve_database_url(url: str | None) -> str:
     """The DLQ database a code location uses: ``url``, else ``$DLQ_DATABASE_URL``; nothing else.
 
@@ -28,7 +33,7 @@ def resolve_database_url(url: str | None) -> str:
     try:
         return db.database_url(chosen)
     except (db.DatabaseNotConfigured, ValueError) as exc:
-        raise dg.Failure(description=db.redact(str(exc), chosen), allow_retries=False) from None
+        raise database_failure(exc, chosen, allow_retries=False) from None
 
 
 class DLQDatabase(dg.ConfigurableResource):
@@ -57,7 +62,7 @@ class DLQDatabase(dg.ConfigurableResource):
         try:
             return psycopg.connect(url, **kwargs)
         except psycopg.OperationalError as exc:
-            raise dg.Failure(description=db.redact(str(exc).strip(), url)) from None
+            raise database_failure(exc, url) from None
 
 
 class CircuitBreaker(dg.ConfigurableResource):

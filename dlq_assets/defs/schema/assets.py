@@ -8,11 +8,10 @@ import dagster as dg
 import psycopg
 from pydantic import Field
 
-from dlq_assets.core import db
 from dlq_assets.core.migrations import MigrationError, applied_versions, migrate
 from dlq_assets.core.operations.partitions import ensure_month
 from dlq_assets.defs.common import GROUP, POOL, markdown_table
-from dlq_assets.defs.resources import DLQDatabase
+from dlq_assets.defs.resources import DLQDatabase, database_failure
 
 MONTHLY = dg.MonthlyPartitionsDefinition(start_date="2024-01-01", timezone="UTC", end_offset=1)
 
@@ -28,7 +27,7 @@ def dlq_schema(database: DLQDatabase) -> dg.MaterializeResult:
     try:
         applied = migrate(url)
     except (psycopg.OperationalError, MigrationError) as exc:  # one line, no password in it
-        raise dg.Failure(description=db.redact(str(exc).strip(), url)) from None
+        raise database_failure(exc, url) from None
     with database.connect() as conn:
         versions = applied_versions(conn)
     return dg.MaterializeResult(
