@@ -3,83 +3,24 @@ the GraphQL API materializes on the real DLQ and its checks report back."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
-from psycopg import sql
 
 from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.devtools.generator import write_corrupted_log
-
-LOCATION = "dlq_assets.definitions"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def graphql(port: int, query: str, variables: dict[str, Any] | None = None) -> dict[str, Any]:
-    request = urllib.request.Request(
-        f"http://127.0.0.1:{port}/graphql",
-        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    with urllib.request.urlopen(request, timeout=30) as response:
-        body = json.loads(response.read())
-    assert "errors" not in body, body
-    return body["data"]
+from tests.defs.dagster_dev import LOCATION, graphql
+from tests.defs.dagster_dev import dagster_dev as serve
 
 
 @pytest.fixture
 def dagster_dev(db_url: str, server_url: str, tmp_path: Path) -> Iterator[int]:
-    dagster_db = f"dagster_{uuid.uuid4().hex[:10]}"
-    port = free_port()
-    env = {
-        **os.environ,
-        "DLQ_DATABASE_URL": db_url,
-        "DLQ_DAGSTER_DATABASE": dagster_db,
-        "DLQ_DATA_DIR": str(tmp_path / "pgdata"),
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dlq_assets.cli", "dev", "--port", str(port)],
-        env=env,
-        stdout=(tmp_path / "dagster.log").open("w"),
-        stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                graphql(port, "{ version }")
-                break
-            except OSError:
-                assert proc.poll() is None, (tmp_path / "dagster.log").read_text()[-3000:]
-                assert time.monotonic() < deadline, "the webserver did not come up"
-                time.sleep(1)
-        yield port
-    finally:
-        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C: dagster dev stops its children and exits (SIGTERM: 60 s)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-        with psycopg.connect(server_url, autocommit=True) as conn:
-            conn.execute(sql.SQL("DROP DATABASE IF EXISTS {} WITH (FORCE)").format(sql.Identifier(dagster_db)))
+    with serve(db_url, server_url, tmp_path) as dev:
+        yield dev.port
 
 
 LAUNCH = """

@@ -16,7 +16,7 @@ import pytest
 from dlq_assets.defs.alerts import sensors
 from dlq_assets.defs.alerts.checks import health_checks
 from dlq_assets.defs.alerts.sensors import WEBHOOK_ENV, check_failure_alert_sensor, notify, run_failure_alert_sensor
-from dlq_assets.defs.processing.jobs import processing_job
+from dlq_assets.defs.processing.jobs import RUNS_ENV, SLOT_TAG, processing_job, processing_schedule
 from dlq_assets.defs.processing.sensors import BACKLOG_THRESHOLD_ENV, backlog_sensor
 from dlq_assets.defs.resources import DLQDatabase
 
@@ -271,12 +271,13 @@ def test_a_failed_run_is_reported(instance: dg.DagsterInstance, webhook: Webhook
     run_failure_alert_sensor(context)  # a failing webhook is logged, not raised
 
 
-def test_the_backlog_sensor_launches_processing_past_the_threshold_once(
+def test_the_backlog_sensor_fills_the_free_processing_slots_past_the_threshold(
     db_url: str, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     from dlq_assets.definitions import defs
 
     monkeypatch.setenv(BACKLOG_THRESHOLD_ENV, "5")
+    monkeypatch.setenv(RUNS_ENV, "3")
     with psycopg.connect(db_url, autocommit=True) as conn:
         for i in range(4):
             conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', %s)", (json.dumps({"n": i}),))
@@ -290,10 +291,47 @@ def test_the_backlog_sensor_launches_processing_past_the_threshold_once(
         assert isinstance(evaluate(), dg.SkipReason)  # 4 pending, threshold 5
         for i in range(4, 8):
             conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', %s)", (json.dumps({"n": i}),))
-    request = evaluate()
-    assert isinstance(request, dg.RunRequest) and request.tags["dlq/pending"] == "8"
-    assert backlog_sensor.job_name == processing_job.name  # the request launches the job the sensor targets
-    # A processing run already running: no second one.
-    instance.add_run(dg.DagsterRun(job_name=processing_job.name, run_id="r1", status=dg.DagsterRunStatus.STARTED))
+    requests = evaluate()
+    assert [r.tags["dlq/job"] for r in requests] == [f"{processing_job.name}:{k}" for k in (1, 2, 3)]
+    assert {r.tags["dlq/pending"] for r in requests} == {"8"} and requests[0].tags[SLOT_TAG] == "1/3"
+    assert backlog_sensor.job_name == processing_job.name  # the requests launch the job the sensor targets
+    # Slot 2 busy: the sensor fills slots 1 and 3 only.
+    busy = {"dlq/job": f"{processing_job.name}:2"}
+    instance.add_run(
+        dg.DagsterRun(job_name=processing_job.name, run_id="r2", status=dg.DagsterRunStatus.STARTED, tags=busy)
+    )
+    assert [r.tags["dlq/job"] for r in evaluate()] == [f"{processing_job.name}:{k}" for k in (1, 3)]
+    # Three runs active (one launched by hand, without a slot): no more.
+    for run_id, tags in (("r1", {"dlq/job": f"{processing_job.name}:1"}), ("manual", {})):
+        instance.add_run(
+            dg.DagsterRun(job_name=processing_job.name, run_id=run_id, status=dg.DagsterRunStatus.STARTING, tags=tags)
+        )
     skipped = evaluate()
-    assert isinstance(skipped, dg.SkipReason) and "already active" in skipped.skip_message
+    assert isinstance(skipped, dg.SkipReason) and "3 processing runs are already active" in skipped.skip_message
+    monkeypatch.setenv(RUNS_ENV, "zero")
+    with pytest.raises(ValueError, match="DLQ_PROCESSING_RUNS must be a whole number from 1 to 16, not 'zero'"):
+        evaluate()
+
+
+@pytest.mark.parametrize(("setting", "slots"), [(None, 2), ("1", 1), ("4", 4), (" 16 ", 16)])
+def test_the_processing_schedule_asks_for_one_run_per_slot(
+    setting: str | None, slots: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    if setting is None:
+        monkeypatch.delenv(RUNS_ENV, raising=False)
+    else:
+        monkeypatch.setenv(RUNS_ENV, setting)
+    with dg.build_schedule_context() as context:
+        requests = processing_schedule(context)
+    assert [r.run_key for r in requests] == [f"slot-{k}" for k in range(1, slots + 1)]
+    assert len({r.tags["dlq/job"] for r in requests}) == slots  # one run at a time per slot (dagster.yaml)
+    assert requests[-1].tags[SLOT_TAG] == f"{slots}/{slots}"
+
+
+@pytest.mark.parametrize("setting", ["0", "17", "-1", "2.5", "two"])
+def test_a_processing_runs_setting_out_of_range_fails_the_tick_with_its_name(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(RUNS_ENV, setting)
+    with dg.build_schedule_context() as context, pytest.raises(ValueError, match=f"{RUNS_ENV} .* not '{setting}'"):
+        processing_schedule(context)

@@ -18,6 +18,9 @@ class ProcessingConfig(dg.Config):
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     priority_max: int | None = Field(default=None, ge=1, le=10, description="Only this priority or higher.")
     reason: str | None = Field(default=None, description="Only dead letters with this reason.")
+    max_events_per_second: float | None = Field(
+        default=None, gt=0, description="Throttle: at most this many events per second per worker (spares the target)."
+    )
 
 
 @dg.asset(
@@ -45,7 +48,7 @@ def dlq_processed_batches(
             batch_size=config.batch_size, min_batch_size=min(config.batch_size, 1000),
             max_batch_size=max(config.batch_size, 5000), limit=config.max_events,
             time_budget_seconds=config.time_budget_seconds, priority_max=config.priority_max, reason=config.reason,
-            breaker_name=breaker.name,
+            breaker_name=breaker.name, max_events_per_second=config.max_events_per_second,
         ),
         workers=config.workers,
     )  # fmt: skip

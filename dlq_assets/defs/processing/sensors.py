@@ -1,4 +1,4 @@
-"""The backlog sensor: launches the processing job between its scheduled runs when the backlog grows too large.
+"""The backlog sensor: fills the free processing slots between scheduled runs when the backlog grows too large.
 
 No ``from __future__ import annotations``: Dagster reads the resource annotation at decoration time."""
 
@@ -7,7 +7,8 @@ import os
 import dagster as dg
 
 from dlq_assets.core.operations.inspect import health_view
-from dlq_assets.defs.processing.jobs import processing_job
+from dlq_assets.defs.common import JOB_TAG
+from dlq_assets.defs.processing.jobs import processing_job, processing_runs, slot_tags
 from dlq_assets.defs.resources import DLQDatabase
 
 BACKLOG_THRESHOLD_ENV = "DLQ_BACKLOG_THRESHOLD"
@@ -24,18 +25,23 @@ ACTIVE_STATUSES = [
     job=processing_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,  # on: a burst of dead letters should not wait 5 minutes
-    description="Launches processing early when the pending backlog passes DLQ_BACKLOG_THRESHOLD (default 10,000).",
+    description=(
+        "Launches processing early, one run per free slot (DLQ_PROCESSING_RUNS), when the pending backlog passes "
+        "DLQ_BACKLOG_THRESHOLD (default 10,000)."
+    ),
 )
-def backlog_sensor(context: dg.SensorEvaluationContext, database: DLQDatabase) -> dg.RunRequest | dg.SkipReason:
+def backlog_sensor(context: dg.SensorEvaluationContext, database: DLQDatabase) -> list[dg.RunRequest] | dg.SkipReason:
     threshold = int(os.environ.get(BACKLOG_THRESHOLD_ENV) or DEFAULT_BACKLOG_THRESHOLD)  # read per tick
+    runs = processing_runs()
     with database.connect() as conn:
         pending = health_view(conn)["pending_events"]
     if pending <= threshold:
         return dg.SkipReason(f"{pending} pending dead letters, threshold {threshold}")
-    active = context.instance.get_run_records(
-        dg.RunsFilter(job_name=processing_job.name, statuses=ACTIVE_STATUSES), limit=1
-    )
-    if active:
-        return dg.SkipReason(f"{pending} pending, but processing run {active[0].dagster_run.run_id} is already active")
-    context.log.info(f"{pending} pending dead letters passed the threshold {threshold}: launching processing")
-    return dg.RunRequest(tags={"dlq/trigger": "backlog", "dlq/pending": str(pending)})
+    active = context.instance.get_run_records(dg.RunsFilter(job_name=processing_job.name, statuses=ACTIVE_STATUSES))
+    taken = {record.dagster_run.tags.get(JOB_TAG) for record in active}
+    free = [slot for slot in range(1, runs + 1) if slot_tags(slot, runs)[JOB_TAG] not in taken]
+    if len(active) >= runs or not free:
+        return dg.SkipReason(f"{pending} pending, but {len(active)} processing runs are already active")
+    context.log.info(f"{pending} pending dead letters passed the threshold {threshold}: {len(free)} processing runs")
+    trigger = {"dlq/trigger": "backlog", "dlq/pending": str(pending)}
+    return [dg.RunRequest(tags={**slot_tags(slot, runs), **trigger}) for slot in free[: runs - len(active)]]
