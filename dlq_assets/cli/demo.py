@@ -82,12 +82,16 @@ def demo(
 
 def dagster_summary(first: dict[str, Any]) -> None:
     """What the first run through Dagster did: the processed batch's counts, its checks, where the UI finds them."""
-    batch = first["metadata"].get("dlq_processed_batches", {})
-    processed, poisoned = batch.get("processed", 0), batch.get("poisoned", 0)
+    rounds = first["processing_rounds"]
+    total = {
+        key: sum(r.get(key, 0) for r in rounds)
+        for key in ("processed", "repaired", "failed", "poisoned", "quarantined")
+    }
+    backlog = " -> ".join(str(r.get("backlog_pending")) for r in rounds)
     click.echo(
-        f"processed through Dagster: {processed} dead letters ({batch.get('events_per_s', 0)} events/s): "
-        f"{batch.get('repaired', 0)} resolved, {batch.get('failed', 0) - poisoned} to retry, {poisoned} poisoned, "
-        f"{batch.get('quarantined', 0)} quarantined"
+        f"processed through Dagster in {len(rounds)} runs: {total['processed']} dead letters: {total['repaired']} "
+        f"resolved, {total['failed'] - total['poisoned']} to retry, {total['poisoned']} poisoned, "
+        f"{total['quarantined']} quarantined; pending after each run: {backlog}"
     )
     failed = sorted(name for name, passed in first["checks"].items() if not passed)
     click.echo(

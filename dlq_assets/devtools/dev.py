@@ -52,6 +52,10 @@ def prepare(url: str | None = None, *, dagster_home: Path | None = None) -> dict
     }
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def run(url: str | None = None, *, host: str = "127.0.0.1", port: int = 3000, dagster_home: Path | None = None) -> int:
     """Run ``dagster dev`` until it exits or is told to stop; returns its exit code."""
     server = None if (url or os.environ.get(db.URL_ENV)) else EmbeddedServer(default_data_dir())
@@ -61,7 +65,9 @@ def run(url: str | None = None, *, host: str = "127.0.0.1", port: int = 3000, da
         str(Path(sys.executable).with_name("dagster")), "dev", "-w", str(project_root() / "workspace.yaml"),
         "-h", host, "-p", str(port),
     ]  # fmt: skip
-    proc = subprocess.Popen(command, env=env, cwd=project_root())
+    # SIGINT back to its default in the child: a shell that starts `dlq dev &` ignores it, the child would inherit
+    # that, and dagster dev could not be stopped by the SIGINT forwarded below.
+    proc = subprocess.Popen(command, env=env, cwd=project_root(), preexec_fn=_default_sigint)
 
     def stop(signum: int, frame: FrameType | None) -> None:
         proc.send_signal(signal.SIGINT)  # dagster dev shuts its webserver and daemon down on SIGINT

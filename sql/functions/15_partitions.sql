@@ -48,7 +48,7 @@ CREATE OR REPLACE VIEW dlq_partitions AS
 SELECT c.relname::text AS partition_name,
        pg_get_expr(c.relpartbound, c.oid) AS bounds,
        c.relpartbound IS NOT NULL AND pg_get_expr(c.relpartbound, c.oid) = 'DEFAULT' AS is_default,
-       c.reltuples::bigint AS estimated_rows,
+       NULLIF(c.reltuples, -1)::bigint AS estimated_rows,  -- -1: never analysed, so unknown (NULL)
        pg_total_relation_size(c.oid) AS total_bytes
 FROM pg_inherits i
 JOIN pg_class c ON c.oid = i.inhrelid

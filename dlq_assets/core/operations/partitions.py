@@ -18,7 +18,7 @@ class MonthPartitions:
     partition: str  # the month's partition
     rows: int  # dead letters created in that month
     created: list[str]  # partitions this call created (the month and those ahead of it)
-    partitions: list[tuple[str, int, str]]  # every partition: name, estimated rows, size
+    partitions: list[tuple[str, int | None, str]]  # every partition: name, estimated rows (None: not analysed), size
 
 
 def ensure_month(conn: psycopg.Connection[Any], month: datetime, months_ahead: int) -> MonthPartitions:

@@ -59,11 +59,12 @@ def dlq_partitions(
     month = datetime.strptime(context.partition_key, "%Y-%m-%d").replace(tzinfo=UTC)
     with database.connect(autocommit=True) as conn:
         made = ensure_month(conn, month, config.months_ahead)
+    partitions = [(name, "not analysed" if rows is None else rows, size) for name, rows, size in made.partitions]
     return dg.MaterializeResult(
         metadata={
             "partition": dg.MetadataValue.text(made.partition),
             "rows": dg.MetadataValue.int(made.rows),
             "created": dg.MetadataValue.json(made.created),
-            "partitions": dg.MetadataValue.md(markdown_table(["partition", "estimated rows", "size"], made.partitions)),
+            "partitions": dg.MetadataValue.md(markdown_table(["partition", "estimated rows", "size"], partitions)),
         }
     )
