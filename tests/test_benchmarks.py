@@ -108,3 +108,20 @@ def test_the_probe_sees_a_session_waiting_on_a_lock(db_url: str) -> None:
     assert seen.samples_with_lock_wait > 0 and 0.1 < seen.longest_lock_wait < 5
     assert seen.longest_wait.startswith("SELECT pg_advisory_lock(6) waited for ExclusiveLock on advisory, behind ")
     assert calm.latencies and seen.latencies  # and the probe's own events went through
+
+
+def test_concurrent_processing_runs_put_every_event_where_it_belongs(
+    db_url: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import runs
+
+    code = runs.main(["--events", "1500", "--runs", "1", "2", "--repeat", "1", "--database-url", db_url, "--json"])
+    result = last_json_line(capsys.readouterr().out)
+    assert code == 0 and result["all_states_correct"] is True
+    assert [row["runs"] for row in result["results"]] == [1, 2]
+    for row in result["results"]:
+        assert row.keys() >= {"events_per_s", "ceiling_events_per_s", "ratio", "peak_connections"}
+        assert row["events_per_s"] > 0 and row["ceiling_events_per_s"] > 0
+        (per_run,) = row["processed_per_run"]
+        assert len(per_run) == row["runs"]
+        assert row["peak_connections"] >= row["runs"]  # each run held at least its worker's connection
