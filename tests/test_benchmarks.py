@@ -10,6 +10,7 @@ import json
 import threading
 import time
 from collections import Counter
+from pathlib import Path
 
 import psycopg
 import pytest
@@ -125,3 +126,41 @@ def test_concurrent_processing_runs_put_every_event_where_it_belongs(
         (per_run,) = row["processed_per_run"]
         assert len(per_run) == row["runs"]
         assert row["peak_connections"] >= row["runs"]  # each run held at least its worker's connection
+
+
+def test_the_ingest_harness_finds_every_record_in_one_place_byte_exact(
+    db_url: str, conn: psycopg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from benchmarks import ingest
+
+    code = ingest.main(["--records", "1200", "--damage", "0.3", "--repeat", "2", "--database-url", db_url, "--json"])
+    result = last_json_line(capsys.readouterr().out)
+    assert code == 0 and result["all_records_correct"] is True, result["wrong"]
+    assert result.keys() >= {"records_per_s", "mb_per_s", "ceiling_records_per_s", "ratio", "peak_rss_mb", "records"}
+    assert result["records"] > 1100 and result["raw_inserted"] + result["dlq_inserted"] == result["records"]
+    assert result["dlq_inserted"] > 0 and len(result["ratios"]) == 2
+    assert conn.execute("SELECT count(*) FROM raw_events").fetchone() == (0,)  # left empty
+
+
+def test_the_ingest_harness_sees_a_record_stored_wrong(db_url: str, tmp_path: Path) -> None:
+    """The verification is no formality: a dead letter whose text was changed, or a record stored twice, fails."""
+    from benchmarks import ingest
+    from dlq_assets.core.intake.ingest import ingest_paths
+
+    paths = ingest.write_logs(tmp_path, 400, 0.3, seed=5)
+    ingest_paths(paths, url=db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        assert ingest.verify(conn, paths)["all_records_correct"] is True
+        conn.execute(
+            "UPDATE dead_letter_events SET payload = jsonb_build_object('raw_text', payload ->> 'raw_text' || ' ') "
+            "WHERE id = (SELECT min(id) FROM dead_letter_events WHERE payload ? 'raw_text')"
+        )
+        checked = ingest.verify(conn, paths)
+        assert checked["wrong"] == 1 and "raw_text differs" in checked["examples"][0]
+        conn.execute(  # the position of an event written to raw_events, also as a dead letter
+            "INSERT INTO dead_letter_events (source, source_inode, source_offset, reason, payload) "
+            "SELECT source, source_inode, source_offset, 'json_parse_error', '{\"raw_text\": \"x\"}' "
+            "FROM raw_events WHERE id = (SELECT min(id) FROM raw_events)"
+        )
+        checked = ingest.verify(conn, paths)
+        assert checked["wrong"] == 2 and any("in 2 places" in e for e in checked["examples"]), checked
