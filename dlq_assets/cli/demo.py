@@ -108,5 +108,5 @@ def dev(ctx: click.Context, host: str, port: int) -> None:
     """Run the Dagster webserver and daemon on the DLQ's PostgreSQL (embedded by default)."""
     from dlq_assets.devtools.dev import run
 
-    click.echo(f"Dagster UI: http://{host}:{port}  (Ctrl-C stops it)", err=True)
-    sys.exit(run(ctx.obj["url"], host=host, port=port))
+    announce = lambda address: click.echo(f"Dagster UI: {address}  (Ctrl-C stops it)", err=True)  # noqa: E731
+    sys.exit(run(ctx.obj["url"], host=host, port=port, announce=announce))

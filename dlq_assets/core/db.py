@@ -7,6 +7,7 @@ code location does so only when ``DLQ_DATABASE_URL=embedded`` asks for it.
 
 from __future__ import annotations
 
+import getpass
 import os
 import re
 from collections.abc import Sequence
@@ -63,6 +64,12 @@ def normalize_url(url: str) -> str:
 def sqlalchemy_url(url: str, driver: str = "psycopg") -> str:
     """The same server as a SQLAlchemy URL; Dagster's storage needs ``psycopg2`` (its NOTIFY breaks on psycopg 3)."""
     return f"postgresql+{driver}://{normalize_url(url).split('://', 1)[1]}"
+
+
+def database_name(url: str) -> str:
+    """The database a URL connects to (libpq's default, the user's name, when it names none)."""
+    info = conninfo_to_dict(normalize_url(url))
+    return info.get("dbname") or info.get("user") or getpass.getuser()
 
 
 def with_database(url: str, database: str) -> str:

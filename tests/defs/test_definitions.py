@@ -12,6 +12,7 @@ from pathlib import Path
 import dagster as dg
 
 from dlq_assets.definitions import defs
+from dlq_assets.defs.processing.assets import ProcessingConfig
 
 ASSETS = {"dlq_schema", "dlq_partitions", "dlq_processed_batches", "dlq_failure_patterns", "dlq_retention_state"}
 CHECKS = {"high_retry_events", "stale_locks", "backlog_age", "breaker_open", "tampered_events", "malicious_events",
@@ -36,6 +37,9 @@ def test_jobs_schedules_and_sensors_with_their_default_state() -> None:
     for job in ("dlq_processing_job", "dlq_analysis_job", "dlq_retention_job", "dlq_partitions_job",
                 "dlq_health_checks_job", "dlq_schema_job"):  # fmt: skip
         assert defs.resolve_job_def(job).tags["dlq/job"] == job
+    # a stuck processing run is failed by run monitoring, which frees its slot; no budget reaches that long
+    assert defs.resolve_job_def("dlq_processing_job").tags["dagster/max_runtime"] == "3600"
+    assert ProcessingConfig.model_fields["time_budget_seconds"].metadata[-1].le == 3000
 
 
 def test_importing_the_code_location_does_no_io() -> None:

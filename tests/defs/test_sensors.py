@@ -17,7 +17,7 @@ from dlq_assets.defs.alerts import sensors
 from dlq_assets.defs.alerts.checks import health_checks
 from dlq_assets.defs.alerts.sensors import WEBHOOK_ENV, check_failure_alert_sensor, notify, run_failure_alert_sensor
 from dlq_assets.defs.processing.jobs import RUNS_ENV, SLOT_TAG, processing_job, processing_schedule
-from dlq_assets.defs.processing.sensors import BACKLOG_THRESHOLD_ENV, backlog_sensor
+from dlq_assets.defs.processing.sensors import BACKLOG_THRESHOLD_ENV, backlog_sensor, backlog_threshold
 from dlq_assets.defs.resources import DLQDatabase
 
 
@@ -288,12 +288,19 @@ def test_the_backlog_sensor_fills_the_free_processing_slots_past_the_threshold(
             ) as context:
                 return backlog_sensor(context)
 
-        assert isinstance(evaluate(), dg.SkipReason)  # 4 pending, threshold 5
+        assert isinstance(evaluate(), dg.SkipReason)  # 4 due, threshold 5
+        for i in range(8, 20):  # pending but waiting out a retry backoff: nothing for a run to do
+            conn.execute(
+                "INSERT INTO dead_letter_events (reason, payload, next_attempt_at) VALUES ('x', %s, now() + '1 hour')",
+                (json.dumps({"n": i}),),
+            )
+        waiting = evaluate()
+        assert isinstance(waiting, dg.SkipReason) and "4 dead letters due now (16 pending)" in waiting.skip_message
         for i in range(4, 8):
             conn.execute("INSERT INTO dead_letter_events (reason, payload) VALUES ('x', %s)", (json.dumps({"n": i}),))
     requests = evaluate()
     assert [r.tags["dlq/job"] for r in requests] == [f"{processing_job.name}:{k}" for k in (1, 2, 3)]
-    assert {r.tags["dlq/pending"] for r in requests} == {"8"} and requests[0].tags[SLOT_TAG] == "1/3"
+    assert {r.tags["dlq/pending"] for r in requests} == {"20"} and requests[0].tags[SLOT_TAG] == "1/3"
     assert backlog_sensor.job_name == processing_job.name  # the requests launch the job the sensor targets
     # Slot 2 busy: the sensor fills slots 1 and 3 only.
     busy = {"dlq/job": f"{processing_job.name}:2"}
@@ -328,10 +335,19 @@ def test_the_processing_schedule_asks_for_one_run_per_slot(
     assert requests[-1].tags[SLOT_TAG] == f"{slots}/{slots}"
 
 
-@pytest.mark.parametrize("setting", ["0", "17", "-1", "2.5", "two"])
+@pytest.mark.parametrize("setting", ["0", "17", "-1", "2.5", "two", "\u0663", "99999999999999999999"])
 def test_a_processing_runs_setting_out_of_range_fails_the_tick_with_its_name(
     setting: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv(RUNS_ENV, setting)
     with dg.build_schedule_context() as context, pytest.raises(ValueError, match=f"{RUNS_ENV} .* not '{setting}'"):
         processing_schedule(context)
+
+
+@pytest.mark.parametrize("setting", ["-5", "1e3", "abc", "\u0663"])
+def test_a_backlog_threshold_that_is_no_whole_number_fails_naming_it(
+    setting: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(BACKLOG_THRESHOLD_ENV, setting)
+    with pytest.raises(ValueError, match=f"{BACKLOG_THRESHOLD_ENV} must be a whole number of dead letters"):
+        backlog_threshold()

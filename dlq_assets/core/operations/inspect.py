@@ -115,6 +115,24 @@ def health_view(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     return _row_dict(cur, row)
 
 
+def due_events(conn: psycopg.Connection[Any], at_most: int) -> int:
+    """Dead letters a claim would take now (due, unleased, not malicious), counted up to ``at_most``: those
+    waiting out a retry backoff are pending but give a run nothing to do. Bounded, so a large backlog costs
+    ``at_most`` index entries, not a scan."""
+    (due,) = conn.execute(
+        """
+        SELECT count(*) FROM (
+            SELECT 1 FROM dead_letter_events
+             WHERE NOT resolved AND quarantined_at IS NULL AND next_attempt_at <= now()
+               AND (processing_lock IS NULL OR lock_expires_at <= now())
+               AND classification IS DISTINCT FROM 'malicious'
+             LIMIT %s) due
+        """,
+        (at_most,),
+    ).fetchone()
+    return int(due)
+
+
 def dead_letters_by_reason(conn: psycopg.Connection[Any]) -> dict[str, int]:
     """How many dead letters (resolved or not; poisoned events excluded) each reason holds, the largest first."""
     return dict(conn.execute("SELECT reason, count(*) FROM dead_letter_events GROUP BY 1 ORDER BY 2 DESC").fetchall())

@@ -13,7 +13,7 @@ from dlq_assets.defs.schema.assets import dlq_schema
 
 class ProcessingConfig(dg.Config):
     max_events: int | None = Field(default=None, ge=1, description="Stop after this many events (none: all due).")
-    time_budget_seconds: float = Field(default=240, gt=0, description="Stop claiming after this long.")
+    time_budget_seconds: float = Field(default=240, gt=0, le=3000, description="Stop claiming after this long.")
     workers: int = Field(default=1, ge=1, le=16, description="Worker processes.")
     batch_size: int = Field(default=1000, ge=1, le=100_000)
     priority_max: int | None = Field(default=None, ge=1, le=10, description="Only this priority or higher.")

@@ -8,6 +8,7 @@ most ``DLQ_PROCESSING_RUNS`` scheduled runs work at once. The runs can be launch
 puts them (other machines, containers, pods): they share nothing but the database."""
 
 import os
+import re
 
 import dagster as dg
 
@@ -19,17 +20,23 @@ DEFAULT_RUNS = 2
 MAX_RUNS = 16
 SLOT_TAG = "dlq/slot"  # "K/N": the run's slot among N, shown in the UI
 
+# A processing run still going after this long is stuck (its budget is at most 3,000 s): run monitoring fails it,
+# which frees its slot, and a run whose `dlq dev` or daemon died with it does not hold the slot forever.
+MAX_RUNTIME_SECONDS = 3600
+
 processing_job = asset_job(
     "dlq_processing_job",
     dg.AssetSelection.assets(dlq_processed_batches),
     "Work the backlog within a time budget; its health checks run with it.",
+    tags={"dagster/max_runtime": str(MAX_RUNTIME_SECONDS)},
 )
 
 
 def processing_runs() -> int:
-    """How many processing runs work the backlog at once: ``DLQ_PROCESSING_RUNS``, read at each tick."""
+    """How many processing runs work the backlog at once: ``DLQ_PROCESSING_RUNS`` (``dlq dev`` refuses to start on
+    a bad value; a code location started otherwise fails each tick, naming it)."""
     raw = os.environ.get(RUNS_ENV, "").strip() or str(DEFAULT_RUNS)
-    runs = int(raw) if raw.isdigit() else 0
+    runs = int(raw) if re.fullmatch(r"[0-9]{1,2}", raw) else 0
     if not 1 <= runs <= MAX_RUNS:
         raise ValueError(f"{RUNS_ENV} must be a whole number from 1 to {MAX_RUNS}, not {raw!r}")
     return runs

@@ -3,10 +3,11 @@
 No ``from __future__ import annotations``: Dagster reads the resource annotation at decoration time."""
 
 import os
+import re
 
 import dagster as dg
 
-from dlq_assets.core.operations.inspect import health_view
+from dlq_assets.core.operations.inspect import due_events, health_view
 from dlq_assets.defs.common import JOB_TAG
 from dlq_assets.defs.processing.jobs import processing_job, processing_runs, slot_tags
 from dlq_assets.defs.resources import DLQDatabase
@@ -21,27 +22,35 @@ ACTIVE_STATUSES = [
 ]
 
 
+def backlog_threshold() -> int:
+    """``DLQ_BACKLOG_THRESHOLD``: a whole number of dead letters, 0 or more."""
+    raw = os.environ.get(BACKLOG_THRESHOLD_ENV, "").strip() or str(DEFAULT_BACKLOG_THRESHOLD)
+    if not re.fullmatch(r"[0-9]{1,12}", raw):
+        raise ValueError(f"{BACKLOG_THRESHOLD_ENV} must be a whole number of dead letters, not {raw!r}")
+    return int(raw)
+
+
 @dg.sensor(
     job=processing_job,
     minimum_interval_seconds=60,
     default_status=dg.DefaultSensorStatus.RUNNING,  # on: a burst of dead letters should not wait 5 minutes
     description=(
-        "Launches processing early, one run per free slot (DLQ_PROCESSING_RUNS), when the pending backlog passes "
-        "DLQ_BACKLOG_THRESHOLD (default 10,000)."
+        "Launches processing early, one run per free slot (DLQ_PROCESSING_RUNS), when more dead letters than "
+        "DLQ_BACKLOG_THRESHOLD (default 10,000) are due (events waiting out a retry backoff are not)."
     ),
 )
 def backlog_sensor(context: dg.SensorEvaluationContext, database: DLQDatabase) -> list[dg.RunRequest] | dg.SkipReason:
-    threshold = int(os.environ.get(BACKLOG_THRESHOLD_ENV) or DEFAULT_BACKLOG_THRESHOLD)  # read per tick
-    runs = processing_runs()
+    threshold, runs = backlog_threshold(), processing_runs()
     with database.connect() as conn:
         pending = health_view(conn)["pending_events"]
-    if pending <= threshold:
-        return dg.SkipReason(f"{pending} pending dead letters, threshold {threshold}")
+        due = due_events(conn, threshold + 1)  # events waiting out a backoff give a run nothing to do
+    if due <= threshold:
+        return dg.SkipReason(f"{due} dead letters due now ({pending} pending), threshold {threshold}")
     active = context.instance.get_run_records(dg.RunsFilter(job_name=processing_job.name, statuses=ACTIVE_STATUSES))
     taken = {record.dagster_run.tags.get(JOB_TAG) for record in active}
     free = [slot for slot in range(1, runs + 1) if slot_tags(slot, runs)[JOB_TAG] not in taken]
     if len(active) >= runs or not free:
-        return dg.SkipReason(f"{pending} pending, but {len(active)} processing runs are already active")
-    context.log.info(f"{pending} pending dead letters passed the threshold {threshold}: {len(free)} processing runs")
+        return dg.SkipReason(f"{due} due, but {len(active)} processing runs are already active")
+    context.log.info(f"more than {threshold} dead letters due ({pending} pending): {len(free)} processing runs")
     trigger = {"dlq/trigger": "backlog", "dlq/pending": str(pending)}
     return [dg.RunRequest(tags={**slot_tags(slot, runs), **trigger}) for slot in free[: runs - len(active)]]
