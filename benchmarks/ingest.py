@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import base64
+import gzip
 import json
 import os
 import shutil
@@ -30,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks.throughput import database
+from benchmarks.throughput import _superuser, database
 from dlq_assets.core import jsonutil
 from dlq_assets.core.intake.compressed import open_log
 from dlq_assets.core.intake.ingest import is_cut_record, is_event
@@ -50,16 +51,10 @@ def write_logs(folder: Path, records: int, damage: float, seed: int) -> list[Pat
     plain, rotated = folder / "cowrie.json", folder / "cowrie.json.1"
     write_corrupted_log(plain, n_events=records - records // 2, seed=seed, corruption_rate=damage)
     write_corrupted_log(rotated, n_events=records // 2, seed=seed + 1, corruption_rate=damage)
-    with rotated.open("rb") as source, open_gzip(folder / "cowrie.json.1.gz") as target:
+    with rotated.open("rb") as source, gzip.open(folder / "cowrie.json.1.gz", "wb", compresslevel=6) as target:
         shutil.copyfileobj(source, target, 1 << 20)
     rotated.unlink()
     return [plain, folder / "cowrie.json.1.gz"]
-
-
-def open_gzip(path: Path) -> Any:
-    import gzip
-
-    return gzip.open(path, "wb", compresslevel=6)
 
 
 def child(url: str, paths: list[str]) -> dict[str, Any]:
@@ -176,10 +171,6 @@ def empty(conn: psycopg.Connection[Any]) -> None:
         conn.execute("CHECKPOINT")  # each timed run starts without the last one's dirty pages to write
 
 
-def _superuser(conn: psycopg.Connection[Any]) -> bool:
-    return bool(conn.execute("SELECT rolsuper FROM pg_roles WHERE rolname = current_user").fetchone()[0])
-
-
 def benchmark(url: str, *, records: int, damage: float, seed: int, repeat: int) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dlq-ingest-") as tmp, psycopg.connect(url, autocommit=True) as conn:
         folder = Path(tmp)
@@ -234,11 +225,8 @@ def benchmark(url: str, *, records: int, damage: float, seed: int, repeat: int) 
 
 
 def _decompressed_size(path: Path) -> int:
-    import gzip
-
-    opener = gzip.open if path.suffix == ".gz" else open
     size = 0
-    with opener(path, "rb") as stream:
+    with open_log(path) as stream:  # decompresses by magic bytes, as ingest reads it
         while block := stream.read(1 << 20):
             size += len(block)
     return size

@@ -92,7 +92,9 @@ def materialize_everything(url: str, *, dagster_home: Path | None = None) -> Fir
             for round_number in range(1, rounds + 1):
                 config = _QUIET
                 if job is processing_job and round_number < rounds:  # a share of what is pending; the last: the rest
-                    share = max(1, math.ceil(_pending(url) / (rounds - round_number + 1)))
+                    done = report.processing_rounds  # each round's metadata holds the backlog it left
+                    pending = done[-1]["backlog_pending"] if done else _pending(url)
+                    share = max(1, math.ceil(pending / (rounds - round_number + 1)))
                     config = {**_QUIET, "ops": {"dlq_processed_batches": {"config": {"max_events": share}}}}
                 result = defs.resolve_job_def(job.name).execute_in_process(  # bound to the location's resources
                     run_config=config,

@@ -58,6 +58,18 @@ def graphql(port: int, query: str, variables: dict[str, Any] | None = None) -> d
     return body["data"]
 
 
+def settled_asset_node(port: int, query: str, deadline: float) -> dict[str, Any]:
+    """The first asset node ``query`` returns, once each of its checks has an execution for the latest
+    materialization and none is in progress (or at ``deadline``): a run's SUCCESS can reach the API a moment before
+    its last check's evaluation does, and the daemon's schedules may be materializing the asset again."""
+    while True:
+        node = graphql(port, query)["assetNodes"][0]
+        executions = [c["executionForLatestMaterialization"] for c in node["assetChecksOrError"]["checks"]]
+        if time.monotonic() > deadline or all(e and e["status"] != "IN_PROGRESS" for e in executions):
+            return node
+        time.sleep(1)
+
+
 def dev_environment(db_url: str, tmp_path: Path, dagster_database: str) -> dict[str, str]:
     """What `dlq dev` (and `dlq demo --dagster`, for the same instance) reads: the DLQ, Dagster's database, the
     data dir beside which DAGSTER_HOME goes."""

@@ -6,14 +6,13 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import psycopg
 import pytest
 
 from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.devtools.generator import write_corrupted_log
-from tests.defs.dagster_dev import LOCATION, graphql
+from tests.defs.dagster_dev import LOCATION, graphql, settled_asset_node
 from tests.defs.dagster_dev import dagster_dev as serve
 
 
@@ -73,17 +72,6 @@ def _quiet_scheduler(port: int, deadline: float) -> None:
         time.sleep(1)
 
 
-def _settled_checks(port: int, deadline: float) -> dict[str, Any]:
-    """The asset node once no check of its latest materialization is still in progress: the run's SUCCESS can
-    reach the API a moment before the last check's evaluation does (seen once on a loaded machine)."""
-    while True:
-        node = graphql(port, CHECKS)["assetNodes"][0]
-        executions = [c["executionForLatestMaterialization"] for c in node["assetChecksOrError"]["checks"]]
-        if time.monotonic() > deadline or all(e is None or e["status"] != "IN_PROGRESS" for e in executions):
-            return node
-        time.sleep(1)
-
-
 def test_a_run_launched_through_graphql_materializes_and_its_checks_report(
     dagster_dev: int, db_url: str, tmp_path: Path
 ) -> None:
@@ -108,7 +96,7 @@ def test_a_run_launched_through_graphql_materializes_and_its_checks_report(
             break
         time.sleep(2)
     assert status == "SUCCESS", status
-    node = _settled_checks(dagster_dev, time.monotonic() + 60)
+    node = settled_asset_node(dagster_dev, CHECKS, time.monotonic() + 60)
     metadata = {e["label"]: e.get("intValue") for e in node["assetMaterializations"][0]["metadataEntries"]}
     assert metadata["repaired"] > 0 and metadata["processed"] >= metadata["repaired"]
     checks = {c["name"]: c for c in node["assetChecksOrError"]["checks"]}

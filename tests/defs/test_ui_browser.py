@@ -15,14 +15,13 @@ import shutil
 import time
 import uuid
 from pathlib import Path
-from typing import Any
 
 import pytest
 
 from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.devtools.first_run import materialize_everything
 from dlq_assets.devtools.generator import write_corrupted_log
-from tests.defs.dagster_dev import DagsterDev, dagster_dev, dev_environment
+from tests.defs.dagster_dev import DagsterDev, dagster_dev, dev_environment, settled_asset_node
 
 CHROMIUM = Path("/usr/bin/chromium")  # Debian's package: Playwright drives it, it downloads no browser of its own
 
@@ -86,17 +85,6 @@ def _artifacts() -> Path:
     return shots
 
 
-def _settled_checks(dev: DagsterDev, deadline: float) -> dict[str, dict[str, Any] | None]:
-    """Each check's execution for the latest materialization, once none is in progress: the daemon's schedules
-    may be materializing the batch again while the test looks."""
-    while True:
-        node = dev.graphql(CHECKS)["assetNodes"][0]
-        executions = {c["name"]: c["executionForLatestMaterialization"] for c in node["assetChecksOrError"]["checks"]}
-        if time.monotonic() > deadline or all(e and e["status"] != "IN_PROGRESS" for e in executions.values()):
-            return executions
-        time.sleep(1)
-
-
 def _assert_api(dev: DagsterDev, runs: dict[str, str], checks: dict[str, bool]) -> None:
     """The instance the UI serves holds the first run: its five runs succeeded, each asset has a latest
     materialization, and every check of the processed batch succeeded."""
@@ -107,7 +95,8 @@ def _assert_api(dev: DagsterDev, runs: dict[str, str], checks: dict[str, bool]) 
     assert set(latest) == set(ASSETS), latest
     for asset, materializations in latest.items():
         assert materializations and materializations[0]["runId"], (asset, materializations)
-    executions = _settled_checks(dev, time.monotonic() + 60)
+    node = settled_asset_node(dev.port, CHECKS, time.monotonic() + 60)
+    executions = {c["name"]: c["executionForLatestMaterialization"] for c in node["assetChecksOrError"]["checks"]}
     assert set(executions) == set(checks), (executions, checks)
     for name, execution in executions.items():
         assert execution and execution["status"] == "SUCCEEDED" and execution["evaluation"]["success"], name

@@ -47,10 +47,11 @@ def backlog_sensor(context: dg.SensorEvaluationContext, database: DLQDatabase) -
     if due <= threshold:
         return dg.SkipReason(f"{due} dead letters due now ({pending} pending), threshold {threshold}")
     active = context.instance.get_run_records(dg.RunsFilter(job_name=processing_job.name, statuses=ACTIVE_STATUSES))
+    if len(active) >= runs:
+        return dg.SkipReason(f"{due} due, but {len(active)} processing runs are already active")
     taken = {record.dagster_run.tags.get(JOB_TAG) for record in active}
     free = [slot for slot in range(1, runs + 1) if slot_tags(slot, runs)[JOB_TAG] not in taken]
-    if len(active) >= runs or not free:
-        return dg.SkipReason(f"{due} due, but {len(active)} processing runs are already active")
-    context.log.info(f"more than {threshold} dead letters due ({pending} pending): {len(free)} processing runs")
+    launch = free[: runs - len(active)]  # a run launched by hand, without a slot, counts against the total too
+    context.log.info(f"more than {threshold} dead letters due ({pending} pending): {len(launch)} processing runs")
     trigger = {"dlq/trigger": "backlog", "dlq/pending": str(pending)}
-    return [dg.RunRequest(tags={**slot_tags(slot, runs), **trigger}) for slot in free[: runs - len(active)]]
+    return [dg.RunRequest(tags={**slot_tags(slot, runs), **trigger}) for slot in launch]
