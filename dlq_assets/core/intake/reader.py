@@ -125,6 +125,9 @@ class _Scanner:
             self.bom = bool(boms)  # flags the record's first piece
             boms.clear()
             self.oversized = self.keep_blanks = False
+            if buf[0] == _BRACE and (record := self._whole_line()) is not None:
+                yield record
+                continue
             if buf[0] in _OPEN:
                 end, truncated, too_deep = yield from self._bracketed()
             else:  # garbage, or a stray closing bracket: the record is the rest of the line
@@ -142,6 +145,31 @@ class _Scanner:
                 yield Record(self.base, raw, value, error, self.bom, duplicate_keys)
             del buf[:end]
             self.base += end
+
+    def _whole_line(self) -> Record | None:
+        """The record when the buffered line from here is one JSON object as it stands (most records are), found
+        with one parse instead of the bracket scan: the scan ends such a record where the line's blanks begin too.
+        None sends the record to the scan: no newline buffered, too large or too deep for it, or not that object."""
+        buf = self.buf
+        end = buf.find(b"\n")
+        if end < 0:
+            return None
+        stop = end
+        while buf[stop - 1] in _WS:
+            stop -= 1
+        if stop > self.cap:
+            return None
+        raw = bytes(buf[:stop])
+        if raw.count(b"{") + raw.count(b"[") > self.max_depth:  # nesting can go no deeper than its brackets
+            return None
+        try:
+            value = jsonutil.loads(raw.decode("utf-8"), encodable=True, unique_keys=True)
+        except (ValueError, RecursionError):  # not UTF-8, not JSON, a key twice, not storable: the scan says which
+            return None
+        record = Record(self.base, raw, value, bom=self.bom)
+        del buf[:end]  # the newline stays, read as the blank before the next record
+        self.base += end
+        return record
 
     def _lone_mark(self, offset: int) -> Iterator[Record]:
         if len(_BOM) <= self.cap:
