@@ -57,18 +57,24 @@ def write_logs(folder: Path, records: int, damage: float, seed: int) -> list[Pat
     return [plain, folder / "cowrie.json.1.gz"]
 
 
-def child(url: str, paths: list[str]) -> dict[str, Any]:
-    """One ingest in this process, everything imported first: its seconds, its report and its peak memory."""
+def child(url: str, paths: list[str], workers: int) -> dict[str, Any]:
+    """One ingest in this process, everything imported first: its seconds, its report and its peak memory (of this
+    process and, with workers, the largest of theirs)."""
+    import resource
+
     from dlq_assets.core.intake.ingest import ingest_paths
     from dlq_assets.core.processing.report import peak_rss_mb
 
     started = time.perf_counter()
-    report = ingest_paths(paths, url=url)
-    return {"seconds": time.perf_counter() - started, "report": report.as_dict(), "peak_rss_mb": peak_rss_mb()}
+    report = ingest_paths(paths, url=url, workers=workers)
+    seconds = time.perf_counter() - started
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # KiB on Linux
+    return {"seconds": seconds, "report": report.as_dict(), "peak_rss_mb": round(max(peak_rss_mb(), children), 1)}
 
 
-def run_ingest(url: str, paths: list[Path]) -> dict[str, Any]:
-    command = [sys.executable, "-m", "benchmarks.ingest", "--child", "--database-url", url, *map(str, paths)]
+def run_ingest(url: str, paths: list[Path], workers: int) -> dict[str, Any]:
+    command = [sys.executable, "-m", "benchmarks.ingest", "--child", "--database-url", url, "--workers", str(workers),
+               *map(str, paths)]  # fmt: skip
     done = subprocess.run(command, capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])
     if done.returncode:
         raise RuntimeError(f"ingest failed (exit {done.returncode}):\n{done.stderr[-4000:]}")
@@ -171,7 +177,7 @@ def empty(conn: psycopg.Connection[Any]) -> None:
         conn.execute("CHECKPOINT")  # each timed run starts without the last one's dirty pages to write
 
 
-def benchmark(url: str, *, records: int, damage: float, seed: int, repeat: int) -> dict[str, Any]:
+def benchmark(url: str, *, records: int, damage: float, seed: int, repeat: int, workers: int = 1) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="dlq-ingest-") as tmp, psycopg.connect(url, autocommit=True) as conn:
         folder = Path(tmp)
         busy = "SELECT EXISTS (SELECT 1 FROM raw_events) OR EXISTS (SELECT 1 FROM dead_letter_events)"
@@ -187,7 +193,7 @@ def benchmark(url: str, *, records: int, damage: float, seed: int, repeat: int) 
                 if n % 2 == 1 and files:
                     ceiling = run_ceiling(conn, files)
                 empty(conn)
-                ingest = run_ingest(url, paths)
+                ingest = run_ingest(url, paths, workers)
                 checked = verify(conn, paths)
                 files = files or dump(conn, folder)
                 if ceiling is None:
@@ -219,6 +225,7 @@ def benchmark(url: str, *, records: int, damage: float, seed: int, repeat: int) 
         "seconds": [round(r["ingest"]["seconds"], 3) for r in runs],
         "ceiling_seconds": [round(r["ceiling_seconds"], 3) for r in runs],
         "repeat": repeat,
+        "workers": workers,
         "postgres": version,
         "cpus": os.cpu_count(),
     }
@@ -238,18 +245,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--damage", type=float, default=0.1, help="share of records damaged (every kind)")
     parser.add_argument("--seed", type=int, default=11)
     parser.add_argument("--repeat", type=int, default=3, help="alternated ingest and ceiling runs (medians)")
+    parser.add_argument("--workers", type=int, default=1, help="files ingested at a time (dlq ingest --workers)")
     parser.add_argument("--database-url", help="an empty DLQ database to use (default: a throwaway embedded cluster)")
     parser.add_argument("--json", action="store_true", help="end with one JSON line")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the timed ingest, in a process
     parser.add_argument("paths", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
-        print(json.dumps(child(args.database_url, args.paths)), flush=True)
+        print(json.dumps(child(args.database_url, args.paths, args.workers)), flush=True)
         return 0
-    if args.records < 2 or args.repeat < 1 or not 0 <= args.damage <= 1:
-        parser.error("--records at least 2, --repeat positive, --damage between 0 and 1")
+    if args.records < 2 or args.repeat < 1 or args.workers < 1 or not 0 <= args.damage <= 1:
+        parser.error("--records at least 2, --repeat and --workers positive, --damage between 0 and 1")
     with database(args.database_url) as url:
-        result = benchmark(url, records=args.records, damage=args.damage, seed=args.seed, repeat=args.repeat)
+        result = benchmark(
+            url, records=args.records, damage=args.damage, seed=args.seed, repeat=args.repeat, workers=args.workers
+        )
     print(f"PostgreSQL {result['postgres']}, {result['cpus']} CPUs: {result['records']:,} records "
           f"({result['input_mb']} MB, {result['file_mb']} MB on disk, half of it gzip), "
           f"damage {result['damage']}")  # fmt: skip

@@ -17,9 +17,13 @@ from dlq_assets.cli.output import emit, print_fields
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
 @click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 50_000))
+@click.option(
+    "--workers", default=1, show_default=True, type=click.IntRange(1, 64),
+    help="Files ingested at a time, each by a process of its own (a file is always read by one).",
+)  # fmt: skip
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context
-def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, as_json: bool) -> None:
+def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers: int, as_json: bool) -> None:
     """Read Cowrie JSON logs, plain or compressed (gzip, bzip2, xz, zstd): valid events to raw_events, everything
     else to the DLQ. A damaged compressed file is reported on stderr; what it held before the damage is ingested
     and the rest becomes one dead letter, so the exit code stays 0."""
@@ -28,7 +32,7 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, as_json
     files, _ = expand_paths(paths)
     total = sum(p.stat().st_size for p in files) or None  # bytes on disk: the bar counts compressed bytes read
     with click.progressbar(length=total or 0, label="ingest", file=sys.stderr, hidden=as_json or not total) as bar:
-        report = ingest_paths(paths, url=url_of(ctx), batch_size=batch_size, on_batch=bar.update)
+        report = ingest_paths(paths, url=url_of(ctx), batch_size=batch_size, on_batch=bar.update, workers=workers)
     for d in report.damaged_files:
         what = "cut short" if d["reason"] == "compressed_truncated" else "corrupt"
         path, message = visible(d["path"]), visible(d["message"])

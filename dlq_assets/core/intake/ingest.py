@@ -15,15 +15,17 @@ from __future__ import annotations
 import base64
 import io
 import json
+import multiprocessing
 import os
 import re
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import psycopg
 
@@ -70,6 +72,16 @@ class IngestReport:
     damaged_files: list[dict[str, Any]] = field(default_factory=list)
     skipped_files: list[dict[str, str]] = field(default_factory=list)
 
+    def merge(self, other: IngestReport) -> None:
+        """Add another part of the same ingest (a file read in another process)."""
+        for name, value in other.__dict__.items():
+            if isinstance(value, list):
+                getattr(self, name).extend(value)
+            elif isinstance(value, Counter):
+                getattr(self, name).update(value)
+            elif isinstance(value, int):
+                setattr(self, name, getattr(self, name) + value)
+
     def as_dict(self) -> dict[str, Any]:
         return {
             **self.__dict__,
@@ -80,16 +92,14 @@ class IngestReport:
         }
 
 
-@dataclass(frozen=True)
-class _RawRow:
+class _RawRow(NamedTuple):
     offset: int
     event: dict[str, Any]
     original_text: str | None  # set when the stored payload had to differ from the record
     duplicate_keys: bool = False  # the record held a key twice: the payload keeps the last, original_text all
 
 
-@dataclass(frozen=True)
-class _DeadLetter:
+class _DeadLetter(NamedTuple):
     offset: int
     reason: str
     payload: Any
@@ -193,10 +203,13 @@ def _timestamp(event: dict[str, Any]) -> datetime | None:
         return None
 
 
-def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: list[_RawRow]) -> int:
+def _insert_raw(
+    conn: psycopg.Connection[Any], source: str, inode: str, rows: list[_RawRow], forms: list[tuple[str, str]]
+) -> int:
+    """Insert events, skipping positions stored already. ``forms``: each event's canonical text and checksum."""
     if not rows:
         return 0
-    payloads, checksums = zip(*(jsonutil.canonical_with_checksum(r.event) for r in rows), strict=True)
+    payloads, checksums = zip(*forms, strict=True)
     cur = conn.execute(
         """
         INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
@@ -227,11 +240,17 @@ def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: li
 
 
 def _insert_dead_letters(
-    conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: str, rows: list[_DeadLetter]
+    conn: psycopg.Connection[Any],
+    source: str,
+    inode: str,
+    ingest_id: str,
+    rows: list[_DeadLetter],
+    forms: list[tuple[str, str]] | None = None,
 ) -> int:
+    """Insert dead letters, skipping positions whose event is stored (``forms`` as for :func:`_insert_raw`)."""
     if not rows:
         return 0
-    payloads, checksums = zip(*(jsonutil.canonical_with_checksum(d.payload) for d in rows), strict=True)
+    payloads, checksums = zip(*(forms or [jsonutil.canonical_with_checksum(d.payload) for d in rows]), strict=True)
     cur = conn.execute(
         """
         INSERT INTO dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload,
@@ -275,19 +294,18 @@ _COPY_DEAD = """
     COPY dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload, payload_checksum,
                              metadata_json, priority, classification) FROM STDIN
 """
-# Rows per write during a COPY: the server stores the first rows while the next are rendered.
-_COPY_CHUNK = 200
+# A COPY is written in pieces of this size: the server stores the first rows while the next are sent.
+_COPY_PIECE = 1 << 16
 
 
 def _copy_field(value: str | None) -> str:
     return _NULL if value is None else value.translate(_COPY_ESCAPES)
 
 
-def _raw_line(prefix: str, row: _RawRow) -> str:
+def _raw_line(prefix: str, row: _RawRow, payload: str, checksum: str) -> str:
     """One raw_events row in COPY text format. Validation fixed the shape of eventid, session, src_ip and timestamp
     (no tab, newline or backslash in them), and the server reads the timestamp as the insert path's datetime."""
     event = row.event
-    payload, checksum = jsonutil.canonical_with_checksum(event)
     session, src_ip, timestamp = event.get("session"), event.get("src_ip"), event.get("timestamp")
     return (
         f"{prefix}{row.offset}\t{event['eventid']}\t{session if isinstance(session, str) else _NULL}"
@@ -297,25 +315,18 @@ def _raw_line(prefix: str, row: _RawRow) -> str:
     )
 
 
-def _dead_line(prefix: str, letter: _DeadLetter) -> str:
-    payload, checksum = jsonutil.canonical_with_checksum(letter.payload)
+def _dead_line(prefix: str, letter: _DeadLetter, payload: str, checksum: str) -> str:
     return (
         f"{prefix}{letter.offset}\t{letter.reason}\t{_copy_field(payload)}\t{checksum}"
         f"\t{_copy_field(json.dumps(letter.metadata))}\t{letter.priority}\t{letter.classification}\n"
     )
 
 
-def _copy(conn: psycopg.Connection[Any], statement: str, lines: Iterable[str]) -> int:
+def _copy(conn: psycopg.Connection[Any], statement: str, data: bytes) -> int:
     with conn.cursor() as cur:
-        with cur.copy(statement) as copy:
-            chunk: list[str] = []
-            for line in lines:
-                chunk.append(line)
-                if len(chunk) == _COPY_CHUNK:
-                    copy.write("".join(chunk))
-                    chunk.clear()
-            if chunk:
-                copy.write("".join(chunk))
+        with cur.copy(statement) as copy, memoryview(data) as view:
+            for start in range(0, len(view), _COPY_PIECE):
+                copy.write(view[start : start + _COPY_PIECE])
         return cur.rowcount
 
 
@@ -326,21 +337,73 @@ def _unseen(conn: psycopg.Connection[Any], source: str, inode: str, first: int, 
     return not conn.execute(query, (source, inode, first, last)).fetchone()[0]
 
 
-def _copy_batch(
-    conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: str, raw: list[_RawRow], dead: list[_DeadLetter]
-) -> tuple[int, int] | None:
-    """Write a batch no earlier read of the file reached by COPY, the bulk path (the insert trigger still keeps
-    one dead letter per key). None, with nothing written, when another ingest of the same file stored one of
-    its events meanwhile: the caller writes the batch by the insert path, which skips what is there."""
+@dataclass
+class _Batch:
+    """One batch routed and rendered (canonical payloads, checksums, COPY text), ready for the writer."""
+
+    records: int
+    boms: int
+    first: int
+    last: int
+    raw: list[_RawRow]
+    dead: list[_DeadLetter]
+    raw_forms: list[tuple[str, str]]
+    dead_forms: list[tuple[str, str]]
+    raw_copy: bytes
+    dead_copy: bytes
+    bytes_read: int  # of the file, when the batch was read: for the progress callback
+
+
+def _prepare(batch: list[Record], source: str, inode: str, ingest_id: str, bytes_read: int) -> _Batch:
+    """Route and render one batch. It empties ``batch``: the records' bytes are not kept beside their rows."""
+    records, boms, first, last = len(batch), sum(1 for r in batch if r.bom), batch[0].offset, batch[-1].offset
+    routed = [route(record) for record in batch]
+    batch.clear()
+    raw = [r for r in routed if isinstance(r, _RawRow)]
+    dead = [r for r in routed if isinstance(r, _DeadLetter)]
+    raw_forms = [jsonutil.canonical_with_checksum(r.event) for r in raw]
+    dead_forms = [jsonutil.canonical_with_checksum(d.payload) for d in dead]
     prefix = f"{_copy_field(source)}\t{inode}\t"
-    try:
-        with conn.transaction():  # a savepoint: a unique violation undoes only this attempt
-            raw_inserted = _copy(conn, _COPY_RAW, (_raw_line(prefix, r) for r in raw)) if raw else 0
-            dead_prefix = f"{ingest_id}\t{prefix}"
-            dlq_inserted = _copy(conn, _COPY_DEAD, (_dead_line(dead_prefix, d) for d in dead)) if dead else 0
-    except psycopg.errors.UniqueViolation:
-        return None
-    return raw_inserted, dlq_inserted
+    raw_copy = "".join([_raw_line(prefix, r, *form) for r, form in zip(raw, raw_forms, strict=True)])
+    prefix = f"{ingest_id}\t{prefix}"
+    dead_copy = "".join([_dead_line(prefix, d, *form) for d, form in zip(dead, dead_forms, strict=True)])
+    return _Batch(records, boms, first, last, raw, dead, raw_forms, dead_forms, raw_copy.encode("utf-8"),
+                  dead_copy.encode("utf-8"), bytes_read)  # fmt: skip
+
+
+def _write(conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: str, batch: _Batch) -> tuple[int, int]:
+    """Write one batch in one transaction: (events inserted, dead letters inserted).
+
+    By COPY where no earlier read of the file reached (the insert trigger still keeps one dead letter per key),
+    else by the insert path, which skips what is stored: also when another ingest of the same file stores one of
+    the batch's events meanwhile (the COPY, in a savepoint, fails on its position and is undone)."""
+    with conn.transaction():
+        if _unseen(conn, source, inode, batch.first, batch.last):
+            try:
+                with conn.transaction():
+                    raw = _copy(conn, _COPY_RAW, batch.raw_copy) if batch.raw else 0
+                    return raw, _copy(conn, _COPY_DEAD, batch.dead_copy) if batch.dead else 0
+            except psycopg.errors.UniqueViolation:
+                pass
+        return (
+            _insert_raw(conn, source, inode, batch.raw, batch.raw_forms),
+            _insert_dead_letters(conn, source, inode, ingest_id, batch.dead, batch.dead_forms),
+        )
+
+
+def _count(report: IngestReport, batch: _Batch, raw_inserted: int, dlq_inserted: int) -> None:
+    raw, dead = batch.raw, batch.dead
+    report.records += batch.records
+    report.raw_inserted += raw_inserted
+    report.raw_duplicates += len(raw) - raw_inserted
+    report.dlq_inserted += dlq_inserted
+    report.dlq_duplicates += len(dead) - dlq_inserted
+    report.sanitized += sum(1 for r in raw if r.original_text is not None and not r.duplicate_keys)
+    report.duplicate_keys += sum(1 for r in raw if r.duplicate_keys) + sum(
+        1 for d in dead if "duplicate_keys" in d.metadata
+    )
+    report.boms_skipped += batch.boms
+    report.dlq_reasons.update(d.reason for d in dead)
 
 
 # What one JSON value costs in memory once parsed and rendered (a Decimal, a slot, its canonical text), beyond its
@@ -450,35 +513,18 @@ def _tail_letter(stream: LogStream, damage: Damage) -> tuple[_DeadLetter, int]:
     return letter, tail.size
 
 
-def _store(conn: psycopg.Connection[Any], source: str, inode: str, report: IngestReport, batch: list[Record]) -> None:
-    """Route and write one batch in one transaction. It empties ``batch``: the records' bytes are not kept beside
-    the copies the inserts make of them."""
-    records, boms = len(batch), sum(1 for r in batch if r.bom)
-    routed = [route(record) for record in batch]
-    batch.clear()
-    raw = [r for r in routed if isinstance(r, _RawRow)]
-    dead = [r for r in routed if isinstance(r, _DeadLetter)]
-    with conn.transaction():
-        copied = None
-        if _unseen(conn, source, inode, routed[0].offset, routed[-1].offset):
-            copied = _copy_batch(conn, source, inode, report.ingest_id, raw, dead)
-        if copied is None:
-            copied = (
-                _insert_raw(conn, source, inode, raw),
-                _insert_dead_letters(conn, source, inode, report.ingest_id, dead),
-            )
-        raw_inserted, dlq_inserted = copied
-    report.records += records
-    report.raw_inserted += raw_inserted
-    report.raw_duplicates += len(raw) - raw_inserted
-    report.dlq_inserted += dlq_inserted
-    report.dlq_duplicates += len(dead) - dlq_inserted
-    report.sanitized += sum(1 for r in raw if r.original_text is not None and not r.duplicate_keys)
-    report.duplicate_keys += sum(1 for r in raw if r.duplicate_keys) + sum(
-        1 for d in dead if "duplicate_keys" in d.metadata
-    )
-    report.boms_skipped += boms
-    report.dlq_reasons.update(d.reason for d in dead)
+def _written(
+    report: IngestReport,
+    batch: _Batch,
+    write: Future[tuple[int, int]],
+    reported: int,
+    on_batch: Callable[[int], None] | None,
+) -> int:
+    """Wait for a batch's commit (its error raised here), count it, and report progress: the bytes now reported."""
+    _count(report, batch, *write.result())
+    if on_batch:
+        on_batch(batch.bytes_read - reported)
+    return batch.bytes_read
 
 
 def ingest_file(
@@ -512,11 +558,16 @@ def ingest_file(
             accept=is_event,
             is_cut=is_cut_record,
         )
-        for batch in _batches(records, batch_size, batch_bytes):
-            _store(conn, source, inode, report, batch)
-            if on_batch:
-                on_batch(stream.bytes_read - reported)
-                reported = stream.bytes_read
+        # One batch is written (a thread, waiting on the server) while the next is read and rendered.
+        with ThreadPoolExecutor(1, thread_name_prefix="dlq-ingest-writer") as writer:
+            writing: tuple[_Batch, Future[tuple[int, int]]] | None = None
+            for batch in _batches(records, batch_size, batch_bytes):
+                prepared = _prepare(batch, source, inode, report.ingest_id, stream.bytes_read)
+                if writing is not None:
+                    reported = _written(report, *writing, reported, on_batch)
+                writing = prepared, writer.submit(_write, conn, source, inode, report.ingest_id, prepared)
+            if writing is not None:
+                reported = _written(report, *writing, reported, on_batch)
         if stream.compression:
             report.compressed_files[stream.compression] += 1
         if corrupt is not None:
@@ -546,16 +597,74 @@ def ingest_paths(
     url: str | None = None,
     batch_size: int = DEFAULT_BATCH_SIZE,
     on_batch: Callable[[int], None] | None = None,
+    workers: int = 1,
 ) -> IngestReport:
-    """Ingest Cowrie logs (files, or directories of them: see :func:`expand_paths`) and report what went where."""
+    """Ingest Cowrie logs (files, or directories of them: see :func:`expand_paths`) and report what went where.
+
+    ``workers`` > 1 ingests that many files at a time, each in a process of its own with its own connection
+    (largest files first); a file is always read by one process, in order. A file that fails stops no other: the
+    first error is raised once every file started has finished."""
+    if workers < 1:
+        raise ValueError("workers must be at least 1")
     report = IngestReport(ingest_id=uuid.uuid4().hex)
     files, report.skipped_files = expand_paths(paths)
-    with psycopg.connect(database_url(url), autocommit=True) as conn:
+    url = database_url(url)
+    with psycopg.connect(url, autocommit=True) as conn:
         if conn.execute("SELECT to_regclass('dead_letter_events')").fetchone() == (None,):
             raise RuntimeError("the DLQ schema is missing from this database: run `dlq create` first")
-        for path in files:
-            ingest_file(conn, path, report, batch_size=batch_size, on_batch=on_batch)
+        if workers == 1 or len(files) < 2:
+            for path in files:
+                ingest_file(conn, path, report, batch_size=batch_size, on_batch=on_batch)
+            return report
+    _ingest_in_processes(url, files, report, batch_size, on_batch, workers)
     return report
+
+
+_progress: Any = None  # a worker process's queue of bytes read, for the parent's on_batch
+
+
+def _start_worker(progress: Any) -> None:
+    global _progress
+    _progress = progress
+
+
+def _ingest_one(url: str, path: Path, ingest_id: str, batch_size: int) -> IngestReport:
+    report = IngestReport(ingest_id=ingest_id)
+    with psycopg.connect(url, autocommit=True) as conn:
+        ingest_file(conn, path, report, batch_size=batch_size, on_batch=_progress.put if _progress else None)
+    return report
+
+
+def _ingest_in_processes(
+    url: str,
+    files: list[Path],
+    report: IngestReport,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None,
+    workers: int,
+) -> None:
+    from dlq_assets.core.processing.pool import start_method
+
+    context = multiprocessing.get_context(start_method())
+    progress = context.Queue() if on_batch else None
+    order = sorted(range(len(files)), key=lambda i: -files[i].stat().st_size)  # the longest start first
+    with ProcessPoolExecutor(
+        min(workers, len(files)), mp_context=context, initializer=_start_worker, initargs=(progress,)
+    ) as pool:
+        futures = {i: pool.submit(_ingest_one, url, files[i], report.ingest_id, batch_size) for i in order}
+        pending = set(futures.values())
+        while pending:
+            _, pending = wait(pending, timeout=0.2)
+            while progress is not None and on_batch is not None and not progress.empty():
+                on_batch(progress.get())
+    while progress is not None and on_batch is not None and not progress.empty():
+        on_batch(progress.get())
+    errors = [futures[i].exception() for i in range(len(files)) if futures[i].exception() is not None]
+    for i in range(len(files)):  # in the order the files were named, as one process would report them
+        if futures[i].exception() is None:
+            report.merge(futures[i].result())
+    if errors:
+        raise errors[0]
 
 
 _SYMLINK_REASON = (  # by whether it leads anywhere, and to a directory

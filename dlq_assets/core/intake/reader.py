@@ -10,8 +10,7 @@ from __future__ import annotations
 import os
 import re
 from collections.abc import Callable, Generator, Iterator
-from dataclasses import dataclass
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NamedTuple
 
 from dlq_assets.core import jsonutil
 
@@ -43,9 +42,9 @@ _QUOTE, _BACKSLASH, _NL, _BRACE = b'"'[0], b"\\"[0], b"\n"[0], b"{"[0]
 _Scan = Generator["Record", None, tuple[int, bool, bool]]
 
 
-@dataclass(frozen=True)
-class Record:
-    """One record of the log: its exact bytes and where they are, plus the parsed value or why there is none."""
+class Record(NamedTuple):
+    """One record of the log: its exact bytes and where they are, plus the parsed value or why there is none.
+    (A named tuple: a hundred thousand are made a second, and a frozen dataclass costs a microsecond each.)"""
 
     offset: int
     raw: bytes

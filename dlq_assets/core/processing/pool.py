@@ -39,7 +39,7 @@ def process(url: str | None = None, config: WorkerConfig | None = None, *, worke
         return Worker(url, config).run()
     url = database_url(url)
     share = None if config.limit is None else math.ceil(config.limit / workers)
-    context = multiprocessing.get_context(_start_method())
+    context = multiprocessing.get_context(start_method())
     results = context.Queue()
     procs = [
         context.Process(target=_worker_main, args=(url, _with_limit(config, share), results), daemon=True)
@@ -98,7 +98,7 @@ def _report_from(data: dict[str, Any]) -> ProcessReport:
     return report
 
 
-def _start_method() -> str:
+def start_method() -> str:
     """fork when this process runs no other thread: a forked worker starts in milliseconds with its modules
     already imported, where spawn re-imports them (0.3 s per worker, 5% of a 100k-event run). With other threads
     (a Dagster run, say) spawn: a fork copies any lock another thread holds, and nothing would release it."""
