@@ -51,6 +51,12 @@ def _parse_number(text: str) -> Decimal:
     return value
 
 
+def _parse_integer(text: str) -> int | Decimal:
+    """An integer token as an int (validation and rendering take ints several times faster than Decimals); past
+    Python's 4,300-digit conversion limit, the Decimal numeric's limits are checked on."""
+    return int(text) if len(text) < 4300 else _parse_number(text)
+
+
 def storable_number(text: str) -> Decimal:
     """A number token as jsonb would hold it, or ``NotStorableJSON`` when numeric cannot."""
     try:
@@ -60,19 +66,19 @@ def storable_number(text: str) -> Decimal:
 
 
 # One decoder for every call: json.loads with hooks builds a new one each time (2.9 µs vs 1.6 µs per event).
-_DECODER = json.JSONDecoder(parse_float=_parse_number, parse_int=_parse_number, parse_constant=_reject_constant)
+_DECODER = json.JSONDecoder(parse_float=_parse_number, parse_int=_parse_integer, parse_constant=_reject_constant)
 # Raw control characters inside strings read as the characters they are (json.loads(strict=False)): a producer
 # that wrote a tab or a newline unescaped still meant that character.
 _LENIENT = json.JSONDecoder(
-    parse_float=_parse_number, parse_int=_parse_number, parse_constant=_reject_constant, strict=False
+    parse_float=_parse_number, parse_int=_parse_integer, parse_constant=_reject_constant, strict=False
 )
 _UNCHECKED = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
 _UNIQUE = json.JSONDecoder(
-    parse_float=_parse_number, parse_int=_parse_number, parse_constant=_reject_constant,
+    parse_float=_parse_number, parse_int=_parse_integer, parse_constant=_reject_constant,
     object_pairs_hook=_unique_object,
 )  # fmt: skip
 _UNIQUE_LENIENT = json.JSONDecoder(
-    parse_float=_parse_number, parse_int=_parse_number, parse_constant=_reject_constant, strict=False,
+    parse_float=_parse_number, parse_int=_parse_integer, parse_constant=_reject_constant, strict=False,
     object_pairs_hook=_unique_object,
 )  # fmt: skip
 _SCAN = _DECODER.scan_once

@@ -67,8 +67,8 @@ def record(raw: bytes) -> Record:
 
 def test_batches_end_at_the_count_or_before_the_budget_a_heavier_record_alone() -> None:
     small, big = record(b"x" * 400), record(b"x" * 3000)
-    assert [len(b) for b in _batches([small] * 10, 4, 10_000)] == [4, 4, 2]
-    assert [len(b) for b in _batches([small, small, big, small, big, big], 100, 3000)] == [2, 1, 1, 1, 1]
+    assert [b.records for b in _batches([small] * 10, 4, 10_000)] == [4, 4, 2]
+    assert [b.records for b in _batches([small, small, big, small, big, big], 100, 3000)] == [2, 1, 1, 1, 1]
     # A record of many small values weighs what they cost once parsed, not its few bytes.
     values = record(b"[" + b"0," * 999 + b"0]")
-    assert [len(b) for b in _batches([values] * 8, 1000, 4 * 128 * 1000)] == [3, 3, 2]
+    assert [b.records for b in _batches([values] * 8, 1000, 4 * 128 * 1000)] == [3, 3, 2]

@@ -105,7 +105,7 @@ def test_a_corrupted_log_is_repaired_without_a_single_wrong_repair(
 def test_two_workers_never_process_an_event_twice_and_leave_none_behind(
     db_url: str, conn: psycopg.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, start_method: str
 ) -> None:
-    monkeypatch.setattr(pool, "_start_method", lambda: start_method)
+    monkeypatch.setattr(pool, "start_method", lambda: start_method)
     corpus(db_url, tmp_path, n=1500, seed=11)
     (backlog,) = conn.execute("SELECT count(*) FROM dead_letter_events").fetchone()
     report = process(db_url, WorkerConfig(batch_size=20, min_batch_size=10, max_batch_size=40), workers=2)
@@ -132,13 +132,13 @@ def test_two_workers_never_process_an_event_twice_and_leave_none_behind(
 
 def test_workers_are_forked_only_from_a_process_without_other_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(pool.threading, "active_count", lambda: 1)
-    assert pool._start_method() == "fork"
+    assert pool.start_method() == "fork"
     release = threading.Event()
     other = threading.Thread(target=release.wait)
     monkeypatch.undo()
     other.start()
     try:
-        assert pool._start_method() == "spawn"  # a fork would copy the locks the other thread may hold
+        assert pool.start_method() == "spawn"  # a fork would copy the locks the other thread may hold
     finally:
         release.set()
         other.join()
