@@ -280,16 +280,17 @@ def _insert_dead_letters(
     return cur.rowcount
 
 
-# COPY's text format: a backslash starts an escape, tab and newline end a field and a row.
+# COPY's text format: a backslash starts an escape, tab and newline end a field and a row. The text is sent as
+# UTF-8 whatever the connection's client encoding (PGCLIENTENCODING, the URL): the statements say so.
 _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\r"})
 _NULL = "\\N"
 _COPY_RAW = """
     COPY raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp, payload,
-                     payload_checksum, original_text, duplicate_keys) FROM STDIN
+                     payload_checksum, original_text, duplicate_keys) FROM STDIN (ENCODING 'UTF8')
 """
 _COPY_DEAD = """
     COPY dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload, payload_checksum,
-                             metadata_json, priority, classification) FROM STDIN
+                             metadata_json, priority, classification) FROM STDIN (ENCODING 'UTF8')
 """
 # A COPY is written in pieces of this size: the server stores the first rows while the next are sent.
 _COPY_PIECE = 1 << 16
@@ -594,8 +595,9 @@ def ingest_paths(
     """Ingest Cowrie logs (files, or directories of them: see :func:`expand_paths`) and report what went where.
 
     ``workers`` > 1 ingests that many files at a time, each in a process of its own with its own connection
-    (largest files first); a file is always read by one process, in order. A file that fails stops no other: the
-    first error is raised once every file started has finished."""
+    (largest files first); a file is always read by one process, in order. There a file that fails stops no other:
+    the first error is raised once every file has finished. With one worker the first failure stops the ingest
+    (the files before it are ingested, the ones after it are not)."""
     if workers < 1:
         raise ValueError("workers must be at least 1")
     report = IngestReport(ingest_id=uuid.uuid4().hex)
