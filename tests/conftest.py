@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -115,3 +116,13 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     uses_server = {item: "server_url" in getattr(item, "fixturenames", ()) for item in items}
     config.hook.pytest_deselected(items=[item for item, used in uses_server.items() if not used])
     items[:] = [item for item, used in uses_server.items() if used]
+
+
+def left_alone(*paths: Path) -> None:
+    """Date files' last change past the ingest's being-written window: a file cut short on purpose reads as finished
+    (a fresh one ends as a file still being written, whose cut end a later ingest reads)."""
+    from dlq_assets.core.intake.ingest import BEING_WRITTEN_SECONDS
+
+    moment = time.time() - BEING_WRITTEN_SECONDS - 60
+    for path in paths:
+        os.utime(path, (moment, moment))

@@ -27,7 +27,7 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers
     """Read Cowrie JSON logs, plain or compressed (gzip, bzip2, xz, zstd): valid events to raw_events, everything
     else to the DLQ. A damaged compressed file is reported on stderr; what it held before the damage is ingested
     and the rest becomes one dead letter, so the exit code stays 0."""
-    from dlq_assets.core.intake.ingest import expand_paths, ingest_paths
+    from dlq_assets.core.intake.ingest import BEING_WRITTEN_SECONDS, expand_paths, ingest_paths
 
     files, _ = expand_paths(paths)
     total = sum(p.stat().st_size for p in files) or None  # bytes on disk: the bar counts compressed bytes read
@@ -40,6 +40,10 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers
                    f"{d['decompressed_offset']} decompressed bytes were ingested, the {d['tail_bytes']} bytes from "
                    f"compressed offset {d['compressed_offset']} on are one {d['reason']} dead letter",
                    err=True)  # fmt: skip
+    for held in report.held_back:
+        click.echo(f"held back: {visible(held['path'])}: {held['reason']} and the file changed in the last "
+                   f"{BEING_WRITTEN_SECONDS // 60} minutes, so it is being written: the next ingest reads it from "
+                   f"offset {held['offset']}", err=True)  # fmt: skip
     if skipped := Counter(s["reason"] for s in report.skipped_files):
         total_skipped = sum(skipped.values())
         click.echo(f"skipped {total_skipped} director{'y entry' if total_skipped == 1 else 'y entries'}: "
@@ -47,6 +51,6 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers
                    err=True)  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
-        print_fields(d | {"damaged_files": len(d["damaged_files"]), "skipped_files": len(d["skipped_files"])})
+        print_fields(d | {key: len(d[key]) for key in ("damaged_files", "skipped_files", "held_back")})
 
     emit(report.as_dict(), as_json, human)

@@ -21,6 +21,7 @@ from psycopg.types.json import Jsonb
 
 from dlq_assets.cli import main
 from dlq_assets.cli.app import EXIT_CLOSED_PIPE
+from tests.conftest import left_alone
 
 HOSTILE = "\x1b[31m[b]\t"  # a colour sequence, a Rich style tag and a tab
 SHOWN = "\\x1b[31m[b]\\t"  # how the CLI prints it
@@ -100,6 +101,7 @@ def test_locks_and_analyze_print_workers_and_sources_as_text(db_url: str, tmp_pa
 def test_ingest_reports_damaged_and_skipped_entries_and_names_them_as_text(db_url: str, tmp_path: Path) -> None:
     whole = bz2.compress(LOGIN.encode() * 2000, 1)
     (tmp_path / f"{HOSTILE}.json.bz2").write_bytes(whole[:-40])
+    left_alone(tmp_path / f"{HOSTILE}.json.bz2")  # cut on purpose: a finished file
     (tmp_path / f"{HOSTILE}.log").write_text("not json\n")
     (tmp_path / "notes.txt").write_text("x\n")
     os.mkfifo(tmp_path / "cowrie.json")
@@ -176,3 +178,14 @@ def test_output_into_a_closed_pipe_ends_quietly(db_url: str, command: list[str])
     process.stdout.close()  # the reader goes away before the first write (dlq analyze | head, head done)
     stderr = process.stderr.read()
     assert (process.wait(timeout=120), stderr.decode()) == (EXIT_CLOSED_PIPE, "")
+
+
+def test_ingest_names_the_end_it_holds_back_of_a_file_being_written(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / f"{HOSTILE}.json"
+    log.write_text(LOGIN + LOGIN[:30])
+    result = cli("--database-url", db_url, "ingest", str(log))
+    assert result.exit_code == 0
+    assert (f"held back: {tmp_path}/{SHOWN}.json: its last record is cut where the data ends and the file changed "
+            f"in the last 5 minutes, so it is being written: the next ingest reads it from offset {len(LOGIN)}"
+            ) in result.stderr  # fmt: skip
+    assert ["held_back", "1"] in rows(result.stdout) and ["records", "1"] in rows(result.stdout)

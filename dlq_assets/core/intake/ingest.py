@@ -18,6 +18,7 @@ import json
 import multiprocessing
 import os
 import re
+import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
@@ -32,7 +33,7 @@ from dlq_assets.core import jsonutil
 from dlq_assets.core.cowrie import validate_event
 from dlq_assets.core.db import database_url
 from dlq_assets.core.intake.classify import classify_record
-from dlq_assets.core.intake.compressed import COMPRESSED_CORRUPT, Damage, LogStream, open_log
+from dlq_assets.core.intake.compressed import COMPRESSED_CORRUPT, COMPRESSED_TRUNCATED, Damage, LogStream, open_log
 from dlq_assets.core.intake.reader import DEFAULT_MAX_RECORD_BYTES, NOT_STORABLE_JSON, Record, read_records
 from dlq_assets.core.repair import TRUNCATED_VALUE, tokenizer_fix
 
@@ -53,8 +54,9 @@ LOG_NAME = re.compile(r"(?:cowrie\.json(?:\.[0-9]{4}-[0-9]{2}-[0-9]{2}|\.[0-9]+)
 
 @dataclass
 class IngestReport:
-    """What one ingest did. ``records`` counts the reader's records; a damaged file's tail is one more dead letter
-    (in ``dlq_inserted``/``dlq_duplicates`` and ``dlq_reasons``), listed in ``damaged_files``."""
+    """What one ingest did. ``records`` counts the reader's records written (less one held back at the end of a file
+    being written: ``held_back``); a damaged file's tail is one more dead letter (in ``dlq_inserted``/
+    ``dlq_duplicates`` and ``dlq_reasons``), listed in ``damaged_files``."""
 
     ingest_id: str
     files: int = 0
@@ -70,6 +72,7 @@ class IngestReport:
     compressed_files: Counter[str] = field(default_factory=Counter)
     damaged_files: list[dict[str, Any]] = field(default_factory=list)
     skipped_files: list[dict[str, str]] = field(default_factory=list)
+    held_back: list[dict[str, Any]] = field(default_factory=list)  # ends of files still being written
 
     def merge(self, other: IngestReport) -> None:
         """Add another part of the same ingest (a file read in another process)."""
@@ -88,6 +91,7 @@ class IngestReport:
             "compressed_files": dict(self.compressed_files),
             "damaged_files": [dict(d) for d in self.damaged_files],
             "skipped_files": [dict(s) for s in self.skipped_files],
+            "held_back": [dict(h) for h in self.held_back],
         }
 
 
@@ -520,6 +524,43 @@ def _written(
     return batch.bytes_read
 
 
+# A file changed within this many seconds may still be being written: the end of it that is not whole yet (a last
+# record without its newline, a compressed stream cut short) is left for a later ingest, which reads it at the same
+# offset once whole. Only whole lines of a live file are shipped (Filebeat's rule); a file left alone this long is
+# finished, and its cut end is a dead letter like any other.
+BEING_WRITTEN_SECONDS = 300
+
+
+def _being_written(stream: LogStream) -> bool:
+    return time.time() - os.fstat(stream.fileno()).st_mtime < BEING_WRITTEN_SECONDS
+
+
+def _held_back(report: IngestReport, source: str, offset: int, size: int, why: str) -> None:
+    report.held_back.append({"path": source, "offset": offset, "bytes": size, "reason": why})
+
+
+def _unless_being_written(
+    records: Iterator[Record], stream: LogStream, source: str, report: IngestReport
+) -> Iterator[Record]:
+    """Every record, but a failed last one cut where the data ends (a plain file without its last newline, compressed
+    data cut short) while the file is being written."""
+    last = None
+    for record in records:
+        if last is not None:
+            yield last
+        last = record
+    if last is None:
+        return
+    if stream.compression:
+        cut = stream.damage is not None and stream.damage.reason == COMPRESSED_TRUNCATED
+    else:
+        cut = os.pread(stream.fileno(), 1, stream.bytes_read - 1) != b"\n"
+    if last.ok or not cut or not _being_written(stream):
+        yield last
+    else:
+        _held_back(report, source, last.offset, len(last.raw), "its last record is cut where the data ends")
+
+
 def ingest_file(
     conn: psycopg.Connection[Any],
     path: str | os.PathLike[str],
@@ -546,10 +587,15 @@ def ingest_file(
         inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
         # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes
         # decoded from it may be wrong, and the member's compressed bytes go to the tail's dead letter instead.
-        records = read_records(
-            stream if corrupt is None else _Prefix(stream, corrupt.unverified_from),
-            accept=is_event,
-            is_cut=is_cut_record,
+        records = _unless_being_written(
+            read_records(
+                stream if corrupt is None else _Prefix(stream, corrupt.unverified_from),
+                accept=is_event,
+                is_cut=is_cut_record,
+            ),
+            stream,
+            source,
+            report,
         )
         # One batch is written (a thread, waiting on the server) while the next is read and rendered.
         with ThreadPoolExecutor(1, thread_name_prefix="dlq-ingest-writer") as writer:
@@ -567,7 +613,10 @@ def ingest_file(
             stream.damage = replace(
                 corrupt, decompressed_offset=corrupt.unverified_from, compressed_offset=corrupt.unit_offset
             )
-        if (damage := stream.damage) is not None:
+        if (damage := stream.damage) is not None and damage.reason == COMPRESSED_TRUNCATED and _being_written(stream):
+            if not report.held_back or report.held_back[-1]["path"] != source:  # the data ends between records
+                _held_back(report, source, damage.decompressed_offset, 0, "its compressed data is cut short")
+        elif damage is not None:
             letter, tail_bytes = _tail_letter(stream, damage)
             with conn.transaction():
                 inserted = _insert_dead_letters(conn, source, inode, report.ingest_id, [_rendered(letter)])

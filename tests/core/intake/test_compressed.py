@@ -40,6 +40,7 @@ from dlq_assets.core.intake.ingest import ingest_paths
 from dlq_assets.core.intake.reader import read_records
 from dlq_assets.core.processing.pool import process
 from dlq_assets.devtools.generator import write_corrupted_log
+from tests.conftest import left_alone
 
 FORMATS = ("gzip", "bzip2", "xz", "zstd")
 SUFFIX = {"gzip": ".gz", "bzip2": ".bz2", "xz": ".xz", "zstd": ".zst"}
@@ -379,6 +380,7 @@ def test_rotated_directory_with_a_gzip_cut_short_then_processing_then_ingesting_
     (logs / "cowrie.json.2026-03-03.gz.tmp").write_bytes(b"")
     good = zlib.decompressobj(wbits=31).decompress(whole[: len(whole) // 2])  # all the cut stream holds
     (plain / "good.json").write_bytes(good)
+    left_alone(cut_short, plain / "good.json")  # cut on purpose: finished files, not ones being written
 
     ingest_paths([plain / "cowrie.json.2026-03-01", plain / "cowrie.json.2026-03-02", plain / "good.json"], url=db_url)
     progress: list[int] = []
@@ -514,6 +516,7 @@ def test_cli_reports_a_damaged_file_on_stderr_and_in_json_and_exits_0(db_url: st
     data = b'{"eventid": "cowrie.session.closed", "timestamp": "2024-01-15T10:30:00Z", "session": "3f2a9c0b1d4e"}\n'
     whole = bz2.compress(data * 2000, 1)
     (tmp_path / "cowrie.json.2026-03-05.bz2").write_bytes(whole[: len(whole) - 40])
+    left_alone(tmp_path / "cowrie.json.2026-03-05.bz2")
     (tmp_path / "cowrie.log").write_text("not json\n")
     result = CliRunner().invoke(main, ["--database-url", db_url, "ingest", str(tmp_path), "--json"])
     assert result.exit_code == 0, result.output

@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -24,7 +25,7 @@ from dlq_assets.core.intake.ingest import IngestReport, ingest_paths
 from dlq_assets.core.intake.reader import read_records
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.cli.test_cli import run
-from tests.conftest import _create_database, _drop_database
+from tests.conftest import _create_database, _drop_database, left_alone
 from tests.core.intake.test_ingest import CONNECT, dumps, rows, write_log
 
 TABLES = ("raw_events", "dead_letter_events")
@@ -268,21 +269,52 @@ def test_a_file_replaced_at_the_same_path_is_another_source_and_copied_whole(
     assert len(placed(db_url)) == 2 * len(records_of(log))
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="a record read half written at the end of a file is stored as a truncated dead letter; once its writer "
-    "completes it, a later read stores the whole event at the same offset as well (on either path)",
-)
 def test_a_last_record_read_half_written_ends_in_one_place_once_completed(db_url: str, tmp_path: Path) -> None:
+    """The cut end of a file being written is held back, not stored as a truncated dead letter the whole event would
+    later stand beside."""
     event = dumps(CONNECT)
     log = write_log(tmp_path / "cowrie.json", event)
     with log.open("ab") as out:
         out.write(event[:40].encode())
-    ingest_paths([log], url=db_url)
+    first = ingest_paths([log], url=db_url)
+    assert (first.records, first.raw_inserted, first.dlq_inserted) == (1, 1, 0)
+    assert first.held_back == [{"path": str(log.resolve()), "offset": len(event) + 1, "bytes": 40,
+                                "reason": "its last record is cut where the data ends"}]  # fmt: skip
     with log.open("ab") as out:
         out.write(event[40:].encode() + b"\n")
-    ingest_paths([log], url=db_url)
+    second = ingest_paths([log], url=db_url)
+    assert (second.raw_inserted, second.raw_duplicates, second.held_back) == (1, 1, [])
+    assert placed(db_url) == expected(log)
+
+
+def test_the_cut_end_of_a_file_left_alone_is_a_dead_letter(db_url: str, tmp_path: Path) -> None:
+    """A file unchanged for BEING_WRITTEN_SECONDS is finished: its cut last record is stored like any other."""
+    event = dumps(CONNECT)
+    log = write_log(tmp_path / "cowrie.json", event)
+    with log.open("ab") as out:
+        out.write(event[:40].encode())
+    settled = time.time() - ingest.BEING_WRITTEN_SECONDS - 1
+    os.utime(log, (settled, settled))
+    report = ingest_paths([log], url=db_url)
+    assert (report.raw_inserted, report.dlq_inserted, report.held_back, dict(report.dlq_reasons)) == (
+        1, 1, [], {"truncated": 1},
+    )  # fmt: skip
+    assert placed(db_url) == expected(log)
+
+
+def test_a_gzip_file_being_compressed_is_read_up_to_its_cut_and_the_rest_later(db_url: str, tmp_path: Path) -> None:
+    """A rotated log read while it is being compressed: its records so far, the cut held back; once whole, the
+    rest, each record in one place and no dead letter for the cut."""
+    events = [dumps({**CONNECT, "src_port": port}) for port in range(2000)]
+    whole = gzip.compress(("\n".join(events) + "\n").encode())
+    log = tmp_path / "cowrie.json.1.gz"
+    log.write_bytes(whole[: len(whole) // 2])
+    first = ingest_paths([log], url=db_url)
+    assert first.dlq_inserted == 0 and first.damaged_files == [] and len(first.held_back) == 1
+    log.write_bytes(whole)
+    second = ingest_paths([log], url=db_url)
+    assert second.held_back == [] and second.dlq_inserted == 0
+    assert first.raw_inserted + second.raw_inserted == len(events)
     assert placed(db_url) == expected(log)
 
 
@@ -377,6 +409,7 @@ def log_directory(root: Path) -> list[Path]:
     (logs / "cowrie.json.3.bz2").write_bytes(bz2.compress((plain / "cowrie.json.3").read_bytes()))
     whole = gzip.compress((plain / "cowrie.json.4").read_bytes())
     (logs / "cowrie.json.4.gz").write_bytes(whole[: len(whole) * 2 // 3])
+    left_alone(logs / "cowrie.json.4.gz")
     return sorted(logs.iterdir())
 
 
