@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import tempfile
@@ -73,15 +74,28 @@ def template_db(server_url: str) -> Iterator[str]:
         _drop_database(server_url, name)
 
 
-@pytest.fixture
-def db_url(server_url: str, template_db: str) -> Iterator[str]:
-    """A fresh database with every migration applied, dropped after the test."""
+@contextlib.contextmanager
+def _migrated_database(server_url: str, template_db: str) -> Iterator[str]:
     name = f"dlq_t_{uuid.uuid4().hex[:12]}"
     url = _create_database(server_url, name, template=template_db)
     try:
         yield url
     finally:
         _drop_database(server_url, name)
+
+
+@pytest.fixture
+def db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A fresh database with every migration applied, dropped after the test."""
+    with _migrated_database(server_url, template_db) as url:
+        yield url
+
+
+@pytest.fixture
+def other_db_url(server_url: str, template_db: str) -> Iterator[str]:
+    """A second one, on the same server: the same input handled another way, and the two compared."""
+    with _migrated_database(server_url, template_db) as url:
+        yield url
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +24,7 @@ from dlq_assets.core.intake.ingest import IngestReport, ingest_paths
 from dlq_assets.core.intake.reader import read_records
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.cli.test_cli import run
-from tests.conftest import _create_database, _drop_database, left_alone
+from tests.conftest import left_alone
 from tests.core.intake.test_ingest import CONNECT, dumps, rows, write_log
 
 TABLES = ("raw_events", "dead_letter_events")
@@ -95,17 +94,6 @@ def numbers(report: IngestReport) -> dict[str, Any]:
     return {name: getattr(report, name) for name in REPORT_NUMBERS} | {
         "damaged_files": {tuple(sorted(d.items())) for d in report.damaged_files}
     }
-
-
-@pytest.fixture
-def other_db_url(server_url: str, template_db: str) -> Iterator[str]:
-    """A second migrated database on the same server: the same files ingested another way, compared."""
-    name = f"dlq_t2_{os.urandom(6).hex()}"
-    url = _create_database(server_url, name, template=template_db)
-    try:
-        yield url
-    finally:
-        _drop_database(server_url, name)
 
 
 @pytest.fixture
