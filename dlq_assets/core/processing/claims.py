@@ -86,7 +86,7 @@ class _BatchSession:
         return verified
 
     def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
-        """Indexes of the spans with an unresolved dead letter outside this lease right before or after them."""
+        """Indexes of the spans with an unresolved dead letter outside this lease right before them."""
         if not spans:
             return set()
         sources, inodes, starts, ends = zip(*spans, strict=True)
@@ -94,23 +94,16 @@ class _BatchSession:
             """
             SELECT s.n - 1 FROM unnest(%s::text[], %s::text[], %s::bigint[], %s::bigint[])
                    WITH ORDINALITY AS s(source, inode, start_at, end_at, n)
-             CROSS JOIN LATERAL (  -- per span, two probes of the partial (source, source_offset) index: the
-                   -- unresolved dead letter right after it, and the nearest one before it (records never overlap,
-                   -- so only that one can end right where the span starts)
+             CROSS JOIN LATERAL (  -- per span, one probe of the partial (source, source_offset) index: the nearest
+                   -- unresolved dead letter before it (records never overlap, so only that one can end right where
+                   -- the span starts)
                    SELECT 1 FROM (
-                        (SELECT d.* FROM dead_letter_events d
-                          WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
-                            AND d.source_offset BETWEEN s.end_at + 1 AND s.end_at + 2  -- a range: PostgreSQL
-                            AND NOT d.resolved  -- 15 scans the whole source for an IN list here (partial index)
-                          ORDER BY d.source_offset LIMIT 1)
-                        UNION ALL
-                        (SELECT d.* FROM dead_letter_events d
-                          WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
-                            AND d.source_offset < s.start_at AND d.source_offset >= s.start_at - %s
-                            AND NOT d.resolved
-                          ORDER BY d.source_offset DESC LIMIT 1)) d
-                    WHERE (d.source_offset IN (s.end_at + 1, s.end_at + 2)
-                           OR d.source_offset + dlq_record_bytes(d.metadata_json) + 1 IN (s.start_at, s.start_at - 1))
+                        SELECT d.* FROM dead_letter_events d
+                         WHERE d.source = s.source AND d.source_inode IS NOT DISTINCT FROM s.inode
+                           AND d.source_offset < s.start_at AND d.source_offset >= s.start_at - %s
+                           AND NOT d.resolved
+                         ORDER BY d.source_offset DESC LIMIT 1) d
+                    WHERE d.source_offset + dlq_record_bytes(d.metadata_json) + 1 IN (s.start_at, s.start_at - 1)
                       AND d.quarantined_at IS NULL AND d.processing_lock IS DISTINCT FROM %s
                       AND d.classification IS DISTINCT FROM 'malicious'  -- never claimed: nothing to wait for
                       AND d.id <> ALL (%s::bigint[])

@@ -114,7 +114,7 @@ class Claimer(Protocol):
 
     def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:
         """Indexes of the ``(source, inode, start, end)`` spans with an unresolved dead letter outside this lease
-        right before ``start`` or right after ``end``."""
+        right before ``start``."""
         ...
 
 
@@ -180,8 +180,11 @@ class CowrieRepairHandler:
         waiting = _waiting_for_fragments([e for e, _ in left], claimer)
         for event, why in left:
             if event.id in waiting:
-                # A fragment next to its chain is unresolved outside this lease (another worker holds it, or
-                # just gave it back): hand this one back untouched rather than fail what may still stitch.
+                # The fragment before its chain is unresolved outside this lease (another worker holds it, or
+                # just gave it back): hand this one back untouched rather than fail what may still stitch. Only
+                # the later chain waits: two workers each holding one side of a pair would otherwise hand both
+                # back, batch after batch, and stop with neither attempted. The earlier one is tried (and, when
+                # it fails, claimed as a neighbour by the later one's next attempt).
                 outcomes[event.id] = Outcome(event.id, "released")
             else:
                 outcomes[event.id] = Outcome(event.id, "failed", error_class="unrepairable", message=why)
@@ -218,7 +221,7 @@ def _is_length(value: object) -> bool:
 
 
 def _waiting_for_fragments(events: list[ClaimedEvent], claimer: Claimer) -> set[int]:
-    """Ids of events whose chain of adjacent records (within this batch) borders an unresolved record elsewhere."""
+    """Ids of events whose chain of adjacent records (within this batch) follows an unresolved record elsewhere."""
     spans = {
         e.id: (e.source_offset, e.source_offset + e.metadata["record_bytes"])
         for e in events

@@ -403,3 +403,31 @@ def test_config_rejects_nonsense() -> None:
         WorkerConfig(batch_size=10, min_batch_size=1000)
     with pytest.raises(ValueError, match="priority_max"):
         WorkerConfig(priority_max=11)
+
+
+@pytest.mark.parametrize("held", ["earlier", "later"])
+def test_of_two_adjacent_fragments_held_apart_only_the_later_waits(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, held: str
+) -> None:
+    """Two workers each holding one of two adjacent cut records handed both back, batch after batch, and stopped with
+    neither attempted. The later one waits for the earlier; the earlier is tried."""
+    earlier = '{"eventid": "cowrie.session.connect", "timestamp": "2024-01-15T10:3'
+    later = '{"eventid": "cowrie.login.failed", "session": "3f2a9c0b1d4e", "src_ip": "10.0.'
+    log = tmp_path / "cowrie.json"
+    log.write_text(f"{earlier}\n{later}\n")
+    ingest_paths([log], url=db_url)
+    offsets = {"earlier": 0, "later": len(earlier) + 1}
+    conn.execute(  # another worker's live lease on one of them
+        "UPDATE dead_letter_events SET processing_lock = gen_random_uuid(), lock_expires_at = now() + interval '1 hour'"
+        " WHERE source_offset = %s",
+        (offsets[held],),
+    )
+    report = Worker(db_url, WorkerConfig(**SMALL, lease_mode="committed")).run()
+    free = "later" if held == "earlier" else "earlier"
+    (retries,) = conn.execute(
+        "SELECT retry_count FROM dead_letter_events WHERE source_offset = %s", (offsets[free],)
+    ).fetchone()
+    if free == "earlier":
+        assert retries == 1 and report.released == 0  # tried: failed for now, a neighbour of the later one's retry
+    else:
+        assert retries == 0 and report.released == 1  # handed back untouched, to stitch once the earlier is done
