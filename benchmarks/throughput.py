@@ -5,14 +5,17 @@
 
 It writes N dead letters straight into the database (set-based, from ~2,000 templates built by the real
 reader and ingest routing, so each row is stored exactly as ingest would store it), keeps the ground truth of
-every row in side tables, runs ``dlq_assets.core.processing.pool.process`` over the whole backlog, checks that
-every event ended where it must, then reloads the same backlog and times the ceiling: one set-based claim-and-resolve
-``UPDATE`` per batch and nothing else, with as many connections as workers. See benchmarks/README.md.
+every row in side tables (``--mix standard``: a fixed mix of seven kinds; ``--mix realistic``: what ingest puts
+in the DLQ from a log damaged with the generator's whole damage mix), runs
+``dlq_assets.core.processing.pool.process`` over the whole backlog, checks that every event ended where it must,
+then reloads the same backlog and times the ceiling: one set-based claim-and-resolve ``UPDATE`` per batch and
+nothing else, with as many connections as workers. See benchmarks/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import bisect
 import io
 import itertools
 import json
@@ -27,9 +30,10 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +85,13 @@ class Template:
     record_bytes: int
     expected: str | None  # the event raw_events must hold afterwards (None: must not be there)
     tampered: str | None = None  # the payload after tampering (the checksum stays the original's)
+    # The realistic mix: the run of adjacent dead letters the record belongs to, its offset from the run's first
+    # byte, what must become of it (resolved, unresolved, untouched), and the events raw_events must hold at
+    # offsets within its bytes (offset from the record's first byte, canonical JSON of the generator's original).
+    group: int | None = None
+    group_offset: int = 0
+    expect: str | None = None
+    events: tuple[tuple[int, str], ...] = ()
 
 
 # --- the backlog -------------------------------------------------------------------------------------------
@@ -205,6 +216,276 @@ def create_side_tables(conn: psycopg.Connection[Any], templates: list[Template],
     )
     conn.execute("CREATE UNIQUE INDEX ON bench_truth (source, source_offset)")
     conn.execute("ANALYZE bench_templates, bench_truth")
+
+
+# --- the realistic mix ---------------------------------------------------------------------------------------
+
+MIXES = ("standard", "realistic")
+# The realistic backlog: a log of this many generated events, a share of its lines damaged by the generator's
+# whole damage mix (write_corrupted_log's default rate), read by the real reader and routed by the real ingest;
+# its dead letters (about 2,000) are the templates.
+REALISTIC_LOG_EVENTS = 8_600
+REALISTIC_CORRUPTION_RATE = 0.3
+RESOLVED, UNRESOLVED, UNTOUCHED = "resolved", "unresolved", "untouched"
+
+
+@dataclass
+class RealisticLog:
+    """What building the realistic templates found in the generated log (reported beside the run's numbers)."""
+
+    log_events: int
+    log_bytes: int
+    records: int  # the reader's records
+    dead_letters: int
+    groups: int  # runs of adjacent dead letters (no valid record between them): the unit repeated in the backlog
+    groups_left_out: int  # runs holding part of an event whose other part ingest stored valid (none seen)
+    largest_group: int
+    damaged_not_in_dlq: dict[str, int]  # damaged events ingest stored valid (the reader handled their damage)
+
+
+def _generated_log(seed: int) -> tuple[bytes, list[Any]]:
+    """The bytes of a generated, damaged Cowrie log and the generator's truth (one record per event)."""
+    from dlq_assets.devtools.generator import write_corrupted_log
+
+    with tempfile.TemporaryDirectory(prefix="dlq-bench-log-") as tmp:
+        path = Path(tmp) / "cowrie.json"
+        truth = write_corrupted_log(
+            path, n_events=REALISTIC_LOG_EVENTS, seed=seed, corruption_rate=REALISTIC_CORRUPTION_RATE
+        )
+        return path.read_bytes(), truth
+
+
+def _overlapping(starts: list[int], truth: Sequence[Any], lo: int, hi: int) -> list[int]:
+    """Indexes of the truth records whose bytes overlap [lo, hi) (records never overlap one another)."""
+    found, k = [], max(bisect.bisect_right(starts, lo) - 1, 0)
+    while k < len(truth) and truth[k].offset < hi:
+        if truth[k].offset + truth[k].length > lo:
+            found.append(k)
+        k += 1
+    return found
+
+
+def build_realistic_templates(seed: int = 7) -> tuple[list[Template], RealisticLog]:
+    """The dead letters ingest makes of a generated log damaged with the generator's whole mix, each with what
+    must become of it, decided from the generator's truth (never by running the engine).
+
+    The log is read by the real reader (``read_records`` with ``is_event`` and ``is_cut_record``, as ingest reads
+    it) and every record routed by ``route``; valid records went to raw_events at ingest and are no backlog.
+    Adjacent dead letters (no valid record between them) form a group, kept together at their real relative
+    offsets: stitching and the wait for fragments only ever look at contiguous records, so each group is
+    repeated in the backlog as it stood in the log, groups apart by at least one valid record's bytes.
+
+    The truth: dead letters that share an event's bytes (an event cut into fragments, or one record holding
+    several events) form a component. A component is recoverable when every event in it is one the generator
+    says its bytes can rebuild (``TruthRecord.recoverable``), and none of its records is classified malicious
+    (never claimed: it waits for security_admin). Then every dead letter of it must end resolved, and raw_events
+    must hold exactly the generator's original of each of its events (canonical JSON), once, at the event's
+    offset. Otherwise nothing of it may reach raw_events (a dead letter is resolved whole or not at all: a repair
+    never drops part of a record nor invents what it lost): each must stay pending with a backoff or be
+    poisoned, and a malicious one untouched.
+    """
+    from dlq_assets.core import jsonutil
+    from dlq_assets.core.intake.ingest import _DeadLetter, is_cut_record, is_event, route
+    from dlq_assets.core.intake.reader import read_records
+
+    data, truth = _generated_log(seed)
+    starts = [t.offset for t in truth]
+    runs: list[list[tuple[Any, Any]]] = [[]]
+    valid: list[tuple[int, int]] = []  # the valid records' spans
+    records = 0
+    for record in read_records(io.BytesIO(data), accept=is_event, is_cut=is_cut_record):
+        records += 1
+        routed = route(record)
+        if isinstance(routed, _DeadLetter):
+            runs[-1].append((record, routed))
+        else:
+            valid.append((record.offset, record.offset + len(record.raw)))
+            if runs[-1]:
+                runs.append([])
+    runs = [run for run in runs if run]
+    in_valid = {k for lo, hi in valid for k in _overlapping(starts, truth, lo, hi)}
+    in_dead: set[int] = set()
+    templates: list[Template] = []
+    groups = left_out = 0
+    for run in runs:
+        spans = [_overlapping(starts, truth, r.offset, r.offset + len(r.raw)) for r, _ in run]
+        touched = {k for found in spans for k in found}
+        in_dead |= touched
+        if touched & in_valid:  # part of an event stored valid, part dead: no truth to hold it to (never seen)
+            left_out += 1
+            continue
+        # components: dead letters sharing an event
+        component = list(range(len(run)))
+
+        def root(m: int, component: list[int] = component) -> int:
+            while component[m] != m:
+                m = component[m]
+            return m
+
+        owner: dict[int, int] = {}
+        for m, found in enumerate(spans):
+            for k in found:
+                if k in owner:
+                    component[root(m)] = root(owner[k])
+                owner[k] = m
+        recoverable: dict[int, bool] = {}
+        for m, (found, (_, dead)) in enumerate(zip(spans, run, strict=True)):
+            ok = bool(found) and all(truth[k].recoverable for k in found) and dead.classification != "malicious"
+            recoverable[root(m)] = recoverable.get(root(m), True) and ok
+        group, first = groups, run[0][0].offset
+        groups += 1
+        for m, ((record, dead), found) in enumerate(zip(run, spans, strict=True)):
+            lo, hi = record.offset, record.offset + len(record.raw)
+            events: tuple[tuple[int, str], ...] = ()
+            if dead.classification == "malicious":
+                expect = UNTOUCHED
+            elif recoverable[root(m)]:
+                expect = RESOLVED
+                events = tuple(
+                    (truth[k].offset - lo, jsonutil.canonical_json(truth[k].original))
+                    for k in found
+                    if lo <= truth[k].offset < hi
+                )
+            else:
+                expect = UNRESOLVED
+            kind = "+".join(sorted({truth[k].corruption for k in found})) or "no_event"
+            templates.append(
+                Template(len(templates), kind, dead.reason, jsonutil.canonical_json(dead.payload),
+                         json.dumps(dead.metadata), dead.priority, dead.classification, len(record.raw), None,
+                         group=group, group_offset=lo - first, expect=expect, events=events)
+            )  # fmt: skip
+        for m in range(len(run)):  # every event of a recoverable component starts in one of its dead letters
+            if recoverable[root(m)]:
+                for k in spans[m]:
+                    if not any(
+                        r.offset <= truth[k].offset < r.offset + len(r.raw)
+                        for n, (r, _) in enumerate(run)
+                        if root(n) == root(m)
+                    ):
+                        raise RuntimeError(f"event at {truth[k].offset} starts outside its dead letters")
+    damaged_valid = Counter(t.corruption for k, t in enumerate(truth) if k not in in_dead and t.corruption != "clean")
+    sizes = Counter(t.group for t in templates)
+    report = RealisticLog(
+        log_events=REALISTIC_LOG_EVENTS,
+        log_bytes=len(data),
+        records=records,
+        dead_letters=len(templates),
+        groups=groups,
+        groups_left_out=left_out,
+        largest_group=max(sizes.values()),
+        damaged_not_in_dlq=dict(sorted(damaged_valid.items())),
+    )
+    return templates, report
+
+
+def _realistic_plan(sizes: list[int], events: int) -> tuple[int, list[int]]:
+    """The backlog's groups: (q, tail) for ``q`` passes over every group in log order, then ``tail``: groups
+    from the start of the log while they fit, the rest filled with groups of one dead letter, so that the
+    backlog holds exactly ``events`` rows."""
+    cycle = sum(sizes)
+    passes, left = divmod(events, cycle)
+    tail: list[int] = []
+    for group, size in enumerate(sizes):
+        if size > left:
+            break
+        tail.append(group)
+        left -= size
+    singles = [group for group, size in enumerate(sizes) if size == 1]
+    if left and not singles:
+        raise RuntimeError("no group of one dead letter to fill the backlog with")
+    tail += [singles[n % len(singles)] for n in range(left)]
+    return passes, tail
+
+
+def create_realistic_side_tables(conn: psycopg.Connection[Any], templates: list[Template], events: int) -> None:
+    """bench_templates (one row per dead letter of the generated log, with its group and what must become of it),
+    bench_events (the events raw_events must hold at offsets within a template's bytes) and bench_truth (one
+    row per backlog event: each group repeated at its own place in one of the source files)."""
+    conn.execute("DROP TABLE IF EXISTS bench_truth, bench_templates, bench_events")
+    conn.execute(
+        """
+        CREATE TABLE bench_templates (
+            id int PRIMARY KEY, kind text NOT NULL, reason text NOT NULL, payload jsonb NOT NULL,
+            checksum text, metadata jsonb NOT NULL, priority int NOT NULL, classification text,
+            record_bytes int NOT NULL, expected jsonb, tampered jsonb,
+            grp int NOT NULL, group_offset bigint NOT NULL, expect text NOT NULL)
+        """
+    )
+    conn.execute("CREATE TABLE bench_events (template_id int NOT NULL, at bigint NOT NULL, payload jsonb NOT NULL)")
+    columns = "id, kind, reason, payload, metadata, priority, classification, record_bytes, grp, group_offset, expect"
+    with conn.cursor().copy(f"COPY bench_templates ({columns}) FROM STDIN") as copy:
+        for t in templates:
+            copy.write_row(
+                (t.id, t.kind, t.reason, t.payload, t.metadata, t.priority, t.classification, t.record_bytes,
+                 t.group, t.group_offset, t.expect)
+            )  # fmt: skip
+    with conn.cursor().copy("COPY bench_events (template_id, at, payload) FROM STDIN") as copy:
+        for t in templates:
+            for at, payload in t.events:
+                copy.write_row((t.id, at, payload))
+    conn.execute("UPDATE bench_templates SET checksum = dlq_payload_checksum(payload)")
+    conn.execute("CREATE INDEX ON bench_events (template_id)")
+    groups: dict[int, list[Template]] = {}
+    for t in templates:
+        groups.setdefault(t.group or 0, []).append(t)
+    spans = [max(t.group_offset + t.record_bytes for t in members) for _, members in sorted(groups.items())]
+    passes, tail = _realistic_plan([len(members) for _, members in sorted(groups.items())], events)
+    # Instance k of a group (``passes`` times every group in log order, then the tail) goes to file k % SOURCES,
+    # after the previous instance in that file, its bytes, a newline and 1-3 valid records (which went to
+    # raw_events at ingest): instances never touch, as the groups did not in the log.
+    conn.execute(
+        sql.SQL(
+            """
+            CREATE TABLE bench_truth AS
+            WITH spans AS (
+                SELECT (g.n - 1)::int AS grp, g.span FROM unnest(%(spans)s::bigint[]) WITH ORDINALITY AS g(span, n)
+            ), instances AS (
+                SELECT p.n * {groups} + g.grp AS k, g.grp FROM generate_series(0, %(passes)s - 1) AS p(n)
+                 CROSS JOIN spans g
+                UNION ALL
+                SELECT %(passes)s * {groups} + t.n - 1, t.grp
+                  FROM unnest(%(tail)s::int[]) WITH ORDINALITY AS t(grp, n)
+            ), placed AS (
+                SELECT i.k, i.grp, '/var/log/cowrie/hp-' || (i.k %% {sources}) || '/cowrie.json' AS source,
+                       (7000 + i.k %% {sources})::text AS source_inode,
+                       sum(s.span + 1 + {valid} * (1 + abs(hashint8(i.k)) %% 3)) OVER w
+                           - (s.span + 1 + {valid} * (1 + abs(hashint8(i.k)) %% 3)) AS base
+                  FROM instances i JOIN spans s USING (grp)
+                WINDOW w AS (PARTITION BY i.k %% {sources} ORDER BY i.k)
+            )
+            SELECT (row_number() OVER (ORDER BY p.k, t.group_offset) - 1)::bigint AS i, t.id AS template_id,
+                   t.kind, t.expect, p.source, p.source_inode, p.base + t.group_offset AS source_offset
+              FROM placed p JOIN bench_templates t ON t.grp = p.grp
+            """
+        ).format(groups=sql.Literal(len(spans)), sources=sql.Literal(SOURCES), valid=sql.Literal(VALID_RECORD_BYTES)),
+        {"spans": spans, "passes": passes, "tail": tail},
+    )
+    conn.execute("CREATE UNIQUE INDEX ON bench_truth (source, source_offset)")
+    conn.execute("ANALYZE bench_templates, bench_events, bench_truth")
+
+
+def prepare(conn: psycopg.Connection[Any], mix: str, seed: int, events: int) -> dict[str, Any] | None:
+    """Build the mix's templates and side tables; for the realistic mix, what the generated log held."""
+    if mix == "standard":
+        create_side_tables(conn, build_templates(seed), events)
+        return None
+    if mix != "realistic":
+        raise ValueError(f"unknown mix {mix!r}: one of {', '.join(MIXES)}")
+    templates, log = build_realistic_templates(seed)
+    create_realistic_side_tables(conn, templates, events)
+    return {**asdict(log), "kinds": _shares(templates)}
+
+
+def _shares(templates: list[Template]) -> dict[str, dict[str, Any]]:
+    """Per kind of the realistic templates: how many, their share (%), and what must become of them."""
+    kinds: dict[str, dict[str, Any]] = {}
+    for t in sorted(templates, key=lambda t: t.kind):
+        kind = kinds.setdefault(t.kind, {"templates": 0, "share": 0.0, RESOLVED: 0, UNRESOLVED: 0, UNTOUCHED: 0})
+        kind["templates"] += 1
+        kind[t.expect or UNRESOLVED] += 1
+    for kind in kinds.values():
+        kind["share"] = round(100 * kind["templates"] / len(templates), 1)
+    return dict(sorted(kinds.items(), key=lambda item: -item[1]["templates"]))
 
 
 def _superuser(conn: psycopg.Connection[Any]) -> bool:
@@ -455,6 +736,68 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             "all_states_correct": ok}  # fmt: skip
 
 
+def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
+    """The realistic mix's events against their truth: per dead letter its state, and the raw_events rows at
+    offsets within its bytes (exactly the events it must give, each once, with the original's payload and
+    checksum, or none at all); then the totals."""
+    conn.execute("ANALYZE raw_events")  # analyzed empty at the load: planned as such, the joins below crawl
+    rows = conn.execute(
+        """
+        WITH got AS (  -- each raw_events row, counted for the backlog event whose bytes it starts in
+            SELECT b.i, count(*) AS n
+              FROM raw_events r
+             CROSS JOIN LATERAL (
+                   SELECT b.i, b.source_inode, b.source_offset, t.record_bytes
+                     FROM bench_truth b JOIN bench_templates t ON t.id = b.template_id
+                    WHERE b.source = r.source AND b.source_offset <= r.source_offset
+                    ORDER BY b.source_offset DESC LIMIT 1) b
+             WHERE b.source_inode = r.source_inode AND r.source_offset < b.source_offset + b.record_bytes
+             GROUP BY b.i
+        ), want AS (  -- the events each must give, each looked for at its offset with its payload and checksum
+            SELECT b.i, count(*) AS n,
+                   count(*) FILTER (WHERE r.payload::text = x.payload::text
+                                      AND r.payload_checksum = dlq_payload_checksum(x.payload)) AS exact
+              FROM bench_truth b
+              JOIN bench_events x ON x.template_id = b.template_id
+              LEFT JOIN raw_events r
+                     ON r.source = b.source AND r.source_inode = b.source_inode
+                    AND r.source_offset = b.source_offset + x.at
+             GROUP BY b.i
+        )
+        SELECT b.kind, count(*),
+               count(*) FILTER (WHERE coalesce(d.processing_lock IS NULL, true) AND CASE b.expect
+                   WHEN 'resolved' THEN
+                       d.resolved AND p.id IS NULL
+                       AND coalesce(got.n, 0) = coalesce(want.n, 0) AND coalesce(want.exact, 0) = coalesce(want.n, 0)
+                   WHEN 'untouched' THEN  -- never claimed: untouched until security_admin reviews it
+                       d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
+                       AND d.processing_attempts = '[]' AND got.n IS NULL
+                   ELSE got.n IS NULL AND (
+                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
+                        AND d.next_attempt_at > now())
+                       OR (d.id IS NULL AND p.id IS NOT NULL))
+               END)
+          FROM bench_truth b
+          LEFT JOIN dead_letter_events d
+                 ON d.source = b.source AND d.source_inode = b.source_inode AND d.source_offset = b.source_offset
+          LEFT JOIN dlq_poison_events p
+                 ON p.source = b.source AND p.source_inode = b.source_inode AND p.source_offset = b.source_offset
+          LEFT JOIN got ON got.i = b.i
+          LEFT JOIN want ON want.i = b.i
+         GROUP BY b.kind ORDER BY b.kind
+        """
+    ).fetchall()
+    kinds = {kind: [correct, total] for kind, total, correct in rows}
+    events, raw, expected_raw, dead, poisoned = conn.execute(
+        "SELECT (SELECT count(*) FROM bench_truth), (SELECT count(*) FROM raw_events), "
+        "(SELECT count(*) FROM bench_truth b JOIN bench_events x ON x.template_id = b.template_id), "
+        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events)"
+    ).fetchone()
+    ok = all(c == t for c, t in kinds.values()) and raw == expected_raw and dead + poisoned == events
+    return {"kinds": kinds, "events": events, "raw_events": raw, "expected_raw_events": expected_raw,
+            "all_states_correct": ok}  # fmt: skip
+
+
 def _active_seconds(conn: psycopg.Connection[Any]) -> float | None:
     (seconds,) = conn.execute(
         "SELECT extract(epoch FROM max(completed_at) - min(started_at))::float8 FROM dlq_processing_metrics"
@@ -496,6 +839,7 @@ def benchmark(
     sql_stats: bool = False,
     lease_mode: str = "transaction",
     repeat: int = 1,
+    mix: str = "standard",
 ) -> dict[str, Any]:
     """The whole measurement on one database, ``repeat`` times: load, engine, verify, and beside each engine run a
     ceiling run on the same backlog reloaded (in alternating order, so that a machine slowing down or speeding up
@@ -506,11 +850,11 @@ def benchmark(
         _require_empty(conn)
         try:
             started = time.perf_counter()
-            create_side_tables(conn, build_templates(seed), events)
+            built = prepare(conn, mix, seed, events)
             prepared = time.perf_counter() - started
             runs = [
                 _run_once(conn, url, workers, batch_size, lease_mode, ceiling=ceiling, floor=floor,
-                          sql_stats=sql_stats and n == 0, ceiling_first=n % 2 == 1)
+                          sql_stats=sql_stats and n == 0, ceiling_first=n % 2 == 1, mix=mix)
                 for n in range(repeat)
             ]  # fmt: skip
             version = conn.execute("SHOW server_version").fetchone()[0]
@@ -526,6 +870,7 @@ def benchmark(
     active = [r["active_seconds"] for r in runs if r["active_seconds"]]
     return {
         "events": events,
+        "mix": mix,
         "workers": workers,
         "batch_size": batch_size,
         "lease_mode": lease_mode,
@@ -557,6 +902,7 @@ def benchmark(
         "synchronous_commit": sync,
         "cpus": os.cpu_count(),
         **({"top_statements": runs[0]["top_statements"]} if sql_stats else {}),
+        **({"realistic": built} if built is not None else {}),
     }
 
 
@@ -579,6 +925,7 @@ def _run_once(
     floor: bool,
     sql_stats: bool,
     ceiling_first: bool,
+    mix: str = "standard",
 ) -> dict[str, Any]:
     """One engine run, verified, with its ceiling (and floor) runs on the same backlog, each loaded afresh."""
 
@@ -593,7 +940,7 @@ def _run_once(
     stats = sql_stats and _reset_statements(conn)
     engine = run_engine(url, workers, batch_size, lease_mode)
     top = _top_statements(conn) if stats else None
-    checked = verify(conn)
+    checked = verify_realistic(conn) if mix == "realistic" else verify(conn)
     active = _active_seconds(conn)
     if not ceiling_first:
         ceiling_rows, ceiling_seconds = ceiling_run()
@@ -637,7 +984,7 @@ def _require_empty(conn: psycopg.Connection[Any]) -> None:
 
 def _clean(conn: psycopg.Connection[Any]) -> None:
     conn.execute(sql.SQL("TRUNCATE {} RESTART IDENTITY").format(sql.SQL(", ").join(map(sql.Identifier, _DLQ_TABLES))))
-    conn.execute("DROP TABLE IF EXISTS bench_truth, bench_templates")
+    conn.execute("DROP TABLE IF EXISTS bench_truth, bench_templates, bench_events")
 
 
 # --- health and retention at scale --------------------------------------------------------------------------
@@ -763,7 +1110,13 @@ def _probe_report(seen: Probe) -> dict[str, float | int]:
 
 
 def health(
-    url: str, *, events: int, retention_batch_size: int = 1000, seed: int = 7, repeats: int = 5
+    url: str,
+    *,
+    events: int,
+    retention_batch_size: int = 1000,
+    seed: int = 7,
+    repeats: int = 5,
+    mix: str = "standard",
 ) -> dict[str, Any]:
     """dlq_health latency on a pending backlog and on a resolved one; retention rows/s over the resolved rows."""
     from dlq_assets.core.operations.retention import run_retention
@@ -771,7 +1124,7 @@ def health(
     with psycopg.connect(url, autocommit=True) as conn:
         _require_empty(conn)
         try:
-            create_side_tables(conn, build_templates(seed), events)
+            prepare(conn, mix, seed, events)
             load_backlog(conn)
             pending_ms = _timed(conn, "SELECT * FROM dlq_health", repeats)
             scan_ms = _timed(conn, HEALTH_FULL_SCAN, repeats)
@@ -801,6 +1154,7 @@ def health(
             _clean(conn)
     return {
         "events": events,
+        "mix": mix,
         "health_ms_pending": pending_ms,
         "health_ms_resolved": resolved_ms,
         "health_full_scan_ms": scan_ms,  # the same numbers counted from every row: what the counters spare
@@ -891,6 +1245,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=1000)
     parser.add_argument("--database-url", help="an empty DLQ database to use (default: a throwaway embedded cluster)")
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument(
+        "--mix",
+        choices=MIXES,
+        default="standard",
+        help="standard: the fixed mix of seven kinds; realistic: what ingest puts in the DLQ from a log damaged "
+        "with the generator's whole damage mix",
+    )
     parser.add_argument("--repeat", type=int, default=3, help="alternated engine and ceiling runs (medians reported)")
     parser.add_argument("--no-ceiling", action="store_true", help="skip the ceiling run")
     parser.add_argument("--synchronous-commit", choices=("on", "off"), help="set for the benchmark database's sessions")
@@ -928,7 +1289,9 @@ def _set_database(url: str, name: str, value: str | None) -> None:
 
 def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
     if args.health:
-        return health(url, events=args.events, retention_batch_size=args.retention_batch_size, seed=args.seed)
+        return health(
+            url, events=args.events, retention_batch_size=args.retention_batch_size, seed=args.seed, mix=args.mix
+        )
     return benchmark(
         url,
         events=args.events,
@@ -940,6 +1303,7 @@ def _run(args: argparse.Namespace, url: str) -> dict[str, Any]:
         sql_stats=args.sql_stats,
         lease_mode=args.lease_mode,
         repeat=args.repeat,
+        mix=args.mix,
     )
 
 

@@ -15,7 +15,19 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from benchmarks.throughput import MIX, RESOLVED_KINDS, VARIANTS, build_templates, main, probed
+from benchmarks.throughput import (
+    MIX,
+    RESOLVED_KINDS,
+    VARIANTS,
+    build_realistic_templates,
+    build_templates,
+    load_backlog,
+    main,
+    prepare,
+    probed,
+    run_engine,
+    verify_realistic,
+)
 
 KEYS = {
     "events_per_s",
@@ -70,6 +82,67 @@ def test_a_tiny_run_puts_every_event_where_it_belongs(
     # The database is left as it was found: empty, without the harness's side tables.
     assert conn.execute("SELECT count(*) FROM dead_letter_events").fetchone() == (0,)
     assert conn.execute("SELECT to_regclass('bench_truth')").fetchone() == (None,)
+
+
+def test_the_realistic_templates_are_the_dead_letters_of_a_damaged_log_with_their_truth() -> None:
+    templates, log = build_realistic_templates(seed=3)
+    assert log.dead_letters == len(templates) and 1500 < len(templates) < 2500 and log.groups_left_out == 0
+    assert log.groups < len(templates) and log.largest_group >= 2  # adjacent dead letters are kept together
+    assert {"pretty", "concatenated", "bom"} <= log.damaged_not_in_dlq.keys()  # the reader handles these at ingest
+    assert all(t.kind != "clean" and t.expect in ("resolved", "unresolved", "untouched") for t in templates)
+    # Resolved ones give back the generator's originals, at offsets within their bytes; the others give nothing.
+    assert all(0 <= at < t.record_bytes for t in templates for at, _ in t.events)
+    assert all(not t.events for t in templates if t.expect != "resolved")
+    expect = {kind: {t.expect for t in templates if t.kind == kind} for kind in {t.kind for t in templates}}
+    assert expect["trailing_comma"] == expect["python_literal"] == expect["bad_escape"] == {"resolved"}
+    assert expect["binary_junk"] == expect["cut_at_field"] == expect["missing_field"] == {"unresolved"}
+    assert expect["truncated"] == {"resolved", "unresolved"}  # only a record that lost just its "}" comes back
+
+
+def test_a_tiny_realistic_run_puts_every_event_where_its_truth_says(
+    db_url: str, conn: psycopg.Connection, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # Two workers: adjacent dead letters claimed apart must each be attempted (only the later one waits).
+    argv = ["--mix", "realistic", "--events", "2000", "--workers", "2", "--batch-size", "500", "--repeat", "1"]
+    code = main([*argv, "--database-url", db_url, "--json"])
+    result = last_json_line(capsys.readouterr().out)
+    assert result["all_states_correct"] is True, (result["states"], result["strategies"])
+    assert code == 0
+    assert (result["mix"], result["events"]) == ("realistic", 2000)
+    assert sum(total for _, total in result["states"].values()) == 2000
+    assert all(correct == total for correct, total in result["states"].values())
+    kinds = set(result["states"])
+    assert len(kinds) >= 10, kinds
+    assert {"trailing_comma", "truncated", "split_line", "python_literal", "binary_junk", "restart"} <= kinds
+    assert 0 < result["resolved"] < 2000 and result["retried"] > 0  # both: what comes back and what cannot
+    assert result["realistic"]["largest_group"] >= 2
+    assert conn.execute("SELECT count(*) FROM dead_letter_events").fetchone() == (0,)
+    assert conn.execute("SELECT to_regclass('bench_events')").fetchone() == (None,)
+
+
+def test_the_realistic_verification_sees_an_event_gone_wrong(db_url: str) -> None:
+    """No formality: a payload changed, a resolved event's row gone, an unrecoverable one resolved all fail."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        prepare(conn, "realistic", 5, 600)
+        load_backlog(conn)
+        run_engine(db_url, 1, 500)
+        checked = verify_realistic(conn)
+        assert checked["all_states_correct"] is True, checked
+
+        def wrong() -> int:
+            return sum(total - correct for correct, total in verify_realistic(conn)["kinds"].values())
+
+        conn.execute(
+            "UPDATE raw_events SET payload = payload || '{\"x\": 1}' WHERE id = (SELECT min(id) FROM raw_events)"
+        )
+        assert wrong() == 1
+        conn.execute("DELETE FROM raw_events WHERE id = (SELECT max(id) FROM raw_events)")
+        assert wrong() == 2 and verify_realistic(conn)["all_states_correct"] is False
+        conn.execute(
+            "UPDATE dead_letter_events SET resolved = true, resolved_at = now(), resolution_method = 'x' "
+            "WHERE id = (SELECT min(id) FROM dead_letter_events WHERE NOT resolved)"
+        )
+        assert wrong() == 3
 
 
 def test_health_mode_reports_its_numbers(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
