@@ -25,9 +25,9 @@ with open("/proc/self/status") as status:
     print(re.search(r"VmHWM:\\s+(\\d+) kB", status.read()).group(1))
 """
 LINE_BYTES = 48 * 2**20  # six pieces of the reader's 8 MiB cap: one batch of 1,000 records would take all six
-# Measured above the baseline: 64-90 MiB (one 8 MiB piece read ahead, the batch's piece as text, as canonical
-# JSON, in psycopg's array and libpq's buffer, and what malloc keeps of them); 265-275 MiB with batches of 1,000
-# records whatever their size. The same for the gzip.
+# Measured above the baseline: about 80 MiB (two batches in flight, one written while the next is read, each piece
+# as canonical JSON and as COPY text, the piece being read, libpq's buffer, and what malloc keeps of them); about
+# 670 MiB with batches of 1,000 records whatever their size. The same for the gzip.
 BOUND = 16 * DEFAULT_BATCH_BYTES
 
 
