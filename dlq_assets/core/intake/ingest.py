@@ -18,11 +18,13 @@ import json
 import multiprocessing
 import os
 import re
+import sys
 import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Future, ProcessPoolExecutor, ThreadPoolExecutor, wait
+from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -373,15 +375,15 @@ def _write(conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: st
 
     By COPY where no earlier read of the file reached (the insert trigger still keeps one dead letter per key),
     else by the insert path, which skips what is stored: also when another ingest of the same file stores one of
-    the batch's events meanwhile (the COPY, in a savepoint, fails on its position and is undone)."""
+    the batch's events meanwhile (the COPY fails on its position, and its transaction is undone)."""
+    try:
+        with conn.transaction():
+            if _unseen(conn, source, inode, batch.first, batch.last):
+                raw = _copy(conn, _COPY_RAW, batch.event_copy) if batch.events else 0
+                return raw, _copy(conn, _COPY_DEAD, batch.letter_copy) if batch.letters else 0
+    except psycopg.errors.UniqueViolation:
+        pass
     with conn.transaction():
-        if _unseen(conn, source, inode, batch.first, batch.last):
-            try:
-                with conn.transaction():
-                    raw = _copy(conn, _COPY_RAW, batch.event_copy) if batch.events else 0
-                    return raw, _copy(conn, _COPY_DEAD, batch.letter_copy) if batch.letters else 0
-            except psycopg.errors.UniqueViolation:
-                pass
         return (
             _insert_raw(conn, source, inode, batch.events),
             _insert_dead_letters(conn, source, inode, ingest_id, batch.letters),
@@ -561,6 +563,22 @@ def _unless_being_written(
         _held_back(report, source, last.offset, len(last.raw), "its last record is cut where the data ends")
 
 
+# How long the reading thread may hold the GIL while the writer thread, its answer from the server in, waits for
+# it. At Python's 5 ms a batch's round trips (transaction, check, two COPYs, commit) cost more than its rows.
+_WRITER_SWITCH_SECONDS = 0.0005
+
+
+@contextmanager
+def _writer_thread() -> Iterator[ThreadPoolExecutor]:
+    previous = sys.getswitchinterval()
+    sys.setswitchinterval(min(previous, _WRITER_SWITCH_SECONDS))
+    try:
+        with ThreadPoolExecutor(1, thread_name_prefix="dlq-ingest-writer") as writer:
+            yield writer
+    finally:
+        sys.setswitchinterval(previous)
+
+
 def ingest_file(
     conn: psycopg.Connection[Any],
     path: str | os.PathLike[str],
@@ -598,7 +616,7 @@ def ingest_file(
             report,
         )
         # One batch is written (a thread, waiting on the server) while the next is read and rendered.
-        with ThreadPoolExecutor(1, thread_name_prefix="dlq-ingest-writer") as writer:
+        with _writer_thread() as writer:
             writing: tuple[_Batch, Future[tuple[int, int]]] | None = None
             for batch in _batches(records, batch_size, batch_bytes):
                 prepared = batch.seal(source, inode, report.ingest_id, stream.bytes_read)
