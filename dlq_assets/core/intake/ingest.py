@@ -519,7 +519,7 @@ def _written(
     reported: int,
     on_batch: Callable[[int], None] | None,
 ) -> int:
-    """Wait for a batch's commit (its error raised here), count it, and report progress: the bytes now reported."""
+    """Wait for a batch's commit (its error raised here), count it, report progress; returns the bytes reported."""
     _count(report, batch, *write.result())
     if on_batch:
         on_batch(batch.bytes_read - reported)
