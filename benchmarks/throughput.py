@@ -689,6 +689,20 @@ def _parallel(url: str, workers: int, batch: Any) -> tuple[int, float]:
     return sum(done), seconds
 
 
+def _ends_without_raw_event(absent: str) -> dict[str, str]:
+    """The states of an event that must give nothing to raw_events (``absent``: that it gave none), in both mixes'
+    checks: a malicious one untouched (never claimed until security_admin reviews it), any other pending with a
+    backoff or poisoned."""
+    return {
+        "untouched": f"""d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
+                       AND d.processing_attempts = '[]' AND {absent}""",
+        "unresolved": f"""{absent} AND (
+                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
+                        AND d.next_attempt_at > now())
+                       OR (d.id IS NULL AND p.id IS NOT NULL))""",
+    }
+
+
 def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """Every event against its ground truth; returns {kind: [correct, total]} and the global checks."""
     rows = conn.execute(
@@ -705,13 +719,8 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                    WHEN b.kind = 'tampered' THEN
                        d.quarantined_at IS NOT NULL AND d.classification = 'tampered' AND NOT d.resolved
                        AND r.copies IS NULL
-                   WHEN b.kind = 'malicious' THEN  -- never claimed: untouched until security_admin reviews it
-                       d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
-                       AND d.processing_attempts = '[]' AND r.copies IS NULL
-                   ELSE r.copies IS NULL AND (
-                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
-                        AND d.next_attempt_at > now())
-                       OR (d.id IS NULL AND p.id IS NOT NULL))
+                   WHEN b.kind = 'malicious' THEN {untouched}
+                   ELSE {unresolved}
                END)
           FROM bench_truth b
           JOIN bench_templates t ON t.id = b.template_id
@@ -722,7 +731,7 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
           LEFT JOIN raw r
                  ON r.source = b.source AND r.source_inode = b.source_inode AND r.source_offset = b.source_offset
          GROUP BY b.kind ORDER BY b.kind
-        """,
+        """.format(**_ends_without_raw_event("r.copies IS NULL")),
         {"resolved": list(RESOLVED_KINDS)},
     ).fetchall()
     kinds = {kind: [correct, total] for kind, total, correct in rows}
@@ -769,13 +778,8 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                    WHEN 'resolved' THEN
                        d.resolved AND p.id IS NULL
                        AND coalesce(got.n, 0) = coalesce(want.n, 0) AND coalesce(want.exact, 0) = coalesce(want.n, 0)
-                   WHEN 'untouched' THEN  -- never claimed: untouched until security_admin reviews it
-                       d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
-                       AND d.processing_attempts = '[]' AND got.n IS NULL
-                   ELSE got.n IS NULL AND (
-                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
-                        AND d.next_attempt_at > now())
-                       OR (d.id IS NULL AND p.id IS NOT NULL))
+                   WHEN 'untouched' THEN {untouched}
+                   ELSE {unresolved}
                END)
           FROM bench_truth b
           LEFT JOIN dead_letter_events d
@@ -785,7 +789,7 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
           LEFT JOIN got ON got.i = b.i
           LEFT JOIN want ON want.i = b.i
          GROUP BY b.kind ORDER BY b.kind
-        """
+        """.format(**_ends_without_raw_event("got.n IS NULL"))
     ).fetchall()
     kinds = {kind: [correct, total] for kind, total, correct in rows}
     events, raw, expected_raw, dead, poisoned = conn.execute(
