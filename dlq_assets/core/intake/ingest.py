@@ -36,10 +36,11 @@ from dlq_assets.core.cowrie import validate_event
 from dlq_assets.core.db import database_url
 from dlq_assets.core.intake.classify import classify_record
 from dlq_assets.core.intake.compressed import COMPRESSED_CORRUPT, COMPRESSED_TRUNCATED, Damage, LogStream, open_log
-from dlq_assets.core.intake.reader import DEFAULT_MAX_RECORD_BYTES, NOT_STORABLE_JSON, Record, read_records
+from dlq_assets.core.intake.reader import DEFAULT_MAX_RECORD_BYTES, NOT_STORABLE_JSON, TRUNCATED, Record, read_records
 from dlq_assets.core.repair import TRUNCATED_VALUE, tokenizer_fix
 
 VALIDATION_FAILED = "validation_failed"
+MAX_SOURCE_CHARACTERS = 512  # the source columns' length
 DEFAULT_BATCH_SIZE = 1000
 # A batch also ends before its records' weight (bytes, plus their values once parsed: ``_weight``) would pass
 # this budget, a heavier record alone in its batch: 1,000 records of up to 8 MiB each would hold 8 GiB. Ordinary
@@ -544,8 +545,8 @@ def _held_back(report: IngestReport, source: str, offset: int, size: int, why: s
 def _unless_being_written(
     records: Iterator[Record], stream: LogStream, source: str, report: IngestReport
 ) -> Iterator[Record]:
-    """Every record, but a failed last one cut where the data ends (a plain file without its last newline, compressed
-    data cut short) while the file is being written."""
+    """Every record, but a failed last one cut where the data ends (a plain file without its last newline or with a
+    record of several lines still open at its end, compressed data cut short) while the file is being written."""
     last = None
     for record in records:
         if last is not None:
@@ -555,8 +556,9 @@ def _unless_being_written(
         return
     if stream.compression:
         cut = stream.damage is not None and stream.damage.reason == COMPRESSED_TRUNCATED
-    else:
-        cut = os.pread(stream.fileno(), 1, stream.bytes_read - 1) != b"\n"
+    else:  # no newline at the end, or a record of several lines still open there (pretty-printed, cut after a line)
+        open_lines = last.error == TRUNCATED and b"\n" in last.raw
+        cut = open_lines or os.pread(stream.fileno(), 1, stream.bytes_read - 1) != b"\n"
     if last.ok or not cut or not _being_written(stream):
         yield last
     else:
@@ -599,15 +601,23 @@ def ingest_file(
     source = str(path)
     if not _utf8(source):  # a file name in another encoding: no text column can name it
         raise ValueError(f"cannot ingest {source!r}: its path is not valid UTF-8")
+    if len(source) > MAX_SOURCE_CHARACTERS:
+        raise ValueError(
+            f"cannot ingest {source[:80]!r}...: its path is longer than {MAX_SOURCE_CHARACTERS} characters"
+        )
     reported = 0
     corrupt = _corruption(path)
     with open_log(path) as stream:
         inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
+        # A plain file is read up to its size when opened: what a writer appends meanwhile is the next ingest's,
+        # so the end read is the end the rule for a file being written looks at (not a momentary one).
         # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes
         # decoded from it may be wrong, and the member's compressed bytes go to the tail's dead letter instead.
         records = _unless_being_written(
             read_records(
-                stream if corrupt is None else _Prefix(stream, corrupt.unverified_from),
+                _Prefix(stream, os.fstat(stream.fileno()).st_size if corrupt is None else corrupt.unverified_from)
+                if corrupt is not None or not stream.compression
+                else stream,
                 accept=is_event,
                 is_cut=is_cut_record,
             ),
@@ -670,7 +680,7 @@ def ingest_paths(
     report = IngestReport(ingest_id=uuid.uuid4().hex)
     files, report.skipped_files = expand_paths(paths)
     url = database_url(url)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with _connect(url) as conn:
         if conn.execute("SELECT to_regclass('dead_letter_events')").fetchone() == (None,):
             raise RuntimeError("the DLQ schema is missing from this database: run `dlq create` first")
         if workers == 1 or len(files) < 2:
@@ -679,6 +689,14 @@ def ingest_paths(
             return report
     _ingest_in_processes(url, files, report, batch_size, on_batch, workers)
     return report
+
+
+def _connect(url: str) -> psycopg.Connection[Any]:
+    """Ingest talks UTF-8 whatever the client encoding says (PGCLIENTENCODING, the URL): records and paths hold any
+    character, and LATIN1 would refuse a ✓ on the insert path."""
+    conn = psycopg.connect(url, autocommit=True)
+    conn.execute("SET client_encoding = 'UTF8'")
+    return conn
 
 
 _progress: Any = None  # a worker process's queue of bytes read, for the parent's on_batch
@@ -691,7 +709,7 @@ def _start_worker(progress: Any) -> None:
 
 def _ingest_one(url: str, path: Path, ingest_id: str, batch_size: int) -> IngestReport:
     report = IngestReport(ingest_id=ingest_id)
-    with psycopg.connect(url, autocommit=True) as conn:
+    with _connect(url) as conn:
         ingest_file(conn, path, report, batch_size=batch_size, on_batch=_progress.put if _progress else None)
     return report
 
@@ -758,6 +776,10 @@ def expand_paths(paths: Iterable[str | os.PathLike[str]]) -> tuple[list[Path], l
             for path in sorted(entry.rglob("*")):
                 if not _utf8(str(path)):
                     skipped.append({"path": str(path), "reason": "name is not valid UTF-8: no text column holds it"})
+                elif len(str(path.resolve())) > MAX_SOURCE_CHARACTERS:
+                    skipped.append(
+                        {"path": str(path), "reason": f"path longer than {MAX_SOURCE_CHARACTERS} characters"}
+                    )
                 elif path.is_symlink():  # it may point anywhere (/etc/passwd): a file named on its own is read
                     skipped.append({"path": str(path), "reason": _SYMLINK_REASON[path.exists() + path.is_dir()]})
                 elif path.is_dir():

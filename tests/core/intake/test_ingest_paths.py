@@ -275,6 +275,79 @@ def test_a_last_record_read_half_written_ends_in_one_place_once_completed(db_url
     assert placed(db_url) == expected(log)
 
 
+def test_a_pretty_printed_record_cut_after_one_of_its_lines_is_held_back_too(db_url: str, tmp_path: Path) -> None:
+    """The file ends with a newline, but the record is still open there: a writer mid-record, not a finished line."""
+    pretty = json.dumps(CONNECT, indent=2)
+    log = write_log(tmp_path / "cowrie.json", dumps(CONNECT))
+    with log.open("a") as out:
+        out.write("\n".join(pretty.splitlines()[:4]) + "\n")
+    first = ingest_paths([log], url=db_url)
+    assert (first.dlq_inserted, len(first.held_back)) == (0, 1)
+    with log.open("a") as out:
+        out.write("\n".join(pretty.splitlines()[4:]) + "\n")
+    second = ingest_paths([log], url=db_url)
+    assert (second.raw_inserted, second.dlq_inserted, second.held_back) == (1, 0, [])
+    assert placed(db_url) == expected(log)
+
+
+def test_a_plain_file_is_read_up_to_its_size_when_opened(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a writer appends while the file is read is the next ingest's: the end this ingest judges (whole, or
+    cut and held back) is the one it opened, never a momentary end it reads past."""
+    event = dumps(CONNECT)
+    log = write_log(tmp_path / "cowrie.json", event)
+    with log.open("a") as out:
+        out.write(event[:50])
+    reader = ingest.read_records
+
+    def appended_once_opened(stream: Any, **options: Any) -> Any:
+        with log.open("a") as out:
+            out.write(event[50:] + "\n" + event + "\n")
+        return reader(stream, **options)
+
+    monkeypatch.setattr(ingest, "read_records", appended_once_opened)
+    first = ingest_paths([log], url=db_url)
+    assert (first.records, first.raw_inserted, [h["offset"] for h in first.held_back]) == (1, 1, [len(event) + 1])
+    monkeypatch.undo()
+    second = ingest_paths([log], url=db_url)
+    assert (second.raw_inserted, second.raw_duplicates, second.dlq_inserted) == (2, 1, 0)
+    assert placed(db_url) == expected(log)
+
+
+def test_the_insert_path_writes_any_character_under_a_latin1_client_encoding(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A re-read goes the insert way; its parameters are sent as UTF-8 whatever PGCLIENTENCODING says."""
+    monkeypatch.setenv("PGCLIENTENCODING", "LATIN1")
+    (tmp_path / "日本").mkdir()
+    log = write_log(tmp_path / "日本" / "cowrie.json", dumps(CONNECT))
+    ingest_paths([log], url=db_url)
+    with log.open("a") as out:
+        out.write(dumps({**CONNECT, "message": "✓ 日本"}) + "\n")
+    report = ingest_paths([log], url=db_url)
+    assert (report.raw_inserted, report.raw_duplicates) == (1, 1)
+    with psycopg.connect(db_url) as conn:
+        conn.execute("SET client_encoding = 'UTF8'")
+        messages = [m for (m,) in conn.execute("SELECT payload ->> 'message' FROM raw_events ORDER BY source_offset")]
+    assert messages[-1] == "✓ 日本"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    raises=AssertionError,
+    reason="positions are path, inode and byte offset: a log truncated in place and written again (logrotate's "
+    "copytruncate) reuses offsets, and its new records there count as stored",
+)
+def test_a_log_truncated_in_place_and_rewritten_keeps_its_new_records(db_url: str, tmp_path: Path) -> None:
+    log = write_log(tmp_path / "cowrie.json", *(dumps({**CONNECT, "src_port": port}) for port in range(3)))
+    ingest_paths([log], url=db_url)
+    log.write_text("not json at all, attacker junk\n" + dumps(CONNECT) + "\n")  # same inode
+    left_alone(log)
+    report = ingest_paths([log], url=db_url)
+    assert report.raw_inserted + report.dlq_inserted == 2
+
+
 def test_the_cut_end_of_a_file_left_alone_is_a_dead_letter(db_url: str, tmp_path: Path) -> None:
     """A file unchanged for BEING_WRITTEN_SECONDS is finished: its cut last record is stored like any other."""
     event = dumps(CONNECT)
