@@ -13,11 +13,14 @@ records before the damage are ingested as usual and the undecodable rest of the 
 from __future__ import annotations
 
 import base64
+import ctypes
+import ctypes.util
 import io
 import json
 import multiprocessing
 import os
 import re
+import signal
 import sys
 import time
 import uuid
@@ -705,6 +708,19 @@ _progress: Any = None  # a worker process's queue of bytes read, for the parent'
 def _start_worker(progress: Any) -> None:
     global _progress
     _progress = progress
+    _end_with_parent()
+
+
+def _end_with_parent() -> None:
+    """A worker whose parent is killed gets SIGTERM (Linux's parent-death signal): it ends its batch's transaction
+    undone rather than go on ingesting, then wait for work forever, under init."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):  # not Linux: the worker outlives a killed parent
+        return
+    if os.getppid() == 1:  # the parent died before the signal was asked for
+        os.kill(os.getpid(), signal.SIGTERM)
 
 
 def _ingest_one(url: str, path: Path, ingest_id: str, batch_size: int) -> IngestReport:

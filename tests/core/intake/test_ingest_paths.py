@@ -8,6 +8,8 @@ import bz2
 import gzip
 import json
 import os
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -570,3 +572,35 @@ def test_cli_ingest_with_two_workers_reports_the_counts_it_stored(db_url: str, t
     assert report["records"] == len(records_of(first)) + len(records_of(second)) == raw + dead
     assert (report["raw_inserted"], report["dlq_inserted"], report["dlq_reasons"]) == (raw, dead, reasons)
     assert placed(db_url) == expected(first, second)
+
+
+def children_of(pid: int) -> set[int]:
+    found = set()
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            if f"\nPPid:\t{pid}\n" in status.read_text():
+                found.add(int(status.parent.name))
+        except OSError:  # gone meanwhile
+            pass
+    return found
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="finds the workers in /proc")
+def test_workers_end_when_their_parent_is_killed(db_url: str, tmp_path: Path) -> None:
+    """Killed alone, the parent leaves no worker ingesting on, then idling under init forever."""
+    files = [tmp_path / f"cowrie.json.{n}" for n in (1, 2)]
+    for seed, path in enumerate(files):
+        write_corrupted_log(path, n_events=40_000, seed=seed, truth_path=None)
+    command = [sys.executable, "-m", "dlq_assets.cli", "--database-url", db_url, "ingest", "--workers", "2"]
+    command += map(str, files)
+    parent = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 30
+    while len(workers := children_of(parent.pid)) < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert len(workers) == 2, "the workers never started"
+    parent.kill()
+    parent.wait()
+    deadline = time.monotonic() + 15
+    while (alive := {pid for pid in workers if Path(f"/proc/{pid}").exists()}) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not alive
