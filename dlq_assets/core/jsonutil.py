@@ -193,13 +193,7 @@ _C_ENCODER = (
 
 
 def _encode(value: Any) -> str:
-    if _C_ENCODER is None or type(value) is str:
-        return _ENCODER.encode(value)
-    return "".join(_C_ENCODER(value, 0))
-
-
-def _utf8_length(key: str) -> int:
-    return len(key.encode("utf-8"))
+    return _ENCODER.encode(value) if _C_ENCODER is None else "".join(_C_ENCODER(value, 0))
 
 
 # The jsonb order of a set of keys, by the keys in the order the record held them: a log holds a few dozen shapes.
@@ -210,8 +204,7 @@ _KEY_ORDERS_KEPT = 4096
 def _jsonb_order(value: dict[str, Any]) -> list[str]:
     held = tuple(value)
     if (keys := _KEY_ORDERS.get(held)) is None:
-        keys = sorted(value)
-        keys.sort(key=len if "".join(keys).isascii() else _utf8_length)  # stable: ties stay in code point order
+        keys = sorted(value, key=_sort_key)
         if len(_KEY_ORDERS) >= _KEY_ORDERS_KEPT:
             _KEY_ORDERS.clear()
         _KEY_ORDERS[held] = keys
@@ -219,8 +212,8 @@ def _jsonb_order(value: dict[str, Any]) -> list[str]:
 
 
 def _plain(value: Any) -> Any:
-    """``value`` rebuilt for the C encoder: objects in jsonb's key order (UTF-8 length, then bytes: code point
-    order is byte order), decimals as the int or float that prints the same text. Raises ``_NotPlain`` otherwise."""
+    """``value`` rebuilt for the C encoder: objects in jsonb's key order (UTF-8 length, then bytes), decimals as the
+    int or float that prints the same text. Raises ``_NotPlain`` otherwise."""
     kind = type(value)
     if kind is str or kind is int or kind is bool or value is None:
         return value

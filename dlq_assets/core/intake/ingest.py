@@ -611,23 +611,19 @@ def ingest_file(
     reported = 0
     corrupt = _corruption(path)
     with open_log(path) as stream:
-        inode = str(os.fstat(stream.fileno()).st_ino)  # of the file opened, even if the path changed since
-        # A plain file is read up to its size when opened: what a writer appends meanwhile is the next ingest's,
-        # so the end read is the end the rule for a file being written looks at (not a momentary one).
-        # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes
-        # decoded from it may be wrong, and the member's compressed bytes go to the tail's dead letter instead.
-        records = _unless_being_written(
-            read_records(
-                _Prefix(stream, os.fstat(stream.fileno()).st_size if corrupt is None else corrupt.unverified_from)
-                if corrupt is not None or not stream.compression
-                else stream,
-                accept=is_event,
-                is_cut=is_cut_record,
-            ),
-            stream,
-            source,
-            report,
-        )
+        opened = os.fstat(stream.fileno())
+        inode = str(opened.st_ino)  # of the file opened, even if the path changed since
+        data: LogStream | _Prefix = stream
+        if corrupt is not None:
+            # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes
+            # decoded from it may be wrong, and the member's compressed bytes go to the tail's dead letter instead.
+            data = _Prefix(stream, corrupt.unverified_from)
+        elif not stream.compression:
+            # A plain file is read up to its size when opened: what a writer appends meanwhile is the next ingest's,
+            # so the end read is the end the rule for a file being written looks at (not a momentary one).
+            data = _Prefix(stream, opened.st_size)
+        records = read_records(data, accept=is_event, is_cut=is_cut_record)
+        records = _unless_being_written(records, stream, source, report)
         # One batch is written (a thread, waiting on the server) while the next is read and rendered.
         with _writer_thread() as writer:
             writing: tuple[_Batch, Future[tuple[int, int]]] | None = None
