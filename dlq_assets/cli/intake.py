@@ -44,6 +44,10 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers
         click.echo(f"held back: {visible(held['path'])}: {held['reason']} and the file changed in the last "
                    f"{BEING_WRITTEN_SECONDS // 60} minutes, so it is being written: the next ingest reads it from "
                    f"offset {held['offset']}", err=True)  # fmt: skip
+    for new in report.rewritten_files:
+        click.echo(f"rewritten: {visible(new['path'])}: truncated in place and written again since its last ingest "
+                   f"(smaller, or its first bytes differ): its content is read as generation {new['generation']}, "
+                   f"keyed apart from what was read before", err=True)  # fmt: skip
     if skipped := Counter(s["reason"] for s in report.skipped_files):
         total_skipped = sum(skipped.values())
         click.echo(f"skipped {total_skipped} director{'y entry' if total_skipped == 1 else 'y entries'}: "
@@ -51,6 +55,6 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers
                    err=True)  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
-        print_fields(d | {key: len(d[key]) for key in ("damaged_files", "skipped_files", "held_back")})
+        print_fields(d | {key: len(d[key]) for key in ("damaged_files", "skipped_files", "held_back", "rewritten_files")})
 
     emit(report.as_dict(), as_json, human)

@@ -189,3 +189,16 @@ def test_ingest_names_the_end_it_holds_back_of_a_file_being_written(db_url: str,
             f"in the last 5 minutes, so it is being written: the next ingest reads it from offset {len(LOGIN)}"
             ) in result.stderr  # fmt: skip
     assert ["held_back", "1"] in rows(result.stdout) and ["records", "1"] in rows(result.stdout)
+
+
+def test_ingest_names_a_log_truncated_in_place_since_its_last_read(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / f"{HOSTILE}.json"
+    log.write_text(LOGIN)
+    assert cli("--database-url", db_url, "ingest", str(log)).exit_code == 0
+    os.truncate(log, 0)
+    result = cli("--database-url", db_url, "ingest", str(log))
+    assert result.exit_code == 0
+    assert (f"rewritten: {tmp_path}/{SHOWN}.json: truncated in place and written again since its last ingest "
+            "(smaller, or its first bytes differ): its content is read as generation 2, keyed apart from what was "
+            "read before") in result.stderr  # fmt: skip
+    assert ["rewritten_files", "1"] in rows(result.stdout)

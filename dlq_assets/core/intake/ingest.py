@@ -79,6 +79,7 @@ class IngestReport:
     damaged_files: list[dict[str, Any]] = field(default_factory=list)
     skipped_files: list[dict[str, str]] = field(default_factory=list)
     held_back: list[dict[str, Any]] = field(default_factory=list)  # ends of files still being written
+    rewritten_files: list[dict[str, Any]] = field(default_factory=list)  # truncated in place since last read
 
     def merge(self, other: IngestReport) -> None:
         """Add another part of the same ingest (a file read in another process)."""
@@ -98,6 +99,7 @@ class IngestReport:
             "damaged_files": [dict(d) for d in self.damaged_files],
             "skipped_files": [dict(s) for s in self.skipped_files],
             "held_back": [dict(h) for h in self.held_back],
+            "rewritten_files": [dict(r) for r in self.rewritten_files],
         }
 
 
@@ -530,6 +532,47 @@ def _written(
     return batch.bytes_read
 
 
+# A file's first bytes on disk, kept to know it again: a Cowrie log's first line alone (its timestamp to the
+# microsecond) tells one generation of a file from the next.
+HEAD_BYTES = 4096
+
+
+def _file_key(conn: psycopg.Connection[Any], source: str, fd: int, opened: os.stat_result, report: IngestReport) -> str:
+    """The key of the file's positions (``source_inode``): its inode, and from its second generation on
+    ``<inode>.<generation>``.
+
+    A file truncated in place and written again (logrotate's copytruncate) keeps its inode and reuses byte offsets,
+    so its positions need another key: it is known by first bytes that differ from the ones read before, or by a
+    size below the one seen before. A file that only grew keeps its key."""
+    inode = str(opened.st_ino)
+    head = os.pread(fd, min(HEAD_BYTES, opened.st_size), 0)
+    with conn.transaction():
+        conn.execute(
+            """INSERT INTO dlq_source_files (source, inode, head, size) VALUES (%s, %s, %s, %s)
+               ON CONFLICT (source, inode) DO NOTHING""",
+            (source, inode, head, opened.st_size),
+        )
+        generation, known, size = conn.execute(
+            "SELECT generation, head, size FROM dlq_source_files WHERE source = %s AND inode = %s FOR UPDATE",
+            (source, inode),
+        ).fetchone()
+        rewritten = opened.st_size < size or not head.startswith(known)
+        if rewritten:
+            generation += 1
+            report.rewritten_files.append(
+                {"path": source, "inode": inode, "generation": generation, "size_before": size,
+                 "size": opened.st_size, "first_bytes_differ": not head.startswith(known)}
+            )  # fmt: skip
+        conn.execute(
+            """UPDATE dlq_source_files
+                  SET generation = %s, head = %s, size = %s, seen_at = now(),
+                      generation_started_at = CASE WHEN %s THEN now() ELSE generation_started_at END
+                WHERE source = %s AND inode = %s""",
+            (generation, head, opened.st_size, rewritten, source, inode),
+        )
+    return inode if generation == 1 else f"{inode}.{generation}"
+
+
 # A file changed within this many seconds may still be being written: the end of it that is not whole yet (a last
 # record without its newline, a compressed stream cut short) is left for a later ingest, which reads it at the same
 # offset once whole. Only whole lines of a live file are shipped (Filebeat's rule); a file left alone this long is
@@ -611,8 +654,8 @@ def ingest_file(
     reported = 0
     corrupt = _corruption(path)
     with open_log(path) as stream:
-        opened = os.fstat(stream.fileno())
-        inode = str(opened.st_ino)  # of the file opened, even if the path changed since
+        opened = os.fstat(stream.fileno())  # of the file opened, even if the path changed since
+        inode = _file_key(conn, source, stream.fileno(), opened, report)
         data: LogStream | _Prefix = stream
         if corrupt is not None:
             # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes

@@ -335,19 +335,95 @@ def test_the_insert_path_writes_any_character_under_a_latin1_client_encoding(
     assert messages[-1] == "✓ 日本"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=AssertionError,
-    reason="positions are path, inode and byte offset: a log truncated in place and written again (logrotate's "
-    "copytruncate) reuses offsets, and its new records there count as stored",
-)
+def keys(url: str) -> list[tuple[str, int]]:
+    """(source_inode, offset) of every row of both tables, sorted."""
+    with psycopg.connect(url) as conn:
+        return sorted(
+            conn.execute("SELECT source_inode, source_offset FROM raw_events "
+                         "UNION ALL SELECT source_inode, source_offset FROM dead_letter_events").fetchall()
+        )  # fmt: skip
+
+
 def test_a_log_truncated_in_place_and_rewritten_keeps_its_new_records(db_url: str, tmp_path: Path) -> None:
-    log = write_log(tmp_path / "cowrie.json", *(dumps({**CONNECT, "src_port": port}) for port in range(3)))
+    """logrotate's copytruncate: the file keeps its inode and its new content reuses the old offsets. Its records
+    are keyed as the file's second generation, each stored once; read again, they are duplicates."""
+    events = [dumps({**CONNECT, "src_port": port}) for port in range(100, 103)]  # same length each
+    log = write_log(tmp_path / "cowrie.json", *events)
     ingest_paths([log], url=db_url)
-    log.write_text("not json at all, attacker junk\n" + dumps(CONNECT) + "\n")  # same inode
+    inode, size = str(log.stat().st_ino), len(events[0]) + 1
+    junk = "not json at all, attacker junk\n"
+    with log.open("r+b") as out:  # in place: same inode
+        out.truncate(0)
+        out.write((junk + dumps(CONNECT) + "\n").encode())
     left_alone(log)
     report = ingest_paths([log], url=db_url)
-    assert report.raw_inserted + report.dlq_inserted == 2
+    assert (report.raw_inserted, report.dlq_inserted, report.raw_duplicates) == (1, 1, 0)
+    assert [(r["inode"], r["generation"]) for r in report.rewritten_files] == [(inode, 2)]
+    assert keys(db_url) == [(inode, 0), (inode, size), (inode, 2 * size), (f"{inode}.2", 0), (f"{inode}.2", len(junk))]
+    again = ingest_paths([log], url=db_url)
+    assert (again.raw_inserted, again.dlq_inserted, again.raw_duplicates, again.dlq_duplicates) == (0, 0, 1, 1)
+    assert again.rewritten_files == []
+
+
+def test_a_log_emptied_then_written_again_is_one_new_generation(db_url: str, tmp_path: Path) -> None:
+    """Read while empty after its truncation, then again once written: the new content is one generation, read
+    across both ingests, and the second ingest sees a file that grew."""
+    first = [dumps({**CONNECT, "src_port": port}) for port in range(3)]
+    log = write_log(tmp_path / "cowrie.json", *first)
+    ingest_paths([log], url=db_url)
+    inode = str(log.stat().st_ino)
+    os.truncate(log, 0)
+    emptied = ingest_paths([log], url=db_url)
+    assert emptied.records == 0 and [r["generation"] for r in emptied.rewritten_files] == [2]
+    with log.open("ab") as out:
+        out.write(("\n".join(dumps({**CONNECT, "src_port": port}) for port in range(10, 15)) + "\n").encode())
+    grown = ingest_paths([log], url=db_url)
+    assert (grown.raw_inserted, grown.raw_duplicates, grown.rewritten_files) == (5, 0, [])
+    assert {key for key, _ in keys(db_url)} == {inode, f"{inode}.2"}
+
+
+def test_a_log_cut_back_to_an_earlier_size_loses_none_of_what_is_appended_after(db_url: str, tmp_path: Path) -> None:
+    """Truncated to a shorter prefix (its first bytes unchanged) and appended to: the offsets past the cut were used
+    by other records before, so the file is a new generation; the records it keeps are stored again under it."""
+    events = [dumps({**CONNECT, "src_port": port}) for port in range(100, 140)]  # same length each
+    log = write_log(tmp_path / "cowrie.json", *events)
+    ingest_paths([log], url=db_url)
+    os.truncate(log, 20 * (len(events[0]) + 1))  # after the 20th record
+    with log.open("ab") as out:
+        out.write((dumps({**CONNECT, "src_port": 9999}) + "\n").encode())
+    report = ingest_paths([log], url=db_url)
+    assert report.raw_inserted == 21 and report.rewritten_files[0]["first_bytes_differ"] is False
+    with psycopg.connect(db_url) as conn:
+        ports = conn.execute("SELECT payload -> 'src_port' FROM raw_events WHERE source_inode LIKE '%.2'").fetchall()
+    assert sorted(p for (p,) in ports) == [*range(100, 120), 9999]
+
+
+def test_a_file_that_grew_keeps_its_key_and_its_first_bytes_are_kept_for_the_next_read(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A file first read shorter than the bytes kept of it (a fresh log) is known by those; once longer, by more."""
+    log = tmp_path / "cowrie.json"
+    log.write_text(dumps(CONNECT) + "\n")
+    ingest_paths([log], url=db_url)
+    with log.open("a") as out:
+        out.writelines(dumps({**CONNECT, "src_port": port}) + "\n" for port in range(100))
+    grown = ingest_paths([log], url=db_url)
+    assert (grown.raw_inserted, grown.raw_duplicates, grown.rewritten_files) == (100, 1, [])
+    with psycopg.connect(db_url) as conn:
+        head, size, generation = conn.execute("SELECT head, size, generation FROM dlq_source_files").fetchone()
+    assert (bytes(head), size, generation) == (log.read_bytes()[: ingest.HEAD_BYTES], log.stat().st_size, 1)
+    assert {key for key, _ in keys(db_url)} == {str(log.stat().st_ino)}
+
+
+def test_a_compressed_log_rewritten_in_place_is_a_new_generation(db_url: str, tmp_path: Path) -> None:
+    log = tmp_path / "cowrie.json.1.gz"
+    log.write_bytes(gzip.compress((dumps(CONNECT) + "\n").encode(), mtime=1))
+    ingest_paths([log], url=db_url)
+    with log.open("r+b") as out:
+        out.truncate(0)
+        out.write(gzip.compress((dumps({**CONNECT, "src_port": 7}) + "\n").encode(), mtime=2))
+    report = ingest_paths([log], url=db_url)
+    assert report.raw_inserted == 1 and [r["generation"] for r in report.rewritten_files] == [2]
 
 
 def test_the_cut_end_of_a_file_left_alone_is_a_dead_letter(db_url: str, tmp_path: Path) -> None:
