@@ -55,6 +55,7 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers
                    err=True)  # fmt: skip
 
     def human(d: dict[str, Any]) -> None:
-        print_fields(d | {key: len(d[key]) for key in ("damaged_files", "skipped_files", "held_back", "rewritten_files")})
+        listed = ("damaged_files", "skipped_files", "held_back", "rewritten_files")
+        print_fields(d | {key: len(d[key]) for key in listed})
 
     emit(report.as_dict(), as_json, human)
