@@ -98,6 +98,7 @@ class _Scanner:
         self.oversized = False
         self.keep_blanks = False  # the record was cut inside a string: its trailing blanks are data
         self.bom = False  # a byte-order mark stood before the record being read
+        self.blank_until = 0  # absolute offset up to which the bytes past the cap are known blank
 
     def records(self) -> Iterator[Record]:
         buf = self.buf
@@ -131,19 +132,20 @@ class _Scanner:
                 end, truncated, too_deep = yield from self._bracketed()
             else:  # garbage, or a stray closing bracket: the record is the rest of the line
                 end, truncated, too_deep = (yield from self._to_line_end(0)), False, False
-            while end > 0 and buf[end - 1] in _WS and not self.keep_blanks:
-                end -= 1
-            while end > self.cap:
+            stop = end  # the record without its trailing blanks, unless they are data
+            while stop > 0 and buf[stop - 1] in _WS and not self.keep_blanks:
+                stop -= 1
+            while stop > self.cap or end >= 2 * self.cap:  # as ``_more`` cuts them
                 yield self._piece(self.cap)
-                end -= self.cap
-            raw = bytes(buf[:end])
-            if self.oversized:
-                yield Record(self.base, raw, error=RECORD_TOO_LARGE, bom=self.bom)
-            else:
+                end, stop = end - self.cap, max(stop - self.cap, 0)
+            raw = bytes(buf[:stop])
+            if not self.oversized:
                 value, error, duplicate_keys = _classify(raw, truncated=truncated, too_deep=too_deep)
                 yield Record(self.base, raw, value, error, self.bom, duplicate_keys)
-            del buf[:end]
-            self.base += end
+            elif raw:  # else only blanks trailed its last piece: dropped, like any between records
+                yield Record(self.base, raw, error=RECORD_TOO_LARGE, bom=self.bom)
+            del buf[:stop]
+            self.base += stop
 
     def _whole_line(self) -> Record | None:
         """The record when the buffered line from here is one JSON object as it stands (most records are), found
@@ -194,16 +196,24 @@ class _Scanner:
         self.oversized = True
         return record
 
-    def _more(self) -> Generator[Record, None, tuple[int, bool]]:
+    def _more(self, all_in_record: bool = True) -> Generator[Record, None, tuple[int, bool]]:
         """Read on; return (bytes dropped from the buffer's front, whether anything was read).
 
-        Only called once every buffered byte is known to be in the current record, so a full-size piece can be
-        emitted as soon as a non-blank byte lies past the cap (the record is then surely too large).
+        A full-size piece is emitted as soon as the record is surely too large: a non-blank byte lies past the cap,
+        or (when every buffered byte is known to be in the record) the record runs a cap of blanks past it, which
+        is cut like a longer record rather than held to learn whether the blanks trail it (``records`` cuts the
+        same pieces when it meets the record's end first, so chunking never changes them).
         """
-        dropped = 0
-        while len(self.buf) > self.cap and _NON_WS.search(self.buf, self.cap):
-            yield self._piece(self.cap)
-            dropped += self.cap
+        dropped, buf, cap = 0, self.buf, self.cap
+        while len(buf) > cap:
+            # Blanks past the cap are scanned once (``blank_until``): a record holding a long run of them would
+            # otherwise be scanned again at every fill, in time growing with the square of the run.
+            if _NON_WS.search(buf, max(cap, self.blank_until - self.base)) is None:
+                self.blank_until = self.base + len(buf)
+                if not (all_in_record and len(buf) >= 2 * cap):
+                    break
+            yield self._piece(cap)
+            dropped += cap
         return dropped, self._fill()
 
     def _to_line_end(self, i: int) -> Generator[Record, None, int]:
@@ -255,7 +265,7 @@ class _Scanner:
                         j += 1
                     if j < len(buf) and not (buf[j] == _BOM[0] and len(buf) - j < len(_BOM)):
                         break
-                    dropped, more = yield from self._more()
+                    dropped, more = yield from self._more(all_in_record=False)  # blanks after the newline
                     i, j = i - dropped, j - dropped
                     if not more:
                         if j < len(buf):
@@ -286,7 +296,7 @@ class _Scanner:
             m = _NOT_LINE_BLANK.search(buf, i)
             if m is None:
                 i = len(buf)
-                dropped, more = yield from self._more()
+                dropped, more = yield from self._more(all_in_record=False)  # blanks after the close
                 i -= dropped
                 close -= dropped
                 if not more:

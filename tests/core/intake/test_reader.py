@@ -320,6 +320,31 @@ def test_memory_is_bounded_by_the_record_cap_not_the_file() -> None:
     assert peak <= 10_000 + 4096
 
 
+@pytest.mark.parametrize("chunk_size", [1, 7, 4096])
+def test_a_record_holding_a_long_run_of_blanks_is_cut_in_pieces_with_the_buffer_bounded(chunk_size: int) -> None:
+    """Blanks inside an open record are scanned once, and a cap of them past the cap makes the record too large:
+    held whole, a run of blanks grew the buffer with the run and was scanned again at every fill."""
+    data = b'{"a": 1,' + b" " * 100_000 + b'"b": 2}\n{"c": 3}\n' + b'{"d": ' + b" \t\r\n" * 30_000
+    scanner = _Scanner(io.BytesIO(data), 1000, 512, chunk_size)
+    records, peak = [], 0
+    for record in scanner.records():
+        records.append(record)
+        peak = max(peak, len(scanner.buf))
+    assert peak <= 2 * 1000 + chunk_size
+    first, second, third = records[:101], records[101], records[102:]
+    assert b"".join(r.raw for r in first) == data[: data.index(b"\n")] and len(first[-1].raw) == 15
+    assert summary([second]) == [(b'{"c": 3}', None)]
+    # the cut last record: pieces while two caps of it remain, then the blanks trailing the last piece dropped
+    assert b"".join(r.raw for r in third) == data[second.offset + 9 : len(data) - 1006]
+    assert {r.error for r in first + third} == {"record_too_large"} and {len(r.raw) for r in third} == {1000}
+    assert records == read(data, max_record_bytes=1000)
+
+
+def test_a_record_followed_by_blanks_short_of_two_caps_keeps_its_fault() -> None:
+    """Under two caps of blanks the reader holds them, and they trail the record: it is cut, not too large."""
+    assert summary(read(b'{"a": ' + b" " * 1990, max_record_bytes=1000)) == [(b'{"a":', "truncated")]
+
+
 # --- chunk boundaries and arbitrary bytes -------------------------------------------------------------------
 
 CORPUS = b"\n".join(
