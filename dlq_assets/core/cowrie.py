@@ -154,13 +154,30 @@ _REQUESTED_HOST_CHECKS = tuple((name, _is_host if name == "dst_ip" else check) f
 _VALID = ValidationResult(True, ())
 _ABSENT = object()
 
+# What to check of an event, by its event id (None: unknown) and its keys in the order it holds them: the attribute
+# checks that apply and the required attributes it lacks. A log holds a few dozen shapes.
+_Checks = tuple[tuple[str, Callable[[object], bool]], ...]
+_PLANS: dict[tuple[str | None, tuple[str, ...]], tuple[_Checks, tuple[str, ...]]] = {}
+_PLANS_KEPT = 4096
+
+
+def _plan(eventid: str | None, keys: tuple[str, ...]) -> tuple[_Checks, tuple[str, ...]]:
+    checks = _REQUESTED_HOST_CHECKS if eventid and eventid.startswith(_REQUESTED_HOST_PREFIX) else _FIELD_CHECKS
+    present = tuple((name, check) for name, check in checks if name in keys)
+    required = REQUIRED_ATTRIBUTES.get(eventid, ()) if eventid else ()
+    missing = tuple(f"missing_required_field: {name}" for name in required if name not in keys)
+    if len(_PLANS) >= _PLANS_KEPT:
+        _PLANS.clear()
+    _PLANS[eventid, keys] = present, missing
+    return present, missing
+
 
 def validate_event(event: object) -> ValidationResult:
     """Check one parsed event against the catalogue, collecting every error; never changes the event."""
     if not isinstance(event, dict):
         return ValidationResult(False, ("not_an_object",))
     errors: list[str] = []
-    get = event.get  # one lookup per attribute: most events are valid and most attributes absent
+    get = event.get
     eventid = get("eventid", _ABSENT)
     known = isinstance(eventid, str) and eventid in event_ids()
     if eventid is _ABSENT:
@@ -181,12 +198,11 @@ def validate_event(event: object) -> ValidationResult:
     elif not (known and eventid.startswith(_SESSIONLESS_PREFIX)):
         errors.append("missing_session")
 
-    checks = _REQUESTED_HOST_CHECKS if known and eventid.startswith(_REQUESTED_HOST_PREFIX) else _FIELD_CHECKS
+    plan_key = (eventid if known else None, tuple(event))
+    checks, missing = _PLANS.get(plan_key) or _plan(*plan_key)
     for name, check in checks:
-        value = get(name, _ABSENT)
-        if value is not _ABSENT and not check(value):
+        if not check(value := event[name]):
             errors.append(f"invalid_{name}: {value}")
-
-    if known and (required := REQUIRED_ATTRIBUTES.get(eventid)):
-        errors.extend(f"missing_required_field: {name}" for name in required if name not in event)
+    if missing:
+        errors.extend(missing)
     return ValidationResult(False, tuple(errors)) if errors else _VALID
