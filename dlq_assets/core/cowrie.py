@@ -95,8 +95,8 @@ def _is_timestamp(value: object) -> bool:
         parsed = datetime.fromisoformat(value)  # the regex fixes the shape; this rejects month 13, hour 24, ...
     except ValueError:
         return False
-    offset = parsed.utcoffset()  # PostgreSQL's timestamptz refuses offsets past 15:59 (Python takes 23:59)
-    return offset is None or abs(offset) <= _MAX_OFFSET
+    # PostgreSQL's timestamptz refuses offsets past 15:59 (Python takes 23:59); Cowrie writes UTC, as Z
+    return value[-1] == "Z" or abs(parsed.utcoffset()) <= _MAX_OFFSET  # the regex requires an offset
 
 
 def _is_ip(value: object) -> bool:

@@ -129,6 +129,21 @@ def test_loads_keeps_exact_decimals() -> None:
     assert jsonutil.canonical_json(jsonutil.loads("[1.10, 1e2]")) == "[1.10, 100]"
 
 
+@pytest.mark.parametrize("options", [{}, {"unique_keys": True}, {"control_characters": True}])
+def test_integers_past_the_digit_limit_of_int_parse_exactly(options: dict[str, bool]) -> None:
+    """Integers parse in C, which refuses 4,300 digits or more (Python's int limit): such a text is parsed again
+    with them as Decimals, never taken for a text that is not JSON."""
+    digits = "9" * 5000
+    value = jsonutil.loads(f'{{"a": [1, -{digits}], "b": 2}}', **options)
+    assert value == {"a": [1, Decimal(f"-{digits}")], "b": 2} and type(value["a"][0]) is int
+    assert jsonutil.canonical_json(value) == f'{{"a": [1, -{digits}], "b": 2}}'
+    with pytest.raises(json.JSONDecodeError):
+        jsonutil.loads(f'{{"a": {digits}, "b": }}', **options)
+    if options.get("unique_keys"):
+        with pytest.raises(jsonutil.DuplicateKeys):
+            jsonutil.loads(f'{{"a": {digits}, "a": 1}}', **options)
+
+
 def _outcome(parse: object, text: str) -> tuple[object, ...]:
     try:
         return ("value", parse(text))  # type: ignore[operator]
@@ -152,7 +167,7 @@ def test_the_inlined_decode_is_the_decoders(body: str, before: str, after: str) 
     """jsonutil's decode (the decoder's two Python frames inlined) gives the same value, or the same error message at
     the same position, as JSONDecoder.decode: repair's quick fixes read both."""
     text = before + body + after
-    assert _outcome(jsonutil._decode, text) == _outcome(jsonutil._DECODER.decode, text)
+    assert _outcome(jsonutil._decode, text) == _outcome(jsonutil._DECODERS[False, False, False].decode, text)
 
 
 @settings(max_examples=2000, deadline=None)

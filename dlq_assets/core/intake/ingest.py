@@ -318,7 +318,8 @@ def _event_line(prefix: str, e: _Event) -> str:
     return (
         f"{prefix}{e.offset}\t{e.eventid}\t{_NULL if e.session is None else e.session}"
         f"\t{_NULL if e.src_ip is None else e.src_ip}\t{e.timestamp}\t{e.payload.replace(chr(92), chr(92) * 2)}"
-        f"\t{e.checksum}\t{_copy_field(e.original_text)}\t{'t' if e.duplicate_keys else 'f'}\n"
+        f"\t{e.checksum}\t{_NULL if e.original_text is None else _copy_field(e.original_text)}"
+        f"\t{'t' if e.duplicate_keys else 'f'}\n"
     )
 
 
