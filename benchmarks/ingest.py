@@ -37,8 +37,18 @@ from dlq_assets.core.intake.compressed import open_log
 from dlq_assets.core.intake.ingest import is_cut_record, is_event
 from dlq_assets.core.intake.reader import read_records
 
-RAW_COLUMNS = ("source", "source_inode", "source_offset", "eventid", "session", "src_ip", "event_timestamp",
-               "payload", "payload_checksum", "original_text", "duplicate_keys")  # fmt: skip
+RAW_COLUMNS = (
+    "source",
+    "source_inode",
+    "source_offset",
+    "eventid",
+    "session",
+    "src_ip",
+    "event_timestamp",
+    "payload",
+    "original_text",
+    "duplicate_keys",
+)  # fmt: skip (payload_checksum: generated)
 DLQ_COLUMNS = ("ingest_id", "source", "source_inode", "source_offset", "reason", "payload", "payload_checksum",
                "metadata_json", "priority", "classification")  # fmt: skip
 TABLES = ("raw_events", "dead_letter_events", "dlq_poison_events", "dlq_idempotency_keys")

@@ -648,10 +648,10 @@ def _floor_write_and_complete(conn: psycopg.Connection[Any], lease: Any, ids: li
     with conn.transaction():
         conn.execute(
             """
-            INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum,
-                                    dlq_event_id, repair_strategy)
-            SELECT source, source_inode, source_offset, coalesce(payload ->> 'eventid', 'floor'), payload,
-                   payload_checksum, id, 'floor'
+            INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, dlq_event_id,
+                                    repair_strategy)
+            SELECT source, source_inode, source_offset, coalesce(payload ->> 'eventid', 'floor'), payload, id,
+                   'floor'
               FROM dead_letter_events WHERE id = ANY (%b)
             ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
             """,

@@ -142,8 +142,9 @@ $$;
 
 -- The SHA-256 of a payload's text. STABLE, as convert_to() is: PostgreSQL inlines a SQL function only when it is
 -- no stricter than its body, and inlined it costs 1.6 µs a call against 2.5-4.8 µs as a function call of its
--- own (benchmarks/README.md); it runs once per event ingested (the insert trigger) and once per repaired event
--- written to raw_events. No index, constraint or generated column uses it, so STABLE is enough.
+-- own (benchmarks/README.md); it runs once per dead letter inserted (the insert trigger). No index, constraint or
+-- generated column uses it, so STABLE is enough: raw_events.payload_checksum, a generated column, spells the same
+-- checksum in immutable functions (migration 0025).
 
 CREATE OR REPLACE FUNCTION dlq_payload_checksum(p_payload jsonb) RETURNS text
     LANGUAGE sql STABLE STRICT PARALLEL SAFE

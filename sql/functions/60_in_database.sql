@@ -123,11 +123,11 @@ BEGIN
     END LOOP;
 
     INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp, payload,
-                            payload_checksum, dlq_event_id, repair_strategy)
+                            dlq_event_id, repair_strategy)
     SELECT coalesce(e.source, 'dlq-repair'), CASE WHEN e.source IS NULL THEN '' ELSE coalesce(e.source_inode, '') END,
            CASE WHEN e.source IS NULL OR e.source_offset IS NULL THEN e.id ELSE e.source_offset END,
            e.payload ->> 'eventid', e.payload ->> 'session', (e.payload ->> 'src_ip')::inet,
-           (e.payload ->> 'timestamp')::timestamptz, e.payload, e.payload_checksum, e.id, 'replay:sql'
+           (e.payload ->> 'timestamp')::timestamptz, e.payload, e.id, 'replay:sql'
       FROM dead_letter_events e
      WHERE e.id = ANY (v_write) AND e.processing_lock = v_lease
     ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING;

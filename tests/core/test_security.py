@@ -57,8 +57,8 @@ def seeded(conn: psycopg.Connection) -> Seed:
             (Jsonb(payload), jsonutil.payload_checksum(payload), f"poison:{classification}", classification),
         ).fetchone()
     conn.execute(
-        "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum) "
-        "VALUES ('/var/log/cowrie.json', '1', 0, 'cowrie.session.connect', '{}', repeat('a', 64))"
+        "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload) "
+        "VALUES ('/var/log/cowrie.json', '1', 0, 'cowrie.session.connect', '{}')"
     )
     conn.execute(
         "INSERT INTO dlq_processing_metrics (processing_session_id, processing_method, batch_size, processed_count, "
@@ -174,8 +174,8 @@ READER_DENIED = [
     POISON_INSERT.replace("'{}')", "NULL)"),
     "UPDATE dlq_poison_events SET redrive_count = redrive_count + 1",
     "DELETE FROM dlq_poison_events",
-    "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum) "
-    "VALUES ('probe', '2', 1, 'probe', '{}', repeat('b', 64))",
+    "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload) "
+    "VALUES ('probe', '2', 1, 'probe', '{}')",
     "UPDATE raw_events SET repair_strategy = 'probe'",
     "DELETE FROM raw_events",
     "INSERT INTO dlq_processing_metrics (processing_session_id, processing_method, batch_size, processed_count, "

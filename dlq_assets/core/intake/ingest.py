@@ -108,6 +108,7 @@ class _RawRow(NamedTuple):
     event: dict[str, Any]
     original_text: str | None  # set when the stored payload had to differ from the record
     duplicate_keys: bool = False  # the record held a key twice: the payload keeps the last, original_text all
+    text: str | None = None  # the record's text, when it is the payload as it stands (jsonb reads it as Python did)
 
 
 class _DeadLetter(NamedTuple):
@@ -183,7 +184,7 @@ def route(record: Record) -> _RawRow | _DeadLetter:
         if result.valid:
             if record.duplicate_keys:
                 return _RawRow(record.offset, record.value, record.raw.decode("utf-8"), duplicate_keys=True)
-            return _RawRow(record.offset, record.value, None)
+            return _RawRow(record.offset, record.value, None, text=record.raw.decode("utf-8"))
         if record.duplicate_keys:  # as jsonb it would lose a value: the record is kept as its text
             payload, form = _wrap(record.raw)
         else:
@@ -203,7 +204,8 @@ def route(record: Record) -> _RawRow | _DeadLetter:
 
 
 class _Event(NamedTuple):
-    """A raw_events row as written: the event rendered (canonical payload, checksum), its parsed value let go."""
+    """A raw_events row as written: the payload as text (the record's own, else rendered), its parsed value let go.
+    The server derives the checksum from the payload it stores (a generated column)."""
 
     offset: int
     eventid: str
@@ -211,7 +213,6 @@ class _Event(NamedTuple):
     src_ip: str | None
     timestamp: str  # validated ISO 8601 with its offset: the server reads it as Python does
     payload: str
-    checksum: str
     original_text: str | None
     duplicate_keys: bool
 
@@ -234,7 +235,8 @@ def _rendered(row: _RawRow | _DeadLetter) -> _Event | _Letter:
         event = row.event
         session = event.get("session")
         return _Event(row.offset, event["eventid"], session if isinstance(session, str) else None,
-                      event.get("src_ip"), event["timestamp"], *jsonutil.canonical_with_checksum(event),
+                      event.get("src_ip"), event["timestamp"],
+                      jsonutil.canonical_json(event) if row.text is None else row.text,
                       row.original_text, row.duplicate_keys)  # fmt: skip
     return _Letter(row.offset, row.reason, *jsonutil.canonical_with_checksum(row.payload), json.dumps(row.metadata),
                    row.priority, row.classification, "duplicate_keys" in row.metadata)  # fmt: skip
@@ -247,18 +249,17 @@ def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: li
     cur = conn.execute(
         """
         INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp,
-                                payload, payload_checksum, original_text, duplicate_keys)
+                                payload, original_text, duplicate_keys)
         SELECT %(source)s, %(inode)s, r.off, r.eventid, r.session, r.src_ip::inet, r.ts::timestamptz,
-               r.payload::jsonb, r.checksum, r.original, r.duplicate_keys
+               r.payload::jsonb, r.original, r.duplicate_keys
           FROM unnest(%(offsets)s::bigint[], %(eventids)s::text[], %(sessions)s::text[], %(ips)s::text[],
-                      %(timestamps)s::text[], %(payloads)b::text[], %(checksums)s::text[], %(originals)b::text[],
-                      %(duplicates)s::boolean[])
-               AS r(off, eventid, session, src_ip, ts, payload, checksum, original, duplicate_keys)
+                      %(timestamps)s::text[], %(payloads)b::text[], %(originals)b::text[], %(duplicates)s::boolean[])
+               AS r(off, eventid, session, src_ip, ts, payload, original, duplicate_keys)
         ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
         """,
         {"source": source, "inode": inode} | dict(zip(
-            ("offsets", "eventids", "sessions", "ips", "timestamps", "payloads", "checksums", "originals",
-             "duplicates"), map(list, zip(*rows, strict=True)), strict=True)),
+            ("offsets", "eventids", "sessions", "ips", "timestamps", "payloads", "originals", "duplicates"),
+            map(list, zip(*rows, strict=True)), strict=True)),
     )  # fmt: skip
     return cur.rowcount
 
@@ -298,7 +299,7 @@ _COPY_ESCAPES = str.maketrans({"\\": "\\\\", "\t": "\\t", "\n": "\\n", "\r": "\\
 _NULL = "\\N"
 _COPY_RAW = """
     COPY raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp, payload,
-                     payload_checksum, original_text, duplicate_keys) FROM STDIN (ENCODING 'UTF8')
+                     original_text, duplicate_keys) FROM STDIN (ENCODING 'UTF8')
 """
 _COPY_DEAD = """
     COPY dead_letter_events (ingest_id, source, source_inode, source_offset, reason, payload, payload_checksum,
@@ -312,13 +313,21 @@ def _copy_field(value: str | None) -> str:
     return _NULL if value is None else value.translate(_COPY_ESCAPES)
 
 
+def _copy_text(value: str) -> str:
+    """``_copy_field`` of a text that holds no tab, newline or carriage return as it mostly does (a JSON line):
+    ``translate`` looks up every character, ``replace`` and ``in`` scan in C."""
+    if "\t" in value or "\n" in value or "\r" in value:
+        return value.translate(_COPY_ESCAPES)
+    return value.replace("\\", "\\\\")
+
+
 def _event_line(prefix: str, e: _Event) -> str:
     """One raw_events row in COPY text format. Validation fixed the shape of eventid, session, src_ip and timestamp:
-    no tab, newline or backslash in them; a canonical payload holds no raw tab or newline."""
+    no tab, newline or backslash in them."""
     return (
         f"{prefix}{e.offset}\t{e.eventid}\t{_NULL if e.session is None else e.session}"
-        f"\t{_NULL if e.src_ip is None else e.src_ip}\t{e.timestamp}\t{e.payload.replace(chr(92), chr(92) * 2)}"
-        f"\t{e.checksum}\t{_NULL if e.original_text is None else _copy_field(e.original_text)}"
+        f"\t{_NULL if e.src_ip is None else e.src_ip}\t{e.timestamp}\t{_copy_text(e.payload)}"
+        f"\t{_NULL if e.original_text is None else _copy_field(e.original_text)}"
         f"\t{'t' if e.duplicate_keys else 'f'}\n"
     )
 

@@ -86,7 +86,6 @@ class Target(NamedTuple):
     dlq_event_id: int
     strategy: str
     text: str | None = None  # JSON text of ``event`` when at hand: written as it is, not rendered again
-    checksum: str | None = None  # of the canonical form, when known (else the database computes it)
 
 
 class Outcome(NamedTuple):
@@ -129,7 +128,6 @@ def _target(
     repaired: dict[str, Any],
     strategy: str,
     text: str | None = None,
-    checksum: str | None = None,
     at: int = 0,
     part: int = 0,
 ) -> Target:
@@ -138,10 +136,9 @@ def _target(
     under its id at their byte offsets)."""
     if event.source is None or event.source_offset is None:
         if part:
-            return Target(repaired, "dlq-repair", str(event.id), at, event.id, strategy, text, checksum)
-        return Target(repaired, "dlq-repair", "", event.id, event.id, strategy, text, checksum)
-    return Target(repaired, event.source, event.source_inode or "", event.source_offset + at, event.id, strategy,
-                  text, checksum)  # fmt: skip
+            return Target(repaired, "dlq-repair", str(event.id), at, event.id, strategy, text)
+        return Target(repaired, "dlq-repair", "", event.id, event.id, strategy, text)
+    return Target(repaired, event.source, event.source_inode or "", event.source_offset + at, event.id, strategy, text)
 
 
 def _resolved(event: ClaimedEvent, result: RepairResult) -> Outcome:
@@ -256,7 +253,7 @@ class ReplayHandler:
             payload = event.payload
             result = validate_event(payload)
             if result.valid:
-                target = _target(event, payload, "replay", event.payload_text, event.payload_checksum)  # verified
+                target = _target(event, payload, "replay", event.payload_text)
                 outcomes.append(Outcome(event.id, "resolved", "replay", target=target))
             else:
                 outcomes.append(
