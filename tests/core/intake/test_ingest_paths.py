@@ -680,3 +680,16 @@ def test_workers_end_when_their_parent_is_killed(db_url: str, tmp_path: Path) ->
     while (alive := {pid for pid in workers if Path(f"/proc/{pid}").exists()}) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive
+
+
+def test_an_event_whose_timestamp_postgresql_refuses_is_a_dead_letter_not_a_failed_file(
+    db_url: str, tmp_path: Path
+) -> None:
+    """An offset with 90 minutes parses in Python but not as timestamptz: sent to raw_events it failed the batch's
+    write, and the file with it, at every ingest. Validation refuses it, so it waits in the DLQ like any other."""
+    log = write_log(
+        tmp_path / "cowrie.json", dumps(CONNECT), dumps({**CONNECT, "timestamp": "2018-05-01T12:34:56+05:90"})
+    )
+    report = ingest_paths([log], url=db_url)
+    assert (report.raw_inserted, report.dlq_inserted, dict(report.dlq_reasons)) == (1, 1, {"validation_failed": 1})
+    assert placed(db_url) == expected(log)
