@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shutil
 import threading
+import uuid
 from pathlib import Path
 
 import psycopg
 import pytest
 
 from dlq_assets.core import migrations
+from dlq_assets.core.db import with_database
 from dlq_assets.core.migrations import ChangedMigrationError, MigrationError, discover, migrate
 
 
@@ -97,3 +100,53 @@ def test_apply_in_transaction_leaves_the_commit_to_the_caller(empty_db_url: str)
         migrations.apply_in_transaction(conn)
         conn.commit()
     assert len(recorded(empty_db_url)) == len(discover())
+
+
+def test_the_generated_checksum_keeps_every_stored_event_and_derives_its_checksum(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """A database holding events written with their checksum sent by the writer, upgraded: every row stays, and its
+    checksum is the table's, equal to dlq_payload_checksum (and to what the writer had sent)."""
+    source = migrations.sql_dir()
+    generated = next(m for m in discover() if m.name == "0025_raw_events_checksum_generated")
+    (tmp_path / "migrations").mkdir()
+    for m in discover():
+        if m.version < generated.version:
+            (tmp_path / "migrations" / f"{m.name}.sql").write_text(m.sql, encoding="utf-8")
+    shutil.copytree(source / "functions", tmp_path / "functions")
+    migrate(empty_db_url, directory=tmp_path)
+    payloads = ['{"b": "caf\\u00e9 \\\\ \\"x\\"", "a": [1.50, 1e2, -0]}', '{"k": "日本 \\n\\t"}', "{}"]
+    with psycopg.connect(empty_db_url) as conn:
+        for offset, text in enumerate(payloads):
+            conn.execute(
+                "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum) "
+                "VALUES ('up', '1', %s, 'x', %s::jsonb, dlq_payload_checksum(%s::jsonb))",
+                (offset, text, text),
+            )
+        before = conn.execute("SELECT source_offset, payload, payload_checksum FROM raw_events ORDER BY 1").fetchall()
+    (tmp_path / "migrations" / f"{generated.name}.sql").write_text(generated.sql, encoding="utf-8")
+    assert [m.version for m in migrate(empty_db_url, directory=tmp_path)] == [generated.version]
+    with psycopg.connect(empty_db_url) as conn:
+        after = conn.execute("SELECT source_offset, payload, payload_checksum FROM raw_events ORDER BY 1").fetchall()
+        assert conn.execute(
+            "SELECT count(*) FROM raw_events WHERE payload_checksum = dlq_payload_checksum(payload)"
+        ).fetchone() == (3,)
+        with pytest.raises(psycopg.errors.GeneratedAlways):
+            conn.execute(
+                "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload, payload_checksum) "
+                "VALUES ('up', '1', 9, 'x', '{}', repeat('0', 64))"
+            )
+    assert after == before
+
+
+def test_a_database_not_in_utf8_is_refused_by_name(server_url: str) -> None:
+    """The generated checksum takes the payload text's bytes: in another encoding they are not its UTF-8."""
+    name = f"dlq_latin1_{uuid.uuid4().hex[:8]}"
+    with psycopg.connect(server_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name} ENCODING 'LATIN1' LC_COLLATE 'C' LC_CTYPE 'C' TEMPLATE template0")
+    try:
+        with pytest.raises(MigrationError, match="the DLQ needs a UTF8 database; this one is LATIN1"):
+            migrate(with_database(server_url, name))
+    finally:
+        with psycopg.connect(server_url, autocommit=True) as conn:
+            conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
