@@ -46,8 +46,8 @@ def ingest(ctx: click.Context, paths: tuple[Path, ...], batch_size: int, workers
                    f"offset {held['offset']}", err=True)  # fmt: skip
     for new in report.rewritten_files:
         click.echo(f"rewritten: {visible(new['path'])}: truncated in place and written again since its last ingest "
-                   f"(smaller, or its first bytes differ): its content is read as generation {new['generation']}, "
-                   f"keyed apart from what was read before", err=True)  # fmt: skip
+                   f"({', '.join(new['why'])}): its content is read as generation {new['generation']}, keyed apart "
+                   "from what was read before", err=True)  # fmt: skip
     if skipped := Counter(s["reason"] for s in report.skipped_files):
         total_skipped = sum(skipped.values())
         click.echo(f"skipped {total_skipped} director{'y entry' if total_skipped == 1 else 'y entries'}: "

@@ -71,6 +71,7 @@ class IngestReport:
     raw_duplicates: int = 0
     dlq_inserted: int = 0
     dlq_duplicates: int = 0
+    dlq_superseded: int = 0  # dead letters of cut reads resolved: the whole record read at their position since
     sanitized: int = 0
     boms_skipped: int = 0
     duplicate_keys: int = 0  # records holding a key twice: kept whole as text beside the payload, and flagged
@@ -386,8 +387,10 @@ class _Batch:
         return self
 
 
-def _write(conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: str, batch: _Batch) -> tuple[int, int]:
-    """Write one batch in one transaction: (events inserted, dead letters inserted).
+def _write(
+    conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: str, batch: _Batch
+) -> tuple[int, int, int]:
+    """Write one batch in one transaction: (events inserted, dead letters inserted, dead letters superseded).
 
     By COPY where no earlier read of the file reached (the insert trigger still keeps one dead letter per key),
     else by the insert path, which skips what is stored: also when another ingest of the same file stores one of
@@ -396,23 +399,46 @@ def _write(conn: psycopg.Connection[Any], source: str, inode: str, ingest_id: st
         with conn.transaction():
             if _unseen(conn, source, inode, batch.first, batch.last):
                 raw = _copy(conn, _COPY_RAW, batch.event_copy) if batch.events else 0
-                return raw, _copy(conn, _COPY_DEAD, batch.letter_copy) if batch.letters else 0
+                dead = _copy(conn, _COPY_DEAD, batch.letter_copy) if batch.letters else 0
+                return raw, dead, _supersede(conn, source, inode, batch)
     except psycopg.errors.UniqueViolation:
         pass
     with conn.transaction():
         return (
             _insert_raw(conn, source, inode, batch.events),
             _insert_dead_letters(conn, source, inode, ingest_id, batch.letters),
+            _supersede(conn, source, inode, batch),
         )
 
 
-def _count(report: IngestReport, batch: _Batch, raw_inserted: int, dlq_inserted: int) -> None:
+def _supersede(conn: psycopg.Connection[Any], source: str, inode: str, batch: _Batch) -> int:
+    """Resolve the dead letters an earlier read left where this one reads a whole event: a file left alone with a
+    cut end (stored as a dead letter) that its writer completed later. The record is kept once, in raw_events; the
+    cut read is resolved ``superseded``. One index probe when the range holds no unresolved dead letter."""
+    if not batch.events:
+        return 0
+    probe = """SELECT EXISTS (SELECT FROM dead_letter_events WHERE source = %s AND source_offset BETWEEN %s AND %s
+                                 AND NOT resolved AND source_inode = %s)"""
+    if not conn.execute(probe, (source, batch.first, batch.last, inode)).fetchone()[0]:
+        return 0
+    return conn.execute(
+        """UPDATE dead_letter_events
+              SET resolved = true, resolved_at = now(), resolution_method = 'superseded', last_processed_at = now(),
+                  processing_lock = NULL, lock_expires_at = NULL
+            WHERE source = %s AND source_inode = %s AND source_offset = ANY (%s) AND NOT resolved
+              AND quarantined_at IS NULL""",
+        (source, inode, [e.offset for e in batch.events]),
+    ).rowcount
+
+
+def _count(report: IngestReport, batch: _Batch, raw_inserted: int, dlq_inserted: int, superseded: int) -> None:
     events, letters = batch.events, batch.letters
     report.records += batch.records
     report.raw_inserted += raw_inserted
     report.raw_duplicates += len(events) - raw_inserted
     report.dlq_inserted += dlq_inserted
     report.dlq_duplicates += len(letters) - dlq_inserted
+    report.dlq_superseded += superseded
     report.sanitized += sum(1 for e in events if e.original_text is not None and not e.duplicate_keys)
     report.duplicate_keys += sum(1 for e in events if e.duplicate_keys) + sum(1 for d in letters if d.duplicate_keys)
     report.boms_skipped += batch.boms
@@ -531,7 +557,7 @@ def _tail_letter(stream: LogStream, damage: Damage) -> tuple[_DeadLetter, int]:
 def _written(
     report: IngestReport,
     batch: _Batch,
-    write: Future[tuple[int, int]],
+    write: Future[tuple[int, int, int]],
     reported: int,
     on_batch: Callable[[int], None] | None,
 ) -> int:
@@ -547,38 +573,51 @@ def _written(
 HEAD_BYTES = 4096
 
 
-def _file_key(conn: psycopg.Connection[Any], source: str, fd: int, opened: os.stat_result, report: IngestReport) -> str:
+def _file_key(conn: psycopg.Connection[Any], source: str, fd: int, report: IngestReport) -> str:
     """The key of the file's positions (``source_inode``): its inode, and from its second generation on
     ``<inode>.<generation>``.
 
     A file truncated in place and written again (logrotate's copytruncate) keeps its inode and reuses byte offsets,
-    so its positions need another key: it is known by first bytes that differ from the ones read before, or by a
-    size below the one seen before. A file that only grew keeps its key."""
-    inode = str(opened.st_ino)
-    head = os.pread(fd, min(HEAD_BYTES, opened.st_size), 0)
+    so its positions need another key. It is known by its first bytes or the bytes just before the end seen last
+    differing from the ones read then (a cut back to a shorter prefix, appended to past the old end), or by a size
+    below the one seen before. A file that only grew keeps both, and its key. The file is looked at while its row
+    is locked, so two ingests of a growing file see it grow in the order they record it."""
+    inode = str(os.fstat(fd).st_ino)
     with conn.transaction():
         conn.execute(
-            """INSERT INTO dlq_source_files (source, inode, head, size) VALUES (%s, %s, %s, %s)
+            """INSERT INTO dlq_source_files (source, inode, head, size) VALUES (%s, %s, '', 0)
                ON CONFLICT (source, inode) DO NOTHING""",
-            (source, inode, head, opened.st_size),
+            (source, inode),
         )
-        generation, known, size = conn.execute(
-            "SELECT generation, head, size FROM dlq_source_files WHERE source = %s AND inode = %s FOR UPDATE",
+        generation, known_head, known_tail, known_size = conn.execute(
+            "SELECT generation, head, tail, size FROM dlq_source_files WHERE source = %s AND inode = %s FOR UPDATE",
             (source, inode),
         ).fetchone()
-        rewritten = opened.st_size < size or not head.startswith(known)
-        if rewritten:
+        size = os.fstat(fd).st_size
+        head = os.pread(fd, min(HEAD_BYTES, size), 0)
+        tail = os.pread(fd, min(HEAD_BYTES, size), size - min(HEAD_BYTES, size))
+        changed = [
+            why
+            for why, differs in (
+                ("smaller", size < known_size),
+                ("first bytes differ", not head.startswith(known_head)),
+                ("bytes before the end read last differ",
+                 size >= known_size and os.pread(fd, len(known_tail), known_size - len(known_tail)) != known_tail),
+            )
+            if differs
+        ]  # fmt: skip
+        if changed:
             generation += 1
             report.rewritten_files.append(
-                {"path": source, "inode": inode, "generation": generation, "size_before": size,
-                 "size": opened.st_size, "first_bytes_differ": not head.startswith(known)}
+                {"path": source, "inode": inode, "generation": generation, "size_before": known_size, "size": size,
+                 "why": changed}
             )  # fmt: skip
         conn.execute(
             """UPDATE dlq_source_files
-                  SET generation = %s, head = %s, size = %s, seen_at = now(),
+                  SET generation = %s, head = %s, tail = %s, size = %s, seen_at = now(),
                       generation_started_at = CASE WHEN %s THEN now() ELSE generation_started_at END
                 WHERE source = %s AND inode = %s""",
-            (generation, head, opened.st_size, rewritten, source, inode),
+            (generation, head, tail, size, bool(changed), source, inode),
         )
     return inode if generation == 1 else f"{inode}.{generation}"
 
@@ -665,7 +704,7 @@ def ingest_file(
     corrupt = _corruption(path)
     with open_log(path) as stream:
         opened = os.fstat(stream.fileno())  # of the file opened, even if the path changed since
-        inode = _file_key(conn, source, stream.fileno(), opened, report)
+        inode = _file_key(conn, source, stream.fileno(), report)
         data: LogStream | _Prefix = stream
         if corrupt is not None:
             # Data of a corrupt member is read only up to where the member starts: its checksum failed, so the bytes
@@ -679,7 +718,7 @@ def ingest_file(
         records = _unless_being_written(records, stream, source, report)
         # One batch is written (a thread, waiting on the server) while the next is read and rendered.
         with _writer_thread() as writer:
-            writing: tuple[_Batch, Future[tuple[int, int]]] | None = None
+            writing: tuple[_Batch, Future[tuple[int, int, int]]] | None = None
             for batch in _batches(records, batch_size, batch_bytes):
                 prepared = batch.seal(source, inode, report.ingest_id, stream.bytes_read)
                 if writing is not None:

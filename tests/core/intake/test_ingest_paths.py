@@ -79,12 +79,13 @@ def stored(url: str) -> dict[str, list[dict[str, Any]]]:
         return {t: [{k: v for k, v in row.items() if k not in PER_RUN} for row in rows(conn, t)] for t in TABLES}
 
 
-def placed(url: str) -> list[tuple[str, int]]:
-    """(source, offset) of every row of both tables, sorted: a record twice shows as a repeated pair."""
+def placed(url: str, key: str = "source") -> list[tuple[str, int]]:
+    """(source, or another key column, offset) of every row of both tables, sorted: a record twice shows as a
+    repeated pair."""
     with psycopg.connect(url) as conn:
         return sorted(
-            conn.execute("SELECT source, source_offset FROM raw_events "
-                         "UNION ALL SELECT source, source_offset FROM dead_letter_events").fetchall()
+            conn.execute(f"SELECT {key}, source_offset FROM raw_events "
+                         f"UNION ALL SELECT {key}, source_offset FROM dead_letter_events").fetchall()
         )  # fmt: skip
 
 
@@ -337,11 +338,7 @@ def test_the_insert_path_writes_any_character_under_a_latin1_client_encoding(
 
 def keys(url: str) -> list[tuple[str, int]]:
     """(source_inode, offset) of every row of both tables, sorted."""
-    with psycopg.connect(url) as conn:
-        return sorted(
-            conn.execute("SELECT source_inode, source_offset FROM raw_events "
-                         "UNION ALL SELECT source_inode, source_offset FROM dead_letter_events").fetchall()
-        )  # fmt: skip
+    return placed(url, "source_inode")
 
 
 def test_a_log_truncated_in_place_and_rewritten_keeps_its_new_records(db_url: str, tmp_path: Path) -> None:
@@ -392,10 +389,32 @@ def test_a_log_cut_back_to_an_earlier_size_loses_none_of_what_is_appended_after(
     with log.open("ab") as out:
         out.write((dumps({**CONNECT, "src_port": 9999}) + "\n").encode())
     report = ingest_paths([log], url=db_url)
-    assert report.raw_inserted == 21 and report.rewritten_files[0]["first_bytes_differ"] is False
+    assert report.raw_inserted == 21 and report.rewritten_files[0]["why"] == ["smaller"]
     with psycopg.connect(db_url) as conn:
         ports = conn.execute("SELECT payload -> 'src_port' FROM raw_events WHERE source_inode LIKE '%.2'").fetchall()
     assert sorted(p for (p,) in ports) == [*range(100, 120), 9999]
+
+
+def test_a_log_cut_back_past_its_first_bytes_and_appended_beyond_its_old_end_keeps_every_new_record(
+    db_url: str, tmp_path: Path
+) -> None:
+    """Its first 4 KiB unchanged and larger than before: only the bytes before the end read last tell it from a file
+    that grew (new records there would sit at offsets stored for old ones)."""
+    old = [dumps({**CONNECT, "src_port": port, "message": "x" * 60}) for port in range(1000, 1030)]
+    log = write_log(tmp_path / "cowrie.json", *old)
+    ingest_paths([log], url=db_url)
+    os.truncate(log, 20 * (len(old[0]) + 1))
+    with log.open("ab") as out:
+        out.writelines((dumps({**CONNECT, "src_port": port, "message": "y" * 60}) + "\n").encode()
+                       for port in range(2000, 2020))  # fmt: skip
+    left_alone(log)
+    report = ingest_paths([log], url=db_url)
+    assert [r["why"] for r in report.rewritten_files] == [["bytes before the end read last differ"]]
+    assert report.raw_inserted == 40  # the 20 records kept, again under the new key, and the 20 new ones
+    with psycopg.connect(db_url) as conn:
+        ports = conn.execute("SELECT (payload -> 'src_port')::int FROM raw_events WHERE source_inode LIKE '%.2'")
+        assert sorted(p for (p,) in ports) == [*range(1000, 1020), *range(2000, 2020)]
+    assert ingest_paths([log], url=db_url).rewritten_files == []
 
 
 def test_a_file_that_grew_keeps_its_key_and_its_first_bytes_are_kept_for_the_next_read(
@@ -439,6 +458,28 @@ def test_the_cut_end_of_a_file_left_alone_is_a_dead_letter(db_url: str, tmp_path
         1, 1, [], {"truncated": 1},
     )  # fmt: skip
     assert placed(db_url) == expected(log)
+
+
+def test_a_finished_cut_end_completed_later_ends_in_one_place(db_url: str, tmp_path: Path) -> None:
+    """A file left alone with its last record cut (stored as a truncated dead letter) whose writer completes it
+    later: the whole record goes to raw_events, and the dead letter of the cut read is resolved, superseded."""
+    whole = [dumps({**CONNECT, "src_port": port}) for port in range(3)]
+    log = tmp_path / "cowrie.json"
+    log.write_text("\n".join(whole)[:-100])
+    left_alone(log)
+    first = ingest_paths([log], url=db_url)
+    assert (first.raw_inserted, dict(first.dlq_reasons)) == (2, {"truncated": 1})
+    with log.open("a") as out:
+        out.write("\n".join(whole)[-100:] + "\n")
+    left_alone(log)
+    second = ingest_paths([log], url=db_url)
+    assert (second.raw_inserted, second.dlq_superseded, second.rewritten_files) == (1, 1, [])
+    with psycopg.connect(db_url) as conn:
+        letter = conn.execute("SELECT source_offset, resolved, resolution_method FROM dead_letter_events").fetchall()
+        pending = conn.execute("SELECT pending_events FROM dlq_health").fetchone()
+    cut_at = 2 * (len(whole[0]) + 1)
+    assert letter == [(cut_at, True, "superseded")] and pending == (0,)
+    assert ingest_paths([log], url=db_url).dlq_superseded == 0
 
 
 def test_a_gzip_file_being_compressed_is_read_up_to_its_cut_and_the_rest_later(db_url: str, tmp_path: Path) -> None:
