@@ -1,7 +1,7 @@
 -- raw_events.payload_checksum is derived by the table from the payload it stores, as dead letters' checksums are
 -- (their insert trigger), rather than sent by every writer: it always describes the stored payload, and writers
 -- send an event's own text as its payload (jsonb reads it as the reader's parser did) instead of rendering the
--- canonical form first, which was a fifth of intake's Python time.
+-- canonical form first (a fifth of intake's Python time).
 --
 -- The expression is dlq_payload_checksum's in immutable functions, as a generated column needs: convert_to() is
 -- only stable, while in a UTF-8 database decode(..., 'escape') takes a text's bytes, its UTF-8, as they are once
