@@ -37,18 +37,9 @@ from dlq_assets.core.intake.compressed import open_log
 from dlq_assets.core.intake.ingest import is_cut_record, is_event
 from dlq_assets.core.intake.reader import read_records
 
-RAW_COLUMNS = (
-    "source",
-    "source_inode",
-    "source_offset",
-    "eventid",
-    "session",
-    "src_ip",
-    "event_timestamp",
-    "payload",
-    "original_text",
-    "duplicate_keys",
-)  # fmt: skip (payload_checksum: generated)
+# raw_events' columns but payload_checksum, which the table generates
+RAW_COLUMNS = ("source", "source_inode", "source_offset", "eventid", "session", "src_ip", "event_timestamp",
+               "payload", "original_text", "duplicate_keys")  # fmt: skip
 DLQ_COLUMNS = ("ingest_id", "source", "source_inode", "source_offset", "reason", "payload", "payload_checksum",
                "metadata_json", "priority", "classification")  # fmt: skip
 TABLES = ("raw_events", "dead_letter_events", "dlq_poison_events", "dlq_idempotency_keys")

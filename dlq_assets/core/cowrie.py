@@ -205,6 +205,5 @@ def validate_event(event: object) -> ValidationResult:
     for name, check in checks:
         if not check(value := event[name]):
             errors.append(f"invalid_{name}: {value}")
-    if missing:
-        errors.extend(missing)
+    errors.extend(missing)
     return ValidationResult(False, tuple(errors)) if errors else _VALID

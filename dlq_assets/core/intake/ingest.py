@@ -311,12 +311,10 @@ _COPY_PIECE = 1 << 16
 
 
 def _copy_field(value: str | None) -> str:
-    return _NULL if value is None else value.translate(_COPY_ESCAPES)
-
-
-def _copy_text(value: str) -> str:
-    """``_copy_field`` of a text that holds no tab, newline or carriage return as it mostly does (a JSON line):
-    ``translate`` looks up every character, ``replace`` and ``in`` scan in C."""
+    """A field in COPY text format. Most texts (a JSON line) hold no tab, newline or carriage return: then only
+    backslashes need doubling, and ``replace`` and ``in`` scan in C where ``translate`` looks up every character."""
+    if value is None:
+        return _NULL
     if "\t" in value or "\n" in value or "\r" in value:
         return value.translate(_COPY_ESCAPES)
     return value.replace("\\", "\\\\")
@@ -327,8 +325,8 @@ def _event_line(prefix: str, e: _Event) -> str:
     no tab, newline or backslash in them."""
     return (
         f"{prefix}{e.offset}\t{e.eventid}\t{_NULL if e.session is None else e.session}"
-        f"\t{_NULL if e.src_ip is None else e.src_ip}\t{e.timestamp}\t{_copy_text(e.payload)}"
-        f"\t{_NULL if e.original_text is None else _copy_field(e.original_text)}"
+        f"\t{_NULL if e.src_ip is None else e.src_ip}\t{e.timestamp}\t{_copy_field(e.payload)}"
+        f"\t{_copy_field(e.original_text)}"
         f"\t{'t' if e.duplicate_keys else 'f'}\n"
     )
 
@@ -568,8 +566,8 @@ def _written(
     return batch.bytes_read
 
 
-# A file's first bytes on disk, kept to know it again: a Cowrie log's first line alone (its timestamp to the
-# microsecond) tells one generation of a file from the next.
+# How much of a file's start, and of its bytes before the end read last, is kept to know it again: a Cowrie log's
+# line alone (its timestamp to the microsecond) tells one generation of a file from the next.
 HEAD_BYTES = 4096
 
 
@@ -596,16 +594,13 @@ def _file_key(conn: psycopg.Connection[Any], source: str, fd: int, report: Inges
         size = os.fstat(fd).st_size
         head = os.pread(fd, min(HEAD_BYTES, size), 0)
         tail = os.pread(fd, min(HEAD_BYTES, size), size - min(HEAD_BYTES, size))
-        changed = [
-            why
-            for why, differs in (
-                ("smaller", size < known_size),
-                ("first bytes differ", not head.startswith(known_head)),
-                ("bytes before the end read last differ",
-                 size >= known_size and os.pread(fd, len(known_tail), known_size - len(known_tail)) != known_tail),
-            )
-            if differs
-        ]  # fmt: skip
+        changed: list[str] = []
+        if size < known_size:
+            changed.append("smaller")
+        if not head.startswith(known_head):
+            changed.append("first bytes differ")
+        if size >= known_size and os.pread(fd, len(known_tail), known_size - len(known_tail)) != known_tail:
+            changed.append("bytes before the end read last differ")
         if changed:
             generation += 1
             report.rewritten_files.append(
