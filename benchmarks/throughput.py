@@ -575,15 +575,22 @@ def run_engine(url: str, workers: int, batch_size: int, lease_mode: str = "trans
     }
 
 
+# The claim's own order, ranges and index (sql/functions/40_claims.sql): by priority, then due time, one range per
+# priority, malicious events left out (the engine never claims them either). Its rate counts every event of the
+# backlog, as the engine's does: both work through the same events.
 CEILING_SQL = """
 UPDATE dead_letter_events e
    SET resolved = true, resolved_at = now(), resolution_method = 'ceiling', last_processed_at = now()
-  FROM (SELECT c.id, c.created_at FROM dead_letter_events c
-         WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
-           AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
-         ORDER BY c.priority, c.created_at, c.id
-         LIMIT {limit}
-           FOR UPDATE SKIP LOCKED) c
+  FROM (SELECT c.id, c.created_at FROM generate_series(1, 10) AS p(priority)
+         CROSS JOIN LATERAL (
+               SELECT c.id, c.created_at FROM dead_letter_events c
+                WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
+                  AND c.next_attempt_at <= now() AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+                  AND c.classification IS DISTINCT FROM 'malicious'
+                ORDER BY c.next_attempt_at, c.id
+                LIMIT {limit}
+                  FOR UPDATE SKIP LOCKED) c
+         LIMIT {limit}) c
  WHERE e.id = c.id AND e.created_at = c.created_at
 """
 
@@ -954,7 +961,7 @@ def _run_once(
         floor_rows, floor_seconds = run_floor(url, workers, batch_size, lease_mode)
         floor_rate = floor_rows / floor_seconds
     rate = checked["events"] / engine["seconds"]
-    ceiling_rate = ceiling_rows / ceiling_seconds if ceiling_rows and ceiling_seconds else None
+    ceiling_rate = checked["events"] / ceiling_seconds if ceiling_rows and ceiling_seconds else None
     return {
         "engine": engine,
         "checked": checked,

@@ -39,6 +39,12 @@ $$;
 -- owner (who runs the worker on the embedded server, or with the owner's URL) bypasses row security, and their
 -- payloads would reach raw_events, which dlq_reader reads. security_admin releases one after review
 -- (dlq_release_reviewed below).
+--
+-- Order: priority, then the time an event became due (next_attempt_at: its insert, or the end of its backoff),
+-- then id. One range of ix_dead_letter_events_due per priority (1 to 10, the CHECK's range), taken in turn until
+-- the batch is full: events waiting out a backoff lie past each range and are never read, on any PostgreSQL
+-- version (a single scan ordered by priority walks the waiting entries of every priority before the one it
+-- fills the batch from).
 CREATE OR REPLACE FUNCTION dlq_claim_events(
     p_limit          integer,
     p_lease_seconds  integer DEFAULT 1800,
@@ -70,20 +76,23 @@ BEGIN
                 processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
                     ''lease'', $1, ''claimed_at'', now(), ''worker'', $5, ''attempt'', e.retry_count + 1))
           WHERE e.id = ANY (ARRAY(
-                SELECT c.id FROM dead_letter_events c
-                 WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
-                   AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
-                   AND c.classification IS DISTINCT FROM ''malicious''
-                   AND ($3::integer IS NULL OR c.priority <= $3)
-                   AND ($4::text IS NULL OR c.reason = $4)
-                 ORDER BY c.priority, c.created_at, c.id
-                 LIMIT $6
-                   FOR UPDATE SKIP LOCKED))
+                SELECT c.id FROM generate_series(1, least($3::integer, 10)) AS p(priority)
+                 CROSS JOIN LATERAL (
+                       SELECT c.id FROM dead_letter_events c
+                        WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
+                          AND c.next_attempt_at <= now()
+                          AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+                          AND c.classification IS DISTINCT FROM ''malicious''
+                          AND ($4::text IS NULL OR c.reason = $4)
+                        ORDER BY c.next_attempt_at, c.id
+                        LIMIT $6
+                          FOR UPDATE SKIP LOCKED) c
+                 LIMIT $6))
             AND NOT e.resolved AND e.quarantined_at IS NULL
             AND (e.processing_lock IS NULL OR e.lock_expires_at <= now())
             AND e.classification IS DISTINCT FROM ''malicious''
         RETURNING e.*'
-    USING v_lease, p_lease_seconds, p_priority_max, p_reason, p_worker, p_limit;
+    USING v_lease, p_lease_seconds, coalesce(p_priority_max, 10), p_reason, p_worker, p_limit;
 END
 $$;
 
@@ -145,17 +154,20 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(dlq_lease_key(p_lease)) THEN
         RAISE EXCEPTION 'lease % is held by another session', p_lease USING ERRCODE = 'lock_not_available';
     END IF;
-    RETURN QUERY EXECUTE  -- planned with the real LIMIT each time (see dlq_claim_events)
-        'SELECT c.* FROM dead_letter_events c
-          WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
-            AND c.processing_lock IS NULL
-            AND c.classification IS DISTINCT FROM ''malicious''
-            AND ($1::integer IS NULL OR c.priority <= $1)
-            AND ($2::text IS NULL OR c.reason = $2)
-          ORDER BY c.priority, c.created_at, c.id
-          LIMIT $3
-            FOR UPDATE SKIP LOCKED'
-    USING p_priority_max, p_reason, p_limit;
+    RETURN QUERY EXECUTE  -- planned with the real LIMIT each time; by priority, then due time (see dlq_claim_events)
+        'SELECT c.* FROM generate_series(1, least($1::integer, 10)) AS p(priority)
+          CROSS JOIN LATERAL (
+                SELECT c.* FROM dead_letter_events c
+                 WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
+                   AND c.next_attempt_at <= now()
+                   AND c.processing_lock IS NULL
+                   AND c.classification IS DISTINCT FROM ''malicious''
+                   AND ($2::text IS NULL OR c.reason = $2)
+                 ORDER BY c.next_attempt_at, c.id
+                 LIMIT $3
+                   FOR UPDATE SKIP LOCKED) c
+          LIMIT $3'
+    USING coalesce(p_priority_max, 10), p_reason, p_limit;
 END
 $$;
 

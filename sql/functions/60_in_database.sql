@@ -66,18 +66,21 @@ BEGIN
                     ''lease'', $1, ''claimed_at'', now(), ''worker'', ''process_dlq_events_enhanced'',
                     ''attempt'', e.retry_count + 1))
           WHERE e.id = ANY (ARRAY(
-                SELECT c.id FROM dead_letter_events c
-                 WHERE NOT c.resolved AND c.quarantined_at IS NULL AND c.next_attempt_at <= now()
-                   AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
-                   AND coalesce(c.metadata_json ->> ''payload_form'', ''json'') = ''json''
-                   AND c.classification IS DISTINCT FROM ''malicious''
-                   AND ($2::integer IS NULL OR c.priority <= $2)
-                   AND ($3::text IS NULL OR c.reason = $3)
-                 ORDER BY c.priority, c.created_at, c.id
-                 LIMIT $4
-                   FOR UPDATE SKIP LOCKED))
+                SELECT c.id FROM generate_series(1, least($2::integer, 10)) AS p(priority)
+                 CROSS JOIN LATERAL (  -- by priority, then due time (see dlq_claim_events)
+                       SELECT c.id FROM dead_letter_events c
+                        WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
+                          AND c.next_attempt_at <= now()
+                          AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
+                          AND coalesce(c.metadata_json ->> ''payload_form'', ''json'') = ''json''
+                          AND c.classification IS DISTINCT FROM ''malicious''
+                          AND ($3::text IS NULL OR c.reason = $3)
+                        ORDER BY c.next_attempt_at, c.id
+                        LIMIT $4
+                          FOR UPDATE SKIP LOCKED) c
+                 LIMIT $4))
         RETURNING e.id, e.priority, e.created_at, e.payload, e.payload_checksum'
-        USING v_lease, p_priority_filter, p_reason_filter, CASE WHEN v_decision = 'probe' THEN 1 ELSE p_limit END
+        USING v_lease, coalesce(p_priority_filter, 10), p_reason_filter, CASE WHEN v_decision = 'probe' THEN 1 ELSE p_limit END
     LOOP
         v_claimed := v_claimed || v_row.id;
     END LOOP;
@@ -86,7 +89,7 @@ BEGIN
         SELECT e.id, e.payload, e.payload_checksum
           FROM dead_letter_events e
          WHERE e.id = ANY (v_claimed) AND e.processing_lock = v_lease
-         ORDER BY e.priority, e.created_at, e.id
+         ORDER BY e.priority, e.next_attempt_at, e.id
     LOOP
         v_count := v_count + 1;
         v_ids := v_ids || v_row.id;

@@ -16,12 +16,10 @@ WITH counts AS (
     SELECT count(*) FILTER (WHERE lock_expires_at > now()) AS live_events,
            count(*) FILTER (WHERE lock_expires_at <= now()) AS stale_events
       FROM dead_letter_events WHERE processing_lock IS NOT NULL
-), oldest AS (  -- per priority, the first entry of the claimable index: ten index probes, not a scan
-    SELECT min(first.created_at) AS created_at
-      FROM generate_series(1, 10) AS p(priority)
-     CROSS JOIN LATERAL (SELECT e.created_at FROM dead_letter_events e
-                          WHERE e.priority = p.priority AND NOT e.resolved AND e.quarantined_at IS NULL
-                          ORDER BY e.created_at LIMIT 1) first
+), oldest AS (  -- the first entry of ix_dead_letter_events_pending_since: an index probe, not a scan
+    SELECT e.created_at FROM dead_letter_events e
+     WHERE NOT e.resolved AND e.quarantined_at IS NULL
+     ORDER BY e.created_at LIMIT 1
 )
 SELECT
     c.pending                                                              AS pending_events,

@@ -41,7 +41,6 @@ from dlq_assets.core.processing.handlers import (
     Handler,
     HandlerRegistry,
     Outcome,
-    Target,
     default_registry,
 )
 from dlq_assets.core.processing.heartbeat import _Heartbeat
@@ -330,43 +329,28 @@ class Worker:
         breaker_tripped: bool,
         uncounted: set[int] = frozenset(),  # type: ignore[assignment]
     ) -> int:
-        """Complete, write targets, record metrics in one transaction; returns how many target writes failed.
+        """Write targets, complete, record metrics in one transaction; returns how many target writes failed.
 
-        Completion goes first and fences: only events this lease really resolved reach the target, so a worker
-        whose lease expired and was taken over writes nothing (the rows it would write roll back with it)."""
-        write_failures = 0
-        targets: list[Target] = []
-        try:
-            with conn.transaction():
-                states = self._complete(conn, lease, outcomes)
-                resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
-                targets = [o.target for o in resolved]
-                targets += [target for o in resolved if o.more for target in o.more]  # a split record's others
-                _write_targets(conn, targets)
-                counts = _counts(states, uncounted)
-                self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
-                                     counts=counts)  # fmt: skip
-        except psycopg.Error as exc:
-            if is_infrastructure_failure(exc):
-                raise
-            # The target refused the batch (a value, a constraint, a trigger): find the events whose targets it
-            # refuses, one by one, and fail only those (systemic); the rest are completed and written again.
-            refused = self._refused_targets(conn, outcomes)
-            write_failures = len(refused)
-            outcomes = [
-                Outcome(o.event_id, "failed", error_class="target_write_failed",
-                        message=f"target write failed: {refused[o.event_id]}")
-                if o.event_id in refused
-                else o
-                for o in outcomes
-            ]  # fmt: skip
-            with conn.transaction():
-                states = self._complete(conn, lease, outcomes)
-                resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
-                _write_targets(conn, [t for o in resolved for t in (o.target, *o.more)])
-                counts = _counts(states, uncounted)
-                self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=True,
-                                     counts=counts)  # fmt: skip
+        A committed lease completes first, in a savepoint, and that fences: only events the lease still held are
+        resolved, and only those reach the target, so a worker whose lease expired and was taken over writes
+        nothing (the rows it would write roll back with it). A transaction lease is fenced by its row locks
+        already, and completes at the top level of the transaction that claimed, after the targets: an UPDATE
+        from a savepoint of rows the transaction locked gives each row a MultiXact as its xmax (one created per
+        row, looked up at every later read of it), and PostgreSQL never takes such a row version as surely dead,
+        so every claim would fetch each resolved row's stale index entry from the heap until VACUUM."""
+        if self.config.lease_mode == "transaction":
+            outcomes, refused = self._write_targets_first(conn, outcomes)
+            states = self._complete(conn, lease, outcomes)
+            unheld = [o.event_id for o in outcomes if o.target is not None and states.get(o.event_id) != "resolved"]
+            if unheld:  # the row locks make this impossible; if it happens, the raise rolls the targets back
+                raise RuntimeError(f"events {unheld[:10]} were written but the lease does not hold them")
+            counts = _counts(states, uncounted)
+            self._record_metrics(conn, report.session_id, started_at, t0,
+                                 breaker_triggered=breaker_tripped or bool(refused), counts=counts)  # fmt: skip
+        else:
+            outcomes, states, counts, refused = self._complete_first(
+                conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted
+            )
         report.resolved += counts["resolved"]
         report.retried += counts["retry_scheduled"]
         report.poisoned += counts["poisoned"]
@@ -374,7 +358,61 @@ class Worker:
         report.released += counts["released"]
         report.not_owned += counts["not_owned"]
         report.strategies.update(o.method for o in outcomes if o.method and states.get(o.event_id) == "resolved")
-        return write_failures
+        return len(refused)
+
+    def _write_targets_first(
+        self, conn: psycopg.Connection[Any], outcomes: list[Outcome]
+    ) -> tuple[list[Outcome], dict[int, str]]:
+        """Write every resolved outcome's targets in a savepoint; if the target refuses the batch, fail the events
+        it refuses (systemic) and write the others. Returns the outcomes to complete, and the refused events."""
+        try:
+            with conn.transaction():
+                _write_targets(conn, [t for o in outcomes if o.target is not None for t in (o.target, *o.more)])
+            return outcomes, {}
+        except psycopg.Error as exc:
+            if is_infrastructure_failure(exc):
+                raise
+        refused = self._refused_targets(conn, outcomes)
+        outcomes = _fail_refused(outcomes, refused)
+        with conn.transaction():
+            _write_targets(conn, [t for o in outcomes if o.target is not None for t in (o.target, *o.more)])
+        return outcomes, refused
+
+    def _complete_first(
+        self,
+        conn: psycopg.Connection[Any],
+        lease: uuid.UUID,
+        outcomes: list[Outcome],
+        report: ProcessReport,
+        started_at: datetime,
+        t0: float,
+        breaker_tripped: bool,
+        uncounted: set[int],
+    ) -> tuple[list[Outcome], dict[int, str], Counter[str], dict[int, str]]:
+        """A committed lease's completion, then the targets of the events it resolved, in a savepoint; if the target
+        refuses the batch, the events it refuses fail (systemic) and the rest are completed and written again."""
+        refused: dict[int, str] = {}
+        try:
+            with conn.transaction():
+                states = self._complete(conn, lease, outcomes)
+                resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
+                _write_targets(conn, [t for o in resolved for t in (o.target, *o.more)])
+                counts = _counts(states, uncounted)
+                self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
+                                     counts=counts)  # fmt: skip
+            return outcomes, states, counts, refused
+        except psycopg.Error as exc:
+            if is_infrastructure_failure(exc):
+                raise
+        refused = self._refused_targets(conn, outcomes)
+        outcomes = _fail_refused(outcomes, refused)
+        with conn.transaction():
+            states = self._complete(conn, lease, outcomes)
+            resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
+            _write_targets(conn, [t for o in resolved for t in (o.target, *o.more)])
+            counts = _counts(states, uncounted)
+            self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=True, counts=counts)
+        return outcomes, states, counts, refused
 
     def _refused_targets(self, conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[int, str]:
         """Event id -> the target's error, for each event whose targets the target refuses: each written alone in
@@ -443,6 +481,17 @@ class Worker:
                 max(datetime.now(UTC), started_at),
             ),
         )
+
+
+def _fail_refused(outcomes: list[Outcome], refused: dict[int, str]) -> list[Outcome]:
+    """The outcomes with each event whose targets the target refused failed instead (target_write_failed)."""
+    return [
+        Outcome(o.event_id, "failed", error_class="target_write_failed",
+                message=f"target write failed: {refused[o.event_id]}")
+        if o.event_id in refused
+        else o
+        for o in outcomes
+    ]  # fmt: skip
 
 
 def _counts(states: dict[int, str], uncounted: set[int]) -> Counter[str]:

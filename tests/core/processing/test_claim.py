@@ -53,8 +53,10 @@ def claimed_plans(conn: psycopg.Connection, statement: str, params: tuple[Any, .
 
 
 @pytest.mark.slow
-def test_claim_uses_the_claimable_index_not_a_table_scan_on_a_large_backlog(conn: psycopg.Connection) -> None:
+def test_claim_reads_one_due_range_per_priority_not_a_table_scan_on_a_large_backlog(conn: psycopg.Connection) -> None:
     fill_backlog(conn, BACKLOG)
+    conn.execute("UPDATE dead_letter_events SET next_attempt_at = now() + interval '1 hour' WHERE id % 3 = 0")
+    conn.execute("ANALYZE dead_letter_events")
     for _ in range(7):  # past the point where PL/pgSQL would switch to a cached generic plan
         conn.execute("SELECT count(*) FROM dlq_claim_events(1000, 60)").fetchone()
     plans = claimed_plans(conn, "SELECT id FROM dlq_claim_events(%s, 60)", (1000,))
@@ -62,9 +64,11 @@ def test_claim_uses_the_claimable_index_not_a_table_scan_on_a_large_backlog(conn
     populated = {r[0] for r in conn.execute("SELECT DISTINCT tableoid::regclass::text FROM dead_letter_events")}
     assert len(populated) >= 3
     pick, update = plan.split("InitPlan", 1)[1].split("->  Append", 1)
-    # Picking the batch: an index scan of each partition merged in (priority, created_at) order: no sort, no
-    # sequential scan, and every index used is a partition of the partial claimable index.
+    # Picking the batch: per priority, an index scan of each partition merged in due order: no sort, no
+    # sequential scan, every index used a partition of the partial due index, and the due time a bound of the
+    # range (an index condition, not a filter): the events waiting out a backoff are never read.
     assert "Merge Append" in pick and "Sort  " not in pick and "Seq Scan" not in pick, plan
+    assert "generate_series" in pick, plan
     used = set(re.findall(r"Index Scan using (\S+) on", pick))
     parents = {
         r[0]
@@ -73,22 +77,48 @@ def test_claim_uses_the_claimable_index_not_a_table_scan_on_a_large_backlog(conn
             (list(used),),
         )
     }
-    assert parents == {"ix_dead_letter_events_claimable"}, plan
+    assert parents == {"ix_dead_letter_events_due"}, plan
+    conditions = re.findall(r"Index Cond: (.*)", pick)
+    assert conditions and all("next_attempt_at <= now()" in c and "priority = " in c for c in conditions), plan
     # Stamping the lease: the picked ids are found through the primary key of every populated partition.
     for partition in populated:
         assert f"Seq Scan on {partition} " not in update, plan
         assert f"Index Scan using {partition}_pkey on {partition} " in update, plan
 
 
-def test_claim_orders_by_priority_then_age_and_leases(conn: psycopg.Connection) -> None:
-    fill_backlog(conn, 50)
-    expected = conn.execute(
-        "SELECT id FROM dead_letter_events WHERE NOT resolved ORDER BY priority, created_at, id LIMIT 5"
+@pytest.mark.parametrize("claim", ["events", "batch"])
+def test_claim_orders_by_priority_then_due_time(conn: psycopg.Connection, claim: str) -> None:
+    """Within a priority, the event that became due first goes first, whenever it was created: a retried event
+    queues behind those due before it; one still waiting is not claimed at all."""
+    fill_backlog(conn, 60)
+    conn.execute(
+        "UPDATE dead_letter_events SET next_attempt_at = now() - make_interval(secs => (id * 7919) % 60), "
+        "retry_count = 1 WHERE id % 4 = 0"
+    )
+    conn.execute("UPDATE dead_letter_events SET next_attempt_at = now() + interval '1 minute' WHERE id % 5 = 0")
+    due = conn.execute(
+        "SELECT id FROM dead_letter_events WHERE NOT resolved AND next_attempt_at <= now() "
+        "ORDER BY priority, next_attempt_at, id"
     ).fetchall()
+    call = "dlq_claim_events({}, 60)" if claim == "events" else "dlq_claim_batch(gen_random_uuid(), {})"
+    got = conn.execute(f"SELECT id FROM {call.format(20)}").fetchall()
+    if claim == "batch":  # returned in claim order
+        assert got == due[:20]
+    else:  # returned by the UPDATE, in no order
+        assert sorted(got) == sorted(due[:20])
+    # Then all the others that are due (a transaction lease's second claim in one transaction sees its first),
+    # and none still waiting.
+    rest = conn.execute(f"SELECT id FROM {call.format(100)}").fetchall()
+    assert {r[0] for r in got + rest} == {r[0] for r in due}
+    assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE next_attempt_at > now()").fetchone()[0] > 0
+
+
+def test_claim_leases_the_batch(conn: psycopg.Connection) -> None:
+    fill_backlog(conn, 50)
     rows = conn.execute(
         "SELECT id, priority, created_at, processing_lock, lock_expires_at - now() FROM dlq_claim_events(5, 900)"
     ).fetchall()
-    assert sorted(r[0] for r in rows) == sorted(e[0] for e in expected)
+    assert len(rows) == 5
     assert len({r[3] for r in rows}) == 1  # one lease for the batch
     assert all(850 < r[4].total_seconds() <= 900 for r in rows)
     attempts = conn.execute(

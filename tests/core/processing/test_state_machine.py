@@ -184,8 +184,10 @@ def test_expired_leases_count_as_an_attempt_and_are_claimed_again(backlog: psyco
 def test_a_worker_killing_event_is_poisoned_after_the_cap(backlog: psycopg.Connection) -> None:
     backlog.execute("UPDATE dlq_retry_policies SET max_attempts = 3 WHERE error_class = 'lease_expired'")
     target = backlog.execute(
-        "SELECT id FROM dead_letter_events WHERE NOT resolved ORDER BY priority, created_at, id LIMIT 1"
+        "SELECT id FROM dead_letter_events WHERE NOT resolved ORDER BY priority, next_attempt_at, id LIMIT 1"
     ).fetchone()[0]
+    # Alone in its priority: a released event queues behind those due before it, and this one must come back.
+    backlog.execute("UPDATE dead_letter_events SET priority = 10 WHERE id <> %s", (target,))
     for _ in range(3):
         claimed = {r[0] for r in backlog.execute("SELECT id FROM dlq_claim_events(1, 1)").fetchall()}
         assert claimed == {target}
