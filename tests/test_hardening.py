@@ -327,6 +327,8 @@ def test_a_target_refusing_one_event_charges_that_event_only(
     ).fetchone()
     assert row == (1, "target_write_failed")
     assert conn.execute("SELECT state, failure_count FROM dlq_circuit_breaker_state").fetchone() == ("closed", 1)
+    written = conn.execute("SELECT count(*), count(*) FILTER (WHERE dlq_event_id = %s) FROM raw_events", (refused,))
+    assert written.fetchone() == (10, 0)
 
 
 @pytest.mark.parametrize("record_bytes", ["1e30", "12.5", '"many"', "-3"])

@@ -335,9 +335,10 @@ class Worker:
         resolved, and only those reach the target, so a worker whose lease expired and was taken over writes
         nothing (the rows it would write roll back with it). A transaction lease is fenced by its row locks
         already, and completes at the top level of the transaction that claimed, after the targets: an UPDATE
-        from a savepoint of rows the transaction locked gives each row a MultiXact as its xmax (one created per
-        row, looked up at every later read of it), and PostgreSQL never takes such a row version as surely dead,
-        so every claim would fetch each resolved row's stale index entry from the heap until VACUUM."""
+        from a savepoint of rows the transaction locked gives each row a MultiXact as its xmax (the lock's
+        transaction and the savepoint's, resolved at every later read of the row), and PostgreSQL never takes such
+        a row version as surely dead, so every claim would fetch each resolved row's stale index entry from the
+        heap until VACUUM."""
         if self.config.lease_mode == "transaction":
             outcomes, refused = self._write_targets_first(conn, outcomes)
             states = self._complete(conn, lease, outcomes)

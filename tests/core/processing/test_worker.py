@@ -273,6 +273,24 @@ def test_a_transient_failure_is_replayed_as_is(db_url: str, conn: psycopg.Connec
     assert row == (1234, event_id, "replay", VALID)
 
 
+def test_a_transaction_lease_completes_its_rows_without_a_multixact(db_url: str, conn: psycopg.Connection) -> None:
+    """The batch's transaction locks its rows and completes them at its own top level. Completed from a savepoint,
+    each row's xmax became a MultiXact (the lock's transaction and the savepoint's), a row version PostgreSQL never
+    takes as surely dead, so every claim fetched the resolved rows' stale index entries from the heap until VACUUM
+    (one MultiXact a batch: 7 here instead of none)."""
+    for i in range(300):
+        insert_dead_letter(conn, {**VALID, "n": i})
+
+    def next_multixact() -> int:
+        conn.execute("CHECKPOINT")  # the counter as of now
+        return int(conn.execute("SELECT next_multixact_id FROM pg_control_checkpoint()").fetchone()[0])
+
+    before = next_multixact()
+    report = process(db_url, WorkerConfig(**SMALL))
+    assert report.resolved == 300
+    assert next_multixact() == before
+
+
 def test_a_position_already_in_raw_events_is_written_once(db_url: str, conn: psycopg.Connection) -> None:
     """Plain INSERT first, ON CONFLICT DO NOTHING again only on a conflict: the batch's other events are written,
     what is there stays, and two dead letters of one position (in one batch) leave one row."""
