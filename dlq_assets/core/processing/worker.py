@@ -41,6 +41,7 @@ from dlq_assets.core.processing.handlers import (
     Handler,
     HandlerRegistry,
     Outcome,
+    Target,
     default_registry,
 )
 from dlq_assets.core.processing.heartbeat import _Heartbeat
@@ -349,9 +350,23 @@ class Worker:
             self._record_metrics(conn, report.session_id, started_at, t0,
                                  breaker_triggered=breaker_tripped or bool(refused), counts=counts)  # fmt: skip
         else:
-            outcomes, states, counts, refused = self._complete_first(
-                conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted
-            )
+            refused: dict[int, str] = {}
+            for attempt in (1, 2):
+                try:
+                    with conn.transaction():
+                        states = self._complete(conn, lease, outcomes)
+                        _write_targets(conn, _targets(outcomes, states))
+                        counts = _counts(states, uncounted)
+                        tripped = breaker_tripped or attempt > 1
+                        self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=tripped,
+                                             counts=counts)  # fmt: skip
+                    break
+                except psycopg.Error as exc:
+                    if attempt > 1 or is_infrastructure_failure(exc):
+                        raise
+                # The target refused the batch: the events it refuses fail, the rest are completed and written again.
+                refused = self._refused_targets(conn, outcomes)
+                outcomes = _fail_refused(outcomes, refused)
         report.resolved += counts["resolved"]
         report.retried += counts["retry_scheduled"]
         report.poisoned += counts["poisoned"]
@@ -368,7 +383,7 @@ class Worker:
         it refuses (systemic) and write the others. Returns the outcomes to complete, and the refused events."""
         try:
             with conn.transaction():
-                _write_targets(conn, [t for o in outcomes if o.target is not None for t in (o.target, *o.more)])
+                _write_targets(conn, _targets(outcomes))
             return outcomes, {}
         except psycopg.Error as exc:
             if is_infrastructure_failure(exc):
@@ -376,44 +391,8 @@ class Worker:
         refused = self._refused_targets(conn, outcomes)
         outcomes = _fail_refused(outcomes, refused)
         with conn.transaction():
-            _write_targets(conn, [t for o in outcomes if o.target is not None for t in (o.target, *o.more)])
+            _write_targets(conn, _targets(outcomes))
         return outcomes, refused
-
-    def _complete_first(
-        self,
-        conn: psycopg.Connection[Any],
-        lease: uuid.UUID,
-        outcomes: list[Outcome],
-        report: ProcessReport,
-        started_at: datetime,
-        t0: float,
-        breaker_tripped: bool,
-        uncounted: set[int],
-    ) -> tuple[list[Outcome], dict[int, str], Counter[str], dict[int, str]]:
-        """A committed lease's completion, then the targets of the events it resolved, in a savepoint; if the target
-        refuses the batch, the events it refuses fail (systemic) and the rest are completed and written again."""
-        refused: dict[int, str] = {}
-        try:
-            with conn.transaction():
-                states = self._complete(conn, lease, outcomes)
-                resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
-                _write_targets(conn, [t for o in resolved for t in (o.target, *o.more)])
-                counts = _counts(states, uncounted)
-                self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=breaker_tripped,
-                                     counts=counts)  # fmt: skip
-            return outcomes, states, counts, refused
-        except psycopg.Error as exc:
-            if is_infrastructure_failure(exc):
-                raise
-        refused = self._refused_targets(conn, outcomes)
-        outcomes = _fail_refused(outcomes, refused)
-        with conn.transaction():
-            states = self._complete(conn, lease, outcomes)
-            resolved = [o for o in outcomes if o.target is not None and states.get(o.event_id) == "resolved"]
-            _write_targets(conn, [t for o in resolved for t in (o.target, *o.more)])
-            counts = _counts(states, uncounted)
-            self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=True, counts=counts)
-        return outcomes, states, counts, refused
 
     def _refused_targets(self, conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[int, str]:
         """Event id -> the target's error, for each event whose targets the target refuses: each written alone in
@@ -482,6 +461,17 @@ class Worker:
                 max(datetime.now(UTC), started_at),
             ),
         )
+
+
+def _targets(outcomes: list[Outcome], states: dict[int, str] | None = None) -> list[Target]:
+    """Every target of the outcomes that carry one (a split record's others too); with ``states``, only of events the
+    completion resolved."""
+    return [
+        t
+        for o in outcomes
+        if o.target is not None and (states is None or states.get(o.event_id) == "resolved")
+        for t in (o.target, *o.more)
+    ]
 
 
 def _fail_refused(outcomes: list[Outcome], refused: dict[int, str]) -> list[Outcome]:

@@ -277,7 +277,7 @@ def test_a_transaction_lease_completes_its_rows_without_a_multixact(db_url: str,
     """The batch's transaction locks its rows and completes them at its own top level. Completed from a savepoint,
     each row's xmax became a MultiXact (the lock's transaction and the savepoint's), a row version PostgreSQL never
     takes as surely dead, so every claim fetched the resolved rows' stale index entries from the heap until VACUUM
-    (one MultiXact a batch: 7 here instead of none)."""
+    (one MultiXact a batch: 6 here instead of none)."""
     for i in range(300):
         insert_dead_letter(conn, {**VALID, "n": i})
 
