@@ -295,7 +295,7 @@ AS $$
            SELECT c.id FROM dead_letter_events c  -- by primary key: the ids first, as an array; and
             WHERE c.id = ANY (ARRAY(SELECT id FROM chain EXCEPT SELECT m.id FROM mine m))
               AND c.resolved IS NOT TRUE  -- not "NOT resolved", which let PostgreSQL 15 pick the whole
-              AND c.quarantined_at IS NULL  -- claimable index instead (210 ms a call at 30k rows)
+              AND c.quarantined_at IS NULL  -- partial claim index instead (210 ms a call at 30k rows)
               AND c.classification IS DISTINCT FROM 'malicious'
               AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
               FOR UPDATE SKIP LOCKED))

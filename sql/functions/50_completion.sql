@@ -82,12 +82,13 @@ BEGIN
                processing_lock = NULL,
                lock_expires_at = NULL,
                last_processed_at = now(),
-               processing_attempts = e.processing_attempts || CASE  -- a committed lease recorded its claim itself
-                   WHEN e.processing_lock IS NOT NULL THEN '[]'::jsonb
-                   WHEN e.retry_count = 0 THEN v_first_claim
-                   ELSE jsonb_build_array(jsonb_build_object(
-                       'lease', p_lease, 'claimed_at', v_claimed_at, 'worker', v_worker, 'attempt', e.retry_count + 1,
-                       'as', 'transaction')) END,
+               processing_attempts = CASE
+                   WHEN e.processing_lock IS NOT NULL THEN e.processing_attempts  -- a committed lease recorded it
+                   WHEN e.retry_count = 0 AND e.processing_attempts = '[]'::jsonb THEN v_first_claim  -- no concatenation
+                   ELSE e.processing_attempts || CASE WHEN e.retry_count = 0 THEN v_first_claim
+                       ELSE jsonb_build_array(jsonb_build_object(
+                           'lease', p_lease, 'claimed_at', v_claimed_at, 'worker', v_worker,
+                           'attempt', e.retry_count + 1, 'as', 'transaction')) END END,
                resolved = i.outcome = 'resolved',
                resolved_at = CASE WHEN i.outcome = 'resolved' THEN now() END,
                resolution_method = CASE WHEN i.outcome = 'resolved' THEN left(i.method, 64) ELSE e.resolution_method END,

@@ -233,7 +233,7 @@ def test_claim_and_completion_plans_stay_on_indexes_on_a_large_backlog(
         complete = next(p for p in plans if "WITH input" in p)
         for partition in populated:
             assert f"Seq Scan on {partition} " not in complete, complete
-            # the UPDATE and the poisoning DELETE both by primary key: not a walk of the whole claimable index
+            # the UPDATE and the poisoning DELETE both by primary key: not a walk of a whole partial index
             assert complete.count(f"{partition}_pkey") == 2, complete
         # the poisoning DELETE probes each failed row by key: an id list in its index condition would be searched
         # again for every row it joins (quadratic when a whole batch fails)
