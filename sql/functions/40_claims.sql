@@ -44,7 +44,28 @@ $$;
 -- then id. One range of ix_dead_letter_events_due per priority (1 to 10, the CHECK's range), taken in turn until
 -- the batch is full: events waiting out a backoff lie past each range and are never read, on any PostgreSQL
 -- version (a single scan ordered by priority walks the waiting entries of every priority before the one it
--- fills the batch from).
+-- fills the batch from). dlq_due_events_sql makes that choice, once, for every claim.
+
+-- The due events a claim takes, as the text of a query to EXECUTE (planned with the real limit each time) with $1 =
+-- the highest priority number to take (NULL: all), $2 = a reason (NULL: any), $3 = the limit; the caller's own
+-- parameters follow from $4. p_columns: what the query returns of each row ("c"); p_free: the lease's rule for a
+-- row free to claim. Malicious rows are never taken (nor in the index).
+CREATE OR REPLACE FUNCTION dlq_due_events_sql(p_columns text, p_free text) RETURNS text
+    LANGUAGE sql IMMUTABLE STRICT
+AS $$
+    SELECT format($q$
+        SELECT %1$s FROM generate_series(1, least(coalesce($1::integer, 10), 10)) AS p(priority)
+         CROSS JOIN LATERAL (
+               SELECT %1$s FROM dead_letter_events c
+                WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
+                  AND c.next_attempt_at <= now() AND c.classification IS DISTINCT FROM 'malicious'
+                  AND (%2$s) AND ($2::text IS NULL OR c.reason = $2)
+                ORDER BY c.next_attempt_at, c.id
+                LIMIT $3
+                  FOR UPDATE SKIP LOCKED) c
+         LIMIT $3$q$, p_columns, p_free)
+$$;
+
 CREATE OR REPLACE FUNCTION dlq_claim_events(
     p_limit          integer,
     p_lease_seconds  integer DEFAULT 1800,
@@ -68,31 +89,20 @@ BEGIN
                 WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved) THEN
         PERFORM dlq_release_stale_leases();
     END IF;
-    RETURN QUERY EXECUTE
+    RETURN QUERY EXECUTE format(
         'UPDATE dead_letter_events e
-            SET processing_lock = $1,
-                lock_expires_at = now() + make_interval(secs => $2),
+            SET processing_lock = $4,
+                lock_expires_at = now() + make_interval(secs => $5),
                 last_processed_at = now(),
                 processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
-                    ''lease'', $1, ''claimed_at'', now(), ''worker'', $5, ''attempt'', e.retry_count + 1))
-          WHERE e.id = ANY (ARRAY(
-                SELECT c.id FROM generate_series(1, least($3::integer, 10)) AS p(priority)
-                 CROSS JOIN LATERAL (
-                       SELECT c.id FROM dead_letter_events c
-                        WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
-                          AND c.next_attempt_at <= now()
-                          AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
-                          AND c.classification IS DISTINCT FROM ''malicious''
-                          AND ($4::text IS NULL OR c.reason = $4)
-                        ORDER BY c.next_attempt_at, c.id
-                        LIMIT $6
-                          FOR UPDATE SKIP LOCKED) c
-                 LIMIT $6))
+                    ''lease'', $4, ''claimed_at'', now(), ''worker'', $6, ''attempt'', e.retry_count + 1))
+          WHERE e.id = ANY (ARRAY(%s))
             AND NOT e.resolved AND e.quarantined_at IS NULL
             AND (e.processing_lock IS NULL OR e.lock_expires_at <= now())
             AND e.classification IS DISTINCT FROM ''malicious''
-        RETURNING e.*'
-    USING v_lease, p_lease_seconds, coalesce(p_priority_max, 10), p_reason, p_worker, p_limit;
+        RETURNING e.*',
+        dlq_due_events_sql('c.id', 'c.processing_lock IS NULL OR c.lock_expires_at <= now()'))
+    USING p_priority_max, p_reason, p_limit, v_lease, p_lease_seconds, p_worker;
 END
 $$;
 
@@ -154,20 +164,7 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(dlq_lease_key(p_lease)) THEN
         RAISE EXCEPTION 'lease % is held by another session', p_lease USING ERRCODE = 'lock_not_available';
     END IF;
-    RETURN QUERY EXECUTE  -- planned with the real LIMIT each time; by priority, then due time (see dlq_claim_events)
-        'SELECT c.* FROM generate_series(1, least($1::integer, 10)) AS p(priority)
-          CROSS JOIN LATERAL (
-                SELECT c.* FROM dead_letter_events c
-                 WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
-                   AND c.next_attempt_at <= now()
-                   AND c.processing_lock IS NULL
-                   AND c.classification IS DISTINCT FROM ''malicious''
-                   AND ($2::text IS NULL OR c.reason = $2)
-                 ORDER BY c.next_attempt_at, c.id
-                 LIMIT $3
-                   FOR UPDATE SKIP LOCKED) c
-          LIMIT $3'
-    USING coalesce(p_priority_max, 10), p_reason, p_limit;
+    RETURN QUERY EXECUTE dlq_due_events_sql('c.*', 'c.processing_lock IS NULL') USING p_priority_max, p_reason, p_limit;
 END
 $$;
 

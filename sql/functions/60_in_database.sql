@@ -59,28 +59,17 @@ BEGIN
     -- Claim only dead letters stored as JSON (no repair needed); raw text waits for the Python worker.
     -- Never malicious ones: this function runs as its owner, and their payloads would reach raw_events,
     -- which processors read.
-    FOR v_row IN EXECUTE
+    FOR v_row IN EXECUTE format(
         'UPDATE dead_letter_events e
-            SET processing_lock = $1, lock_expires_at = now() + interval ''30 minutes'', last_processed_at = now(),
+            SET processing_lock = $4, lock_expires_at = now() + interval ''30 minutes'', last_processed_at = now(),
                 processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
-                    ''lease'', $1, ''claimed_at'', now(), ''worker'', ''process_dlq_events_enhanced'',
+                    ''lease'', $4, ''claimed_at'', now(), ''worker'', ''process_dlq_events_enhanced'',
                     ''attempt'', e.retry_count + 1))
-          WHERE e.id = ANY (ARRAY(
-                SELECT c.id FROM generate_series(1, least($2::integer, 10)) AS p(priority)
-                 CROSS JOIN LATERAL (  -- by priority, then due time (see dlq_claim_events)
-                       SELECT c.id FROM dead_letter_events c
-                        WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
-                          AND c.next_attempt_at <= now()
-                          AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
-                          AND coalesce(c.metadata_json ->> ''payload_form'', ''json'') = ''json''
-                          AND c.classification IS DISTINCT FROM ''malicious''
-                          AND ($3::text IS NULL OR c.reason = $3)
-                        ORDER BY c.next_attempt_at, c.id
-                        LIMIT $4
-                          FOR UPDATE SKIP LOCKED) c
-                 LIMIT $4))
-        RETURNING e.id, e.priority, e.created_at, e.payload, e.payload_checksum'
-        USING v_lease, coalesce(p_priority_filter, 10), p_reason_filter, CASE WHEN v_decision = 'probe' THEN 1 ELSE p_limit END
+          WHERE e.id = ANY (ARRAY(%s))
+        RETURNING e.id, e.priority, e.created_at, e.payload, e.payload_checksum',
+        dlq_due_events_sql('c.id', '(c.processing_lock IS NULL OR c.lock_expires_at <= now())
+                                    AND coalesce(c.metadata_json ->> ''payload_form'', ''json'') = ''json'''))
+        USING p_priority_filter, p_reason_filter, CASE WHEN v_decision = 'probe' THEN 1 ELSE p_limit END, v_lease
     LOOP
         v_claimed := v_claimed || v_row.id;
     END LOOP;

@@ -133,6 +133,7 @@ PROCESSOR_CALLS = {
                           "SELECT * FROM dlq_complete_batch(%(lease)s, %(ids)s, "
                           "array_fill('resolved'::text, ARRAY[cardinality(%(ids)s)]))",
                           "SELECT pg_advisory_unlock_all()"],
+    "dlq_due_events_sql": ["SELECT dlq_due_events_sql('c.id', 'true')"],  # the text of a claim's query, run by nothing
     "dlq_release_dead_batches": ["SELECT dlq_release_dead_batches()"],
     "dlq_forget_batch": ["SELECT dlq_forget_batch(%(malicious_lease)s)"],
     "dlq_claim_fragment_chains": ["SELECT * FROM dlq_claim_fragment_chains(%(lease)s, %(ids)s, 100000, 60)"],
