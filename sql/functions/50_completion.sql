@@ -99,11 +99,14 @@ BEGIN
                        'error_class', CASE WHEN i.outcome = 'quarantined' THEN 'checksum_mismatch' ELSE i.error_class END,
                        'message', left(i.message, 2000), 'lease', p_lease))
                    ELSE e.error_history END,
-               next_attempt_at = CASE WHEN i.outcome = 'failed'
-                   THEN now() + make_interval(secs => (
-                       SELECT dlq_backoff_seconds(e.retry_count + 1, p.backoff_base_seconds, p.backoff_cap_seconds,
-                                                  p.jitter)
-                         FROM dlq_retry_policy(e.reason, i.error_class) p)::double precision)
+               -- A backoff counts from the failure, not from the batch's start (now(), its claim): a long batch
+               -- would spend it first. None (lease_expired) is due at once, in this transaction too. No policy at
+               -- all: NULL, an error.
+               next_attempt_at = CASE WHEN i.outcome = 'failed' THEN (
+                   SELECT CASE WHEN b.seconds = 0 THEN now() ELSE clock_timestamp() + make_interval(secs => b.seconds) END
+                     FROM (SELECT (SELECT dlq_backoff_seconds(e.retry_count + 1, p.backoff_base_seconds,
+                                                              p.backoff_cap_seconds, p.jitter)
+                                     FROM dlq_retry_policy(e.reason, i.error_class) p)::double precision AS seconds) b)
                    ELSE e.next_attempt_at END,
                quarantined_at = CASE WHEN i.outcome = 'quarantined' THEN now() ELSE e.quarantined_at END,
                classification = CASE WHEN i.outcome = 'quarantined' AND e.classification IS DISTINCT FROM 'malicious'

@@ -79,6 +79,24 @@ def test_failure_schedules_a_retry_with_exponential_backoff_and_history(backlog:
     assert delays == [30, 60, 120, 240]
 
 
+def test_a_backoff_counts_from_the_failure_not_from_the_claim(backlog: psycopg.Connection) -> None:
+    """A batch's transaction starts at its claim and completes its failures later: counted from the transaction's
+    start (now()), a long batch spends the backoff before the retry is scheduled, and in due-time order the retry
+    goes before events that became due while the batch ran."""
+    backlog.execute(
+        "UPDATE dlq_retry_policies SET jitter = 0, backoff_base_seconds = 5 "
+        "WHERE reason IS NULL AND error_class IS NULL"
+    )
+    with backlog.transaction():
+        lease, ids = claim(backlog, 1)
+        backlog.execute("SELECT pg_sleep(1.5)")
+        assert complete(backlog, lease, ids, "failed", error_class="target_unavailable") == {ids[0]: "retry_scheduled"}
+        (ahead,) = backlog.execute(
+            "SELECT extract(epoch FROM next_attempt_at - now()) FROM dead_letter_events WHERE id = %s", ids
+        ).fetchone()
+    assert float(ahead) >= 6.4  # 5 s from the failure, 1.5 s after the transaction began
+
+
 def test_backoff_is_capped_and_jittered(conn: psycopg.Connection) -> None:
     values = [
         float(v) for (v,) in conn.execute("SELECT dlq_backoff_seconds(30, 30, 3600, 0.2) FROM generate_series(1, 200)")
