@@ -308,8 +308,13 @@ def test_the_legacy_upgrade_takes_deep_nesting_and_flags_duplicate_keys_in_metad
            BEGIN IF NEW.eventid = 'cowrie.login.failed' THEN RAISE EXCEPTION 'policy'; END IF; RETURN NEW; END $$;
            CREATE TRIGGER refuse_failed_logins BEFORE INSERT ON raw_events
                FOR EACH ROW EXECUTE FUNCTION refuse_failed_logins()""",
+        # a trigger that drops the row without an error: the event must not be resolved without its target row
+        """CREATE FUNCTION drop_failed_logins() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.eventid = 'cowrie.login.failed' THEN RETURN NULL; END IF; RETURN NEW; END $$;
+           CREATE TRIGGER drop_failed_logins BEFORE INSERT ON raw_events
+               FOR EACH ROW EXECUTE FUNCTION drop_failed_logins()""",
     ],
-    ids=["constraint", "trigger"],
+    ids=["constraint", "trigger", "silent_trigger"],
 )
 @pytest.mark.parametrize("lease_mode", LEASE_MODES)
 def test_a_target_refusing_one_event_charges_that_event_only(

@@ -23,13 +23,27 @@ _INSERT_TARGETS = f"""
 """
 
 
+class TargetRowsMissing(psycopg.DataError):
+    """The target took the statement but stored no row at some positions (a trigger returning NULL, a rule): an
+    event resolved there would have no target row, so the write counts as refused."""
+
+
+_MISSING = """
+    SELECT t.source, t.off FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(source, inode, off)
+     WHERE NOT EXISTS (SELECT FROM raw_events r
+                        WHERE r.source = t.source AND r.source_inode = t.inode AND r.source_offset = t.off)
+"""
+
+
 def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
     """Payloads go as the JSON text at hand (jsonb canonicalises it), joined unescaped (see JSON_TEXTS_SQL); the
     checksum is the stored payload's, derived by the table (a generated column).
 
     Idempotent by position: a plain INSERT in a savepoint first, and only when a position is in raw_events
     already (a redrive, a duplicate dead letter) the batch again with ON CONFLICT DO NOTHING. ON CONFLICT makes
-    every row a speculative insertion: 3 ms more per 1,000 rows, paid for the rare conflict."""
+    every row a speculative insertion: 3 ms more per 1,000 rows, paid for the rare conflict. Fewer rows than
+    targets (a conflict, or a target that drops rows silently) are looked up: a position still absent raises
+    ``TargetRowsMissing``, and its events are failed like any refused write."""
     if not targets:
         return 0
     events, sources, inodes, offsets, dlq_ids, strategies, texts = zip(*targets, strict=True)
@@ -39,7 +53,13 @@ def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
               bigint_array(dlq_ids), text_array(strategies))  # fmt: skip
     try:
         with conn.transaction():
-            return conn.execute(_INSERT_TARGETS, params).rowcount
+            written = conn.execute(_INSERT_TARGETS, params).rowcount
     except psycopg.errors.UniqueViolation:
         conflict = "ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING"
-        return conn.execute(_INSERT_TARGETS + conflict, params).rowcount
+        written = conn.execute(_INSERT_TARGETS + conflict, params).rowcount
+    if written < len(targets):  # positions already there, or rows the target dropped without an error
+        missing = conn.execute(_MISSING, params[:3]).fetchall()
+        if missing:
+            source, offset = missing[0]
+            raise TargetRowsMissing(f"the target stored no row at {len(missing)} position(s), {source}:{offset} first")
+    return written
