@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from datetime import UTC, datetime
 from types import FrameType
-from typing import Any
+from typing import Any, TypeVar
 
 import psycopg
 
@@ -48,6 +48,8 @@ from dlq_assets.core.processing.heartbeat import _Heartbeat
 from dlq_assets.core.processing.pacing import RateLimiter, next_batch_size
 from dlq_assets.core.processing.report import ProcessReport, peak_rss_mb
 from dlq_assets.core.processing.targets import _write_targets
+
+_T = TypeVar("_T")
 
 PROCESSING_METHOD = "python_worker"
 
@@ -341,7 +343,7 @@ class Worker:
         a row version as surely dead, so every claim would fetch each resolved row's stale index entry from the
         heap until VACUUM."""
         if self.config.lease_mode == "transaction":
-            outcomes, refused = self._write_targets_first(conn, outcomes)
+            outcomes, refused, _ = self._until_accepted(conn, outcomes, lambda o, _: _write_targets(conn, _targets(o)))
             states = self._complete(conn, lease, outcomes)
             unheld = [o.event_id for o in outcomes if o.target is not None and states.get(o.event_id) != "resolved"]
             if unheld:  # the row locks make this impossible; if it happens, the raise rolls the targets back
@@ -350,23 +352,16 @@ class Worker:
             self._record_metrics(conn, report.session_id, started_at, t0,
                                  breaker_triggered=breaker_tripped or bool(refused), counts=counts)  # fmt: skip
         else:
-            refused: dict[int, str] = {}
-            for attempt in (1, 2):
-                try:
-                    with conn.transaction():
-                        states = self._complete(conn, lease, outcomes)
-                        _write_targets(conn, _targets(outcomes, states))
-                        counts = _counts(states, uncounted)
-                        tripped = breaker_tripped or attempt > 1
-                        self._record_metrics(conn, report.session_id, started_at, t0, breaker_triggered=tripped,
-                                             counts=counts)  # fmt: skip
-                    break
-                except psycopg.Error as exc:
-                    if attempt > 1 or is_infrastructure_failure(exc):
-                        raise
-                # The target refused the batch: the events it refuses fail, the rest are completed and written again.
-                refused = self._refused_targets(conn, outcomes)
-                outcomes = _fail_refused(outcomes, refused)
+
+            def complete_and_write(outcomes: list[Outcome], retry: bool) -> tuple[dict[int, str], Counter[str]]:
+                states = self._complete(conn, lease, outcomes)
+                _write_targets(conn, _targets(outcomes, states))
+                counts = _counts(states, uncounted)
+                self._record_metrics(conn, report.session_id, started_at, t0,
+                                     breaker_triggered=breaker_tripped or retry, counts=counts)  # fmt: skip
+                return states, counts
+
+            outcomes, refused, (states, counts) = self._until_accepted(conn, outcomes, complete_and_write)
         report.resolved += counts["resolved"]
         report.retried += counts["retry_scheduled"]
         report.poisoned += counts["poisoned"]
@@ -376,23 +371,22 @@ class Worker:
         report.strategies.update(o.method for o in outcomes if o.method and states.get(o.event_id) == "resolved")
         return len(refused)
 
-    def _write_targets_first(
-        self, conn: psycopg.Connection[Any], outcomes: list[Outcome]
-    ) -> tuple[list[Outcome], dict[int, str]]:
-        """Write every resolved outcome's targets in a savepoint; if the target refuses the batch, fail the events
-        it refuses (systemic) and write the others. Returns the outcomes to complete, and the refused events."""
+    def _until_accepted(
+        self, conn: psycopg.Connection[Any], outcomes: list[Outcome], step: Callable[[list[Outcome], bool], _T]
+    ) -> tuple[list[Outcome], dict[int, str], _T]:
+        """``step(outcomes, retry)`` in a savepoint; if the target refuses the batch (a value, a constraint, a
+        trigger), the events whose targets it refuses fail (systemic) and the step runs again with the rest.
+        Returns the outcomes it ran with, the refused events and the step's result."""
         try:
             with conn.transaction():
-                _write_targets(conn, _targets(outcomes))
-            return outcomes, {}
+                return outcomes, {}, step(outcomes, False)
         except psycopg.Error as exc:
             if is_infrastructure_failure(exc):
                 raise
         refused = self._refused_targets(conn, outcomes)
         outcomes = _fail_refused(outcomes, refused)
         with conn.transaction():
-            _write_targets(conn, _targets(outcomes))
-        return outcomes, refused
+            return outcomes, refused, step(outcomes, True)
 
     def _refused_targets(self, conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[int, str]:
         """Event id -> the target's error, for each event whose targets the target refuses: each written alone in
