@@ -575,29 +575,26 @@ def run_engine(url: str, workers: int, batch_size: int, lease_mode: str = "trans
     }
 
 
-# The claim's own order, ranges and index (sql/functions/40_claims.sql): by priority, then due time, one range per
-# priority, malicious events left out (the engine never claims them either). Its rate counts every event of the
-# backlog, as the engine's does: both work through the same events.
+# Claim-and-resolve with nothing else. The batch is the claims' own query (dlq_due_events_sql: by priority, then due
+# time, one range of the claim index per priority, malicious events left out), its parameters written in: no
+# priority ceiling ($1), any reason ($2), the batch size ($3). Its rate counts every event of the backlog, as the
+# engine's does: both work through the same events.
 CEILING_SQL = """
 UPDATE dead_letter_events e
    SET resolved = true, resolved_at = now(), resolution_method = 'ceiling', last_processed_at = now()
-  FROM (SELECT c.id, c.created_at FROM generate_series(1, 10) AS p(priority)
-         CROSS JOIN LATERAL (
-               SELECT c.id, c.created_at FROM dead_letter_events c
-                WHERE c.priority = p.priority AND NOT c.resolved AND c.quarantined_at IS NULL
-                  AND c.next_attempt_at <= now() AND (c.processing_lock IS NULL OR c.lock_expires_at <= now())
-                  AND c.classification IS DISTINCT FROM 'malicious'
-                ORDER BY c.next_attempt_at, c.id
-                LIMIT {limit}
-                  FOR UPDATE SKIP LOCKED) c
-         LIMIT {limit}) c
+  FROM ({due}) c
  WHERE e.id = c.id AND e.created_at = c.created_at
 """
 
 
 def run_ceiling(url: str, workers: int, batch_size: int) -> tuple[int, float]:
-    """Claim-and-resolve with nothing else, one statement per batch per connection; (rows, seconds)."""
-    statement = sql.SQL(CEILING_SQL).format(limit=sql.Literal(batch_size))
+    """The ceiling statement looped on each of ``workers`` connections until nothing is left; (rows, seconds)."""
+    with psycopg.connect(url) as conn:
+        (due,) = conn.execute(
+            "SELECT dlq_due_events_sql('c.id, c.created_at', 'c.processing_lock IS NULL OR c.lock_expires_at <= now()')"
+        ).fetchone()
+    due = due.replace("$1", "NULL").replace("$2", "NULL::text").replace("$3", str(int(batch_size)))
+    statement = CEILING_SQL.format(due=due)
     return _parallel(url, workers, lambda conn: conn.execute(statement).rowcount)
 
 
