@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any
 
 
@@ -42,7 +42,10 @@ class _NumberOutOfRange(Exception):
 
 def _parse_number(text: str) -> Decimal:
     """Exact, and checked against numeric's limits while parsing (no walk over the value afterwards)."""
-    value = Decimal(text)
+    try:
+        value = Decimal(text)
+    except InvalidOperation:  # an exponent past Decimal's own limit (1e99999999999999999999): no numeric holds it
+        raise _NumberOutOfRange(text[:40]) from None
     if len(text) < MAX_FRACTION_DIGITS and "e" not in text and "E" not in text:
         return value  # too few digits to exceed either limit: no need to look (most numbers are ports)
     exponent = value.as_tuple().exponent
@@ -81,7 +84,7 @@ _DECODERS = {
     (lenient, unique, long_ints): _decoder(lenient=lenient, unique=unique, long_ints=long_ints)
     for lenient in (False, True) for unique in (False, True) for long_ints in (False, True)
 }  # fmt: skip
-_UNCHECKED = json.JSONDecoder(parse_float=Decimal, parse_int=Decimal, parse_constant=_reject_constant)
+_UNCHECKED = json.JSONDecoder(parse_float=str, parse_int=str, parse_constant=_reject_constant)  # syntax alone
 _SCAN = _DECODERS[False, False, False].scan_once
 _SKIP_BLANKS = json.decoder.WHITESPACE.match
 _BLANKS = " \t\n\r"

@@ -191,6 +191,7 @@ def test_tokenizer_closes_brackets_after_a_complete_value() -> None:
         (line(LOGIN).replace("root", "\\ud800"), "not_storable"),
         (line({"src_port": 1, **LOGIN}).replace(": 1,", ": 1e999999999,"), "not_storable"),  # would stall
         (line({"src_port": 1, **LOGIN}).replace(": 1,", ": 1e-99999,"), "not_storable"),
+        (line({"src_port": 1, **LOGIN}).replace(": 1,", ": 1e9999999999999999999,"), "not_storable"),  # no Decimal
         ("\ud800", "not_text"),
     ],
 )

@@ -260,6 +260,7 @@ def test_blanks_after_the_close_are_not_extra_bytes() -> None:
         (b'{"a": "\\ud800"}', "not_storable_json"),
         (b'{"a": NaN}', "not_storable_json"),  # jsonutil: "JSON, or almost", never a jsonb number
         (b'{"a": 1e999999999}', "not_storable_json"),  # JSON, but no PostgreSQL numeric holds it
+        (b'{"a": 1e9999999999999999999}', "not_storable_json"),  # nor a Python Decimal
         (b"{\"a\": 'single'}", "json_parse_error"),
         (b'{"a": "tab\there"}', "json_parse_error"),
         (b'{"a": "C:\\Users"}', "json_parse_error"),
