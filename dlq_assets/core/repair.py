@@ -439,6 +439,21 @@ def _speculative_fix(text: str, close: bool) -> tuple[str, bool, Any] | None:
         return None
 
 
+def _cut_in_a_string(text: str, error: ValueError) -> bool:
+    """The tokenizer's verdict (``truncated_value``) without its pass, where the parser's error proves it.
+
+    The parser stops at its first fault, so everything before it is valid JSON the tokenizer copies unchanged; an
+    unterminated string then runs to the end of the text with valid escapes and no raw control character (either
+    would have stopped the parser first), which is exactly where the tokenizer refuses a value cut short. Only for
+    an object (the tokenizer refuses anything else first) nested less deep than it refuses."""
+    return (
+        isinstance(error, json.JSONDecodeError)
+        and error.msg == "Unterminated string starting at"
+        and text.lstrip(_BLANKS).startswith("{")
+        and text.count("{") + text.count("[") < MAX_DEPTH
+    )
+
+
 def _repair_text(text: str, *, close: bool) -> RepairResult:
     """One JSON value: as it is, with raw control characters as data, then the tokenizer's fixes."""
     try:
@@ -452,6 +467,8 @@ def _repair_text(text: str, *, close: bool) -> RepairResult:
         except ValueError as error:
             if str(error).startswith(_CONTROL_ERROR) and (value := _lenient(text)) is not None:
                 strategy, fixed = CONTROL_CHARACTERS, None  # jsonb refuses the raw character: the writer renders
+            elif _cut_in_a_string(text, error):
+                return _refused(TRUNCATED_VALUE)
             else:
                 strategy = TOKENIZER_FIX
                 if quick := _quick_fix(text, error, close):
@@ -700,16 +717,22 @@ def _fragment_text(raw: bytes) -> str | None:
         return None
 
 
+def _gap(before: Fragment, after: Fragment) -> int:
+    """Bytes between two fragments of one file: 1 or 2 (its newline) when ``after`` is the next record."""
+    return after.offset - before.offset - len(before.raw)
+
+
 def _group(ordered: Sequence[Fragment], texts: list[str | None], start: int) -> tuple[int, RepairResult] | None:
     """The shortest group from ``start`` that closes its object, if it validates: (size, its repair)."""
+    if start + 1 == len(ordered) or _gap(ordered[start], ordered[start + 1]) not in (1, 2):
+        return None  # a group has two fragments at least: an isolated one is not read at all
     lexer, pieces, size = _Lexer(), [], 0
     for k in range(start, min(start + MAX_GROUP, len(ordered))):
         text = texts[k]
         if not text:
             return None
         if k > start:
-            before = ordered[k - 1]
-            gap = ordered[k].offset - before.offset - len(before.raw)
+            gap = _gap(ordered[k - 1], ordered[k])
             if gap not in (1, 2):  # "\n" or "\r\n" between them, nothing else
                 return None
             if lexer.in_string and gap != 1:  # inside a string the bytes between are data: only "\n" is certain

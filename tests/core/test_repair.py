@@ -897,6 +897,7 @@ def _the_tokenizer_alone(raw: str | bytes) -> RepairResult:
     with (
         mock.patch.object(repair, "_quick_fix", lambda *args: None),
         mock.patch.object(repair, "_speculative_fix", lambda *args: None),
+        mock.patch.object(repair, "_cut_in_a_string", lambda *args: False),
     ):
         return repair_record(raw)
 
@@ -933,6 +934,19 @@ def _same(raw: str | bytes) -> None:
         line(LOGIN)[:-1] + ', "k": 1e5',  # a number may be cut: never closed
         '{"a": }',
         line(LOGIN).replace('"hp1"', '"hp1",,'),
+        line(LOGIN)[:-5],  # cut inside a string: the parser's error is the tokenizer's verdict
+        line(LOGIN)[:-1] + ', "k": "a\\',  # ... in an escape
+        line(LOGIN)[:-1] + ', "k": "\\ud800',
+        line(LOGIN)[:-1] + ', "k',  # ... in a key
+        line(LOGIN)[:-1] + ', "n": 1e999999999, "k": "a',  # a number no numeric holds comes before
+        line(LOGIN)[:-1] + ', "k": "C:\\Users',  # a stray backslash stops the parser first
+        line(LOGIN)[:-1] + ', "k": "tab\there',  # ... as does a raw control character
+        '["a", "b',  # no object
+        '"abc',
+        "  \n" + line(LOGIN)[:-5],
+        "{" * 511 + '"a": "b',  # nested as deep as the tokenizer takes, and one deeper
+        "{" * 512 + '"a": "b',
+        '{"a": [' * 300 + '"b',
     ],
 )
 def test_the_quick_path_gives_what_the_tokenizer_gives(text: str) -> None:
