@@ -35,6 +35,10 @@ DECLARE
     v_classes     text[] := '{}';
     v_messages    text[] := '{}';
     v_write       bigint[] := '{}';
+    v_sources     text[];
+    v_inodes      text[];
+    v_offsets     bigint[];
+    v_missing     bigint[];
     v_states      jsonb;
 BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
@@ -114,24 +118,49 @@ BEGIN
         END IF;
     END LOOP;
 
+    -- Each event at its original position, or at a DLQ-scoped one when it has none (as the worker writes it).
+    SELECT coalesce(array_agg(e.id), '{}'), coalesce(array_agg(coalesce(e.source, 'dlq-repair')), '{}'),
+           coalesce(array_agg(CASE WHEN e.source IS NULL THEN '' ELSE coalesce(e.source_inode, '') END), '{}'),
+           coalesce(array_agg(CASE WHEN e.source IS NULL OR e.source_offset IS NULL THEN e.id ELSE e.source_offset END),
+                    '{}')
+      INTO v_write, v_sources, v_inodes, v_offsets
+      FROM dead_letter_events e
+     WHERE e.id = ANY (v_write) AND e.processing_lock = v_lease;
     INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp, payload,
                             dlq_event_id, repair_strategy)
-    SELECT coalesce(e.source, 'dlq-repair'), CASE WHEN e.source IS NULL THEN '' ELSE coalesce(e.source_inode, '') END,
-           CASE WHEN e.source IS NULL OR e.source_offset IS NULL THEN e.id ELSE e.source_offset END,
-           e.payload ->> 'eventid', e.payload ->> 'session', (e.payload ->> 'src_ip')::inet,
+    SELECT t.source, t.inode, t.off, e.payload ->> 'eventid', e.payload ->> 'session', (e.payload ->> 'src_ip')::inet,
            (e.payload ->> 'timestamp')::timestamptz, e.payload, e.id, 'replay:sql'
-      FROM dead_letter_events e
-     WHERE e.id = ANY (v_write) AND e.processing_lock = v_lease
+      FROM unnest(v_write, v_sources, v_inodes, v_offsets) AS t(id, source, inode, off)
+      JOIN dead_letter_events e ON e.id = t.id
     ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING;
+    -- A target that takes the insert and stores no row at a position (a trigger returning NULL, a rule) would leave
+    -- its event resolved with nothing written: such an event fails as a refused write does (target_write_failed,
+    -- a failing system for the breaker), and is tried again after its backoff.
+    SELECT coalesce(array_agg(t.id), '{}') INTO v_missing
+      FROM unnest(v_write, v_sources, v_inodes, v_offsets) AS t(id, source, inode, off)
+     WHERE NOT EXISTS (SELECT FROM raw_events r
+                        WHERE r.source = t.source AND r.source_inode = t.inode AND r.source_offset = t.off);
+    IF cardinality(v_missing) > 0 THEN
+        FOR i IN 1 .. cardinality(v_ids) LOOP
+            IF v_ids[i] = ANY (v_missing) THEN
+                v_outcomes[i] := 'failed';
+                v_methods[i] := NULL;
+                v_classes[i] := 'target_write_failed';
+                v_messages[i] := 'target write failed: the target stored no row at the event''s position';
+            END IF;
+        END LOOP;
+        v_successes := 0;
+    END IF;
 
     SELECT coalesce(jsonb_object_agg(c.final_state, c.n), '{}') INTO v_states
       FROM (SELECT final_state, count(*) AS n
               FROM dlq_complete_batch(v_lease, v_ids, v_outcomes, v_methods, v_classes, v_messages)
              GROUP BY final_state) c;
 
-    -- Invalid payloads are data faults, not a failing system: they reset nothing and count nothing here. A
-    -- failing system (the target write) raises, aborting the batch; its leases then expire and count.
-    PERFORM dlq_breaker_record(p_circuit_breaker_name, v_successes, 0, v_probe);
+    -- Invalid payloads are data faults, not a failing system: they reset nothing and count nothing here. A target
+    -- that refuses a write with an error aborts the whole batch (this transaction: nothing is claimed or charged);
+    -- one that drops rows silently counts its events as failures.
+    PERFORM dlq_breaker_record(p_circuit_breaker_name, v_successes, cardinality(v_missing), v_probe);
     processed := cardinality(v_ids) - coalesce((v_states ->> 'released')::integer, 0);
     repaired := coalesce((v_states ->> 'resolved')::integer, 0);
     poisoned := coalesce((v_states ->> 'poisoned')::integer, 0);

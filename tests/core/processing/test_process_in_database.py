@@ -153,6 +153,27 @@ def test_replay_is_idempotent_on_the_target(conn: psycopg.Connection) -> None:
     assert conn.execute("SELECT count(*), min(dlq_event_id) FROM raw_events").fetchone() == (1, first)
 
 
+def test_a_target_that_drops_a_row_silently_leaves_its_event_failed_not_resolved(conn: psycopg.Connection) -> None:
+    kept = [insert(conn, {**VALID, "n": i}, source="/log", source_inode="9", source_offset=i * 100) for i in range(3)]
+    dropped = insert(conn, {**VALID, "eventid": "cowrie.login.success"}, source="/log", source_offset=900)
+    no_source = insert(conn, {**VALID, "eventid": "cowrie.login.success", "n": 9})
+    conn.execute(
+        """CREATE FUNCTION drop_successes() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.eventid = 'cowrie.login.success' THEN RETURN NULL; END IF; RETURN NEW; END $$;
+           CREATE TRIGGER drop_successes BEFORE INSERT ON raw_events FOR EACH ROW EXECUTE FUNCTION drop_successes()"""
+    )
+    result = run(conn, 100)
+    assert (result["repaired"], result["failed"]) == (3, 2)
+    states = conn.execute(
+        "SELECT id, resolved, retry_count, error_history -> -1 ->> 'error_class' FROM dead_letter_events "
+        "WHERE id = ANY(%s) ORDER BY id",
+        ([dropped, no_source],),
+    ).fetchall()
+    assert states == [(dropped, False, 1, "target_write_failed"), (no_source, False, 1, "target_write_failed")]
+    assert conn.execute("SELECT array_agg(dlq_event_id ORDER BY dlq_event_id) FROM raw_events").fetchone() == (kept,)
+    assert conn.execute("SELECT failure_count FROM dlq_circuit_breaker_state").fetchone() == (2,)
+
+
 def test_tampering_is_quarantined_and_filters_apply(conn: psycopg.Connection) -> None:
     tampered = insert(conn, VALID, priority=1)
     conn.execute("UPDATE dead_letter_events SET payload = payload || '{\"x\": 1}' WHERE id = %s", (tampered,))
