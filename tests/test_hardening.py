@@ -313,8 +313,14 @@ def test_the_legacy_upgrade_takes_deep_nesting_and_flags_duplicate_keys_in_metad
            BEGIN IF NEW.eventid = 'cowrie.login.failed' THEN RETURN NULL; END IF; RETURN NEW; END $$;
            CREATE TRIGGER drop_failed_logins BEFORE INSERT ON raw_events
                FOR EACH ROW EXECUTE FUNCTION drop_failed_logins()""",
+        # a privilege error about the row, not the role (it holds the rights): the event's, not the system's
+        """CREATE FUNCTION deny_failed_logins() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.eventid = 'cowrie.login.failed' THEN
+               RAISE EXCEPTION 'not for you' USING ERRCODE = 'insufficient_privilege'; END IF; RETURN NEW; END $$;
+           CREATE TRIGGER deny_failed_logins BEFORE INSERT ON raw_events
+               FOR EACH ROW EXECUTE FUNCTION deny_failed_logins()""",
     ],
-    ids=["constraint", "trigger", "silent_trigger"],
+    ids=["constraint", "trigger", "silent_trigger", "privilege_trigger"],
 )
 @pytest.mark.parametrize("lease_mode", LEASE_MODES)
 def test_a_target_refusing_one_event_charges_that_event_only(
@@ -334,6 +340,33 @@ def test_a_target_refusing_one_event_charges_that_event_only(
     assert conn.execute("SELECT state, failure_count FROM dlq_circuit_breaker_state").fetchone() == ("closed", 1)
     written = conn.execute("SELECT count(*), count(*) FILTER (WHERE dlq_event_id = %s) FROM raw_events", (refused,))
     assert written.fetchone() == (10, 0)
+
+
+@pytest.mark.parametrize("lease_mode", LEASE_MODES)
+def test_a_row_security_policy_refusing_one_event_charges_that_event_only(
+    conn: psycopg.Connection, processor_url: str, lease_mode: str
+) -> None:
+    """A policy's WITH CHECK fails with a privilege error (42501) for the rows it refuses: those events fail, the
+    rest are written, and nothing stalls (taken as a missing privilege, the event would head every batch)."""
+    for i in range(10):
+        insert_dead_letter(conn, {**VALID, "n": i})
+    refused = insert_dead_letter(conn, {**VALID, "eventid": "cowrie.login.failed", "username": "root", "password": "x"})
+    conn.execute("ALTER TABLE raw_events ENABLE ROW LEVEL SECURITY")
+    conn.execute("CREATE POLICY everything_read ON raw_events FOR SELECT USING (true)")
+    conn.execute(
+        "CREATE POLICY no_failed_logins ON raw_events FOR INSERT WITH CHECK (eventid <> 'cowrie.login.failed')"
+    )
+    try:
+        report = Worker(processor_url, WorkerConfig(**SMALL, lease_mode=lease_mode)).run()
+        assert report.infrastructure_error is None and (report.resolved, report.retried) == (10, 1)
+        row = conn.execute(
+            "SELECT retry_count, error_history -> -1 ->> 'message' FROM dead_letter_events WHERE id = %s", (refused,)
+        ).fetchone()
+        assert row[0] == 1 and "row-level security" in row[1]
+        assert conn.execute("SELECT count(*) FROM raw_events").fetchone() == (10,)
+    finally:
+        conn.execute("DROP POLICY no_failed_logins ON raw_events; DROP POLICY everything_read ON raw_events")
+        conn.execute("ALTER TABLE raw_events DISABLE ROW LEVEL SECURITY")
 
 
 @pytest.mark.parametrize("record_bytes", ["1e30", "12.5", '"many"', "-3"])

@@ -47,7 +47,7 @@ from dlq_assets.core.processing.handlers import (
 from dlq_assets.core.processing.heartbeat import _Heartbeat
 from dlq_assets.core.processing.pacing import RateLimiter, next_batch_size
 from dlq_assets.core.processing.report import ProcessReport, peak_rss_mb
-from dlq_assets.core.processing.targets import _write_targets
+from dlq_assets.core.processing.targets import _write_targets, refused_for_its_rows
 
 _T = TypeVar("_T")
 
@@ -381,7 +381,7 @@ class Worker:
             with conn.transaction():
                 return outcomes, {}, step(outcomes, False)
         except psycopg.Error as exc:
-            if is_infrastructure_failure(exc):
+            if is_infrastructure_failure(exc) and not refused_for_its_rows(conn, exc):
                 raise
         refused = self._refused_targets(conn, outcomes)
         outcomes = _fail_refused(outcomes, refused)
@@ -400,7 +400,7 @@ class Worker:
                     with conn.transaction():
                         _write_targets(conn, [o.target, *o.more])
                 except psycopg.Error as exc:
-                    if is_infrastructure_failure(exc):
+                    if is_infrastructure_failure(exc) and not refused_for_its_rows(conn, exc):
                         raise
                     refused[o.event_id] = str(exc).strip()
         return refused
