@@ -31,7 +31,9 @@ from dlq_assets.core.processing.config import MAX_LEASE_SECONDS, MAX_RATE, MIN_R
     show_default=True,
     help="transaction: row locks are the lease (fast); committed: a visible lease row, written first.",
 )
-@click.option("--time-budget", type=Finite(min=0, max=366 * 86_400), help="Stop claiming after this many seconds.")
+@click.option(
+    "--time-budget", type=Finite(min=0, min_open=True, max=366 * 86_400), help="Stop claiming after this many seconds."
+)
 @click.option("--max-events-per-second", type=Finite(MIN_RATE, MAX_RATE), help="Rate limit.")
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.pass_context

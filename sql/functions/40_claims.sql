@@ -35,6 +35,32 @@ AS $$
      LIMIT 1
 $$;
 
+-- The arguments every claim checks, one rule each, as WorkerConfig checks them: a lease of one second to a day
+-- (longer, a dead holder's events would wait that long), counted from the moment it is taken (clock_timestamp(),
+-- not its transaction's start: taken in a transaction open longer than the lease, it would have expired at once);
+-- a priority ceiling of 1 to 10 or none (0 or 11 would claim nothing, or everything, without a word).
+CREATE OR REPLACE FUNCTION dlq_check_lease_seconds(p_lease_seconds integer) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_lease_seconds IS NULL OR p_lease_seconds NOT BETWEEN 1 AND 86400 THEN
+        RAISE EXCEPTION 'p_lease_seconds must be between 1 and 86400, got %', coalesce(p_lease_seconds::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
+CREATE OR REPLACE FUNCTION dlq_check_priority_max(p_priority_max integer) RETURNS void
+    LANGUAGE plpgsql IMMUTABLE
+AS $$
+BEGIN
+    IF p_priority_max NOT BETWEEN 1 AND 10 THEN
+        RAISE EXCEPTION 'p_priority_max must be between 1 and 10 (or NULL for all), got %', p_priority_max
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+END
+$$;
+
 -- Claims exclude malicious rows themselves. Row security hides them from dlq_processor_role, but the table
 -- owner (who runs the worker on the embedded server, or with the owner's URL) bypasses row security, and their
 -- payloads would reach raw_events, which dlq_reader reads. security_admin releases one after review
@@ -81,10 +107,8 @@ BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
         RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    IF p_lease_seconds IS NULL OR p_lease_seconds < 1 THEN
-        RAISE EXCEPTION 'p_lease_seconds must be positive, got %', p_lease_seconds
-            USING ERRCODE = 'invalid_parameter_value';
-    END IF;
+    PERFORM dlq_check_lease_seconds(p_lease_seconds);
+    PERFORM dlq_check_priority_max(p_priority_max);
     IF EXISTS (SELECT 1 FROM dead_letter_events
                 WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved) THEN
         PERFORM dlq_release_stale_leases();
@@ -92,7 +116,7 @@ BEGIN
     RETURN QUERY EXECUTE format(
         'UPDATE dead_letter_events e
             SET processing_lock = $4,
-                lock_expires_at = now() + make_interval(secs => $5),
+                lock_expires_at = clock_timestamp() + make_interval(secs => $5),
                 last_processed_at = now(),
                 processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
                     ''lease'', $4, ''claimed_at'', now(), ''worker'', $6, ''attempt'', e.retry_count + 1))
@@ -112,9 +136,10 @@ COMMENT ON FUNCTION dlq_claim_events(p_limit integer, p_lease_seconds integer, p
 CREATE OR REPLACE FUNCTION dlq_heartbeat(p_lease uuid, p_lease_seconds integer DEFAULT 1800) RETURNS integer
     LANGUAGE sql SET search_path = public, pg_temp
 AS $$
+    SELECT dlq_check_lease_seconds(p_lease_seconds);
     WITH extended AS (
         UPDATE dead_letter_events
-           SET lock_expires_at = now() + make_interval(secs => p_lease_seconds)
+           SET lock_expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds)
          WHERE processing_lock = p_lease AND NOT resolved
         RETURNING 1)
     SELECT count(*)::integer FROM extended
@@ -161,6 +186,7 @@ BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
         RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM dlq_check_priority_max(p_priority_max);
     IF NOT pg_try_advisory_xact_lock(dlq_lease_key(p_lease)) THEN
         RAISE EXCEPTION 'lease % is held by another session', p_lease USING ERRCODE = 'lock_not_available';
     END IF;
@@ -245,6 +271,7 @@ CREATE OR REPLACE FUNCTION dlq_claim_fragment_chains(
 ) RETURNS SETOF dead_letter_events
     LANGUAGE sql SET search_path = public, pg_temp
 AS $$
+    SELECT dlq_check_lease_seconds(p_lease_seconds);
     WITH RECURSIVE held AS (
         SELECT coalesce(dlq_lease_holder(p_lease) = pg_backend_pid(), false) AS by_transaction
     ), mine AS (
@@ -284,7 +311,7 @@ AS $$
     )
     UPDATE dead_letter_events e
        SET processing_lock = p_lease,
-           lock_expires_at = now() + make_interval(secs => p_lease_seconds),
+           lock_expires_at = clock_timestamp() + make_interval(secs => p_lease_seconds),
            last_processed_at = now(),
            processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
                'lease', p_lease, 'claimed_at', now(), 'attempt', e.retry_count + 1, 'as', 'neighbour'))

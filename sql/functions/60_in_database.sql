@@ -44,6 +44,7 @@ BEGIN
     IF p_limit IS NULL OR p_limit < 1 OR p_limit > 100000 THEN
         RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
     END IF;
+    PERFORM dlq_check_priority_max(p_priority_filter);
     SELECT a.decision, a.probe INTO v_decision, v_probe FROM dlq_breaker_acquire(p_circuit_breaker_name) a;
     IF v_decision = 'deny' THEN
         INSERT INTO dlq_processing_metrics (processing_session_id, processing_method, batch_size, processed_count,
@@ -65,7 +66,8 @@ BEGIN
     -- which processors read.
     FOR v_row IN EXECUTE format(
         'UPDATE dead_letter_events e
-            SET processing_lock = $4, lock_expires_at = now() + interval ''30 minutes'', last_processed_at = now(),
+            SET processing_lock = $4, lock_expires_at = clock_timestamp() + interval ''30 minutes'',
+                last_processed_at = now(),
                 processing_attempts = e.processing_attempts || jsonb_build_array(jsonb_build_object(
                     ''lease'', $4, ''claimed_at'', now(), ''worker'', ''process_dlq_events_enhanced'',
                     ''attempt'', e.retry_count + 1))

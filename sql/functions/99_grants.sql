@@ -38,6 +38,12 @@ GRANT EXECUTE ON FUNCTION dlq_claim_fragment_chains(p_lease uuid, p_ids bigint[]
 REVOKE ALL ON FUNCTION dlq_complete_batch(p_lease uuid, p_ids bigint[], p_outcomes text[], p_methods text[], p_error_classes text[], p_messages text[]) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlq_complete_batch(p_lease uuid, p_ids bigint[], p_outcomes text[], p_methods text[], p_error_classes text[], p_messages text[]) TO dlq_processor_role;
 
+REVOKE ALL ON FUNCTION dlq_check_lease_seconds(p_lease_seconds integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlq_check_lease_seconds(p_lease_seconds integer) TO dlq_processor_role;
+
+REVOKE ALL ON FUNCTION dlq_check_priority_max(p_priority_max integer) FROM PUBLIC;
+GRANT EXECUTE ON FUNCTION dlq_check_priority_max(p_priority_max integer) TO dlq_processor_role;
+
 REVOKE ALL ON FUNCTION dlq_due_events_sql(p_columns text, p_free text) FROM PUBLIC;
 GRANT EXECUTE ON FUNCTION dlq_due_events_sql(p_columns text, p_free text) TO dlq_processor_role;
 

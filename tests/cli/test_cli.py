@@ -259,7 +259,8 @@ def test_create_reports_the_function_files_it_applies(empty_db_url: str) -> None
 
 @pytest.mark.parametrize(
     "args",
-    [["process", "--time-budget", "nan"], ["process", "--limit", "99999999999999999999"],
+    [["process", "--time-budget", "nan"], ["process", "--time-budget", "0"],
+     ["process", "--limit", "99999999999999999999"],
      ["redrive", "--id", "9223372036854775808", "--dry-run"],
      ["redrive", "--reason", "x", "--max-redrives", "3000000000"],
      ["demo", "--corruption-rate", "nan"], ["analyze", "--since-hours", "inf"]],

@@ -133,6 +133,8 @@ PROCESSOR_CALLS = {
                           "SELECT * FROM dlq_complete_batch(%(lease)s, %(ids)s, "
                           "array_fill('resolved'::text, ARRAY[cardinality(%(ids)s)]))",
                           "SELECT pg_advisory_unlock_all()"],
+    "dlq_check_lease_seconds": ["SELECT dlq_check_lease_seconds(60)"],  # a claim's argument checks
+    "dlq_check_priority_max": ["SELECT dlq_check_priority_max(3)"],
     "dlq_due_events_sql": ["SELECT dlq_due_events_sql('c.id', 'true')"],  # the text of a claim's query, run by nothing
     "dlq_release_dead_batches": ["SELECT dlq_release_dead_batches()"],
     "dlq_forget_batch": ["SELECT dlq_forget_batch(%(malicious_lease)s)"],

@@ -47,3 +47,6 @@ class WorkerConfig:
             raise ValueError("priority_max must be between 1 and 10")
         if self.limit is not None and self.limit < 0:
             raise ValueError("limit must not be negative")
+        budget = self.time_budget_seconds
+        if budget is not None and not budget > 0:  # also refuses nan: a budget of none at all runs nothing
+            raise ValueError("time_budget_seconds must be positive")

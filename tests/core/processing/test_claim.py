@@ -116,7 +116,8 @@ def test_claim_orders_by_priority_then_due_time(conn: psycopg.Connection, claim:
 def test_claim_leases_the_batch(conn: psycopg.Connection) -> None:
     fill_backlog(conn, 50)
     rows = conn.execute(
-        "SELECT id, priority, created_at, processing_lock, lock_expires_at - now() FROM dlq_claim_events(5, 900)"
+        "SELECT id, priority, created_at, processing_lock, lock_expires_at - clock_timestamp() "
+        "FROM dlq_claim_events(5, 900)"
     ).fetchall()
     assert len(rows) == 5
     assert len({r[3] for r in rows}) == 1  # one lease for the batch
@@ -173,3 +174,40 @@ def test_metadata_is_json(conn: psycopg.Connection) -> None:
     fill_backlog(conn, 3)
     (attempts,) = conn.execute("SELECT json_agg(processing_attempts) FROM dlq_claim_events(3)").fetchone()
     assert json.loads(json.dumps(attempts))
+
+
+def test_a_lease_taken_in_an_old_transaction_runs_from_when_it_is_taken(conn: psycopg.Connection) -> None:
+    """now() is the transaction's start: a lease counted from it would be expired when taken, and anyone could
+    claim its events at once."""
+    fill_backlog(conn, 5)
+    with conn.transaction():
+        conn.execute("SELECT pg_sleep(1.2)")
+        rows = conn.execute("SELECT processing_lock, lock_expires_at > clock_timestamp() FROM dlq_claim_events(2, 1)")
+        (lease, live), *_ = rows.fetchall()
+        assert live
+        conn.execute("SELECT pg_sleep(1.2)")
+        assert conn.execute("SELECT dlq_heartbeat(%s, 1)", (lease,)).fetchone() == (2,)
+        still = (
+            "SELECT bool_and(lock_expires_at > clock_timestamp()) FROM dead_letter_events WHERE processing_lock = %s"
+        )
+        assert conn.execute(still, (lease,)).fetchone() == (True,)
+
+
+@pytest.mark.parametrize(
+    "call",
+    [
+        "SELECT * FROM dlq_claim_events(5, 0)",
+        "SELECT * FROM dlq_claim_events(5, 86401)",  # a dead holder's events would wait longer than a day
+        "SELECT * FROM dlq_claim_events(5, 900, 0)",  # a priority ceiling no event has: claimed nothing, silently
+        "SELECT * FROM dlq_claim_events(5, 900, 11)",
+        "SELECT * FROM dlq_claim_batch(gen_random_uuid(), 5, -1)",
+        "SELECT dlq_heartbeat(gen_random_uuid(), 100000)",
+        "SELECT * FROM dlq_claim_fragment_chains(gen_random_uuid(), '{1}', 100, 0)",
+        "SELECT * FROM process_dlq_events_enhanced(10, NULL, 0)",
+    ],
+)
+def test_claims_refuse_leases_and_priorities_out_of_range(conn: psycopg.Connection, call: str) -> None:
+    fill_backlog(conn, 5)
+    with pytest.raises(psycopg.errors.InvalidParameterValue), conn.transaction():
+        conn.execute(call)
+    assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE processing_lock IS NOT NULL").fetchone() == (0,)

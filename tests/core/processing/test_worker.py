@@ -420,6 +420,9 @@ def test_config_rejects_nonsense() -> None:
         WorkerConfig(batch_size=10, min_batch_size=1000)
     with pytest.raises(ValueError, match="priority_max"):
         WorkerConfig(priority_max=11)
+    for budget in (0, -1, float("nan")):  # no budget at all would run nothing, or (0 read as unset) run unbounded
+        with pytest.raises(ValueError, match="time_budget_seconds"):
+            WorkerConfig(time_budget_seconds=budget)
 
 
 @pytest.mark.parametrize("held", ["earlier", "later"])
