@@ -150,3 +150,32 @@ def test_a_database_not_in_utf8_is_refused_by_name(server_url: str) -> None:
     finally:
         with psycopg.connect(server_url, autocommit=True) as conn:
             conn.execute(f"DROP DATABASE {name} WITH (FORCE)")
+
+
+def test_a_malicious_classification_spelt_otherwise_is_hidden_on_upgrade_and_refused_after(
+    empty_db_url: str, tmp_path: Path
+) -> None:
+    """'Malicious' escaped every exclusion written for 'malicious' (claims, row security): the upgrade hides such
+    rows under the exact spelling, and the tables refuse any other from then on."""
+    before = tmp_path / "sql"
+    shutil.copytree(migrations.sql_dir(), before)
+    (before / "migrations" / "0027_classification_spelt_exactly.sql").unlink()
+    migrate(empty_db_url, directory=before)
+    spellings = ["Malicious", " malicious\n", "MALICIOUS", "maliciousness", "malicious", None]
+    with psycopg.connect(empty_db_url, autocommit=True) as conn:
+        for n, spelling in enumerate(spellings):
+            conn.execute(
+                "INSERT INTO dead_letter_events (reason, payload, classification) VALUES ('x', %s, %s)",
+                (f'{{"n": {n}}}', spelling),
+            )
+        migrate(empty_db_url)
+        stored = conn.execute("SELECT classification FROM dead_letter_events ORDER BY id").fetchall()
+        assert [c for (c,) in stored] == ["malicious"] * 3 + ["maliciousness", "malicious", None]
+        with pytest.raises(psycopg.errors.CheckViolation, match="malicious_spelt_exactly"):
+            conn.execute("UPDATE dead_letter_events SET classification = 'Malicious '")
+        checked = conn.execute(
+            "SELECT conrelid::regclass::text FROM pg_constraint WHERE conname LIKE '%malicious_spelt_exactly' "
+            "AND convalidated AND conrelid IN ('dead_letter_events'::regclass, 'dlq_poison_events'::regclass) "
+            "ORDER BY 1"
+        ).fetchall()
+        assert checked == [("dead_letter_events",), ("dlq_poison_events",)]  # the poison table holds the same rule
