@@ -88,6 +88,24 @@ def test_a_target_that_refuses_writes_opens_the_breaker_and_charges_nothing(
     assert conn.execute("SELECT state FROM dlq_circuit_breaker_state").fetchone() == ("closed",)
 
 
+@pytest.mark.parametrize("lease_mode", LEASE_MODES)
+def test_a_target_refusing_every_write_for_want_of_a_right_charges_nothing(
+    db_url: str, conn: psycopg.Connection, processor_url: str, lease_mode: str
+) -> None:
+    """Not the table's privilege but one its writes need (raw_events' checksum calls sha256): every write is
+    refused with a privilege error, which is the system's, not 300 events' failures."""
+    for i in range(30):
+        insert_dead_letter(conn, {**VALID, "n": i})
+    conn.execute("REVOKE EXECUTE ON FUNCTION sha256(bytea) FROM PUBLIC")
+    try:
+        report = Worker(processor_url, WorkerConfig(**SMALL, lease_mode=lease_mode)).run()
+        assert report.infrastructure_error and "InsufficientPrivilege" in report.infrastructure_error
+        assert untouched(conn) == (0, 0, 0, 0, 0, 0)
+    finally:
+        conn.execute("GRANT EXECUTE ON FUNCTION sha256(bytea) TO PUBLIC")
+    assert Worker(db_url, WorkerConfig(**SMALL, lease_mode=lease_mode)).run().breaker_denied  # open meanwhile
+
+
 def test_the_cli_says_an_infrastructure_failure_and_exits_5(
     db_url: str, conn: psycopg.Connection, processor_url: str
 ) -> None:
@@ -319,8 +337,19 @@ def test_the_legacy_upgrade_takes_deep_nesting_and_flags_duplicate_keys_in_metad
                RAISE EXCEPTION 'not for you' USING ERRCODE = 'insufficient_privilege'; END IF; RETURN NEW; END $$;
            CREATE TRIGGER deny_failed_logins BEFORE INSERT ON raw_events
                FOR EACH ROW EXECUTE FUNCTION deny_failed_logins()""",
+        # errors of the infrastructure's kinds, raised for one row: still that event's, since others are written
+        """CREATE FUNCTION busy_failed_logins() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.eventid = 'cowrie.login.failed' THEN
+               RAISE EXCEPTION 'busy' USING ERRCODE = 'lock_not_available'; END IF; RETURN NEW; END $$;
+           CREATE TRIGGER busy_failed_logins BEFORE INSERT ON raw_events
+               FOR EACH ROW EXECUTE FUNCTION busy_failed_logins()""",
+        """CREATE FUNCTION enrich_failed_logins() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.eventid = 'cowrie.login.failed' THEN PERFORM enrichment_not_deployed(NEW.payload); END IF;
+           RETURN NEW; END $$;
+           CREATE TRIGGER enrich_failed_logins BEFORE INSERT ON raw_events
+               FOR EACH ROW EXECUTE FUNCTION enrich_failed_logins()""",
     ],
-    ids=["constraint", "trigger", "silent_trigger", "privilege_trigger"],
+    ids=["constraint", "trigger", "silent_trigger", "privilege_trigger", "lock_trigger", "missing_function"],
 )
 @pytest.mark.parametrize("lease_mode", LEASE_MODES)
 def test_a_target_refusing_one_event_charges_that_event_only(

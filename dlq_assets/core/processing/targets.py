@@ -35,23 +35,6 @@ _MISSING = """
 """
 
 
-# The rights the insert needs: with them, a privilege error (42501) is about the rows written, not the role.
-_CAN_WRITE = """
-    SELECT has_table_privilege('raw_events', 'INSERT')
-       AND (SELECT has_sequence_privilege(s, 'USAGE') OR has_sequence_privilege(s, 'UPDATE')
-              FROM pg_get_serial_sequence('raw_events', 'id') s)
-"""
-
-
-def refused_for_its_rows(conn: psycopg.Connection[Any], exc: BaseException) -> bool:
-    """A privilege error from a write the role has the rights for: a row security policy's check or a trigger
-    refused rows, which is their events' failure (as a constraint's would be), not the system's. Taken as the
-    system's, such an event would never be charged and would head the queue again every batch."""
-    if not isinstance(exc, psycopg.errors.InsufficientPrivilege):
-        return False
-    return bool(conn.execute(_CAN_WRITE).fetchone()[0])
-
-
 def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
     """Payloads go as the JSON text at hand (jsonb canonicalises it), joined unescaped (see JSON_TEXTS_SQL); the
     checksum is the stored payload's, derived by the table (a generated column).

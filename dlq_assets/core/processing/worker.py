@@ -47,11 +47,12 @@ from dlq_assets.core.processing.handlers import (
 from dlq_assets.core.processing.heartbeat import _Heartbeat
 from dlq_assets.core.processing.pacing import RateLimiter, next_batch_size
 from dlq_assets.core.processing.report import ProcessReport, peak_rss_mb
-from dlq_assets.core.processing.targets import _write_targets, refused_for_its_rows
+from dlq_assets.core.processing.targets import _write_targets
 
 _T = TypeVar("_T")
 
 PROCESSING_METHOD = "python_worker"
+_INFRASTRUCTURE_AFTER = 3  # infrastructure refusals of a batch's first targets, none taken: the system's failure
 
 
 class _Stop:
@@ -374,14 +375,14 @@ class Worker:
     def _until_accepted(
         self, conn: psycopg.Connection[Any], outcomes: list[Outcome], step: Callable[[list[Outcome], bool], _T]
     ) -> tuple[list[Outcome], dict[int, str], _T]:
-        """``step(outcomes, retry)`` in a savepoint; if the target refuses the batch (a value, a constraint, a
-        trigger), the events whose targets it refuses fail (systemic) and the step runs again with the rest.
-        Returns the outcomes it ran with, the refused events and the step's result."""
+        """``step(outcomes, retry)`` in a savepoint; if it fails (the target refuses a value, a constraint, a
+        trigger, whatever the error), the events whose targets the target refuses fail (systemic) and the step runs
+        again with the rest. Returns the outcomes it ran with, the refused events and the step's result."""
         try:
             with conn.transaction():
                 return outcomes, {}, step(outcomes, False)
-        except psycopg.Error as exc:
-            if is_infrastructure_failure(exc) and not refused_for_its_rows(conn, exc):
+        except psycopg.Error:
+            if conn.broken or conn.closed:
                 raise
         refused = self._refused_targets(conn, outcomes)
         outcomes = _fail_refused(outcomes, refused)
@@ -390,8 +391,16 @@ class Worker:
 
     def _refused_targets(self, conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[int, str]:
         """Event id -> the target's error, for each event whose targets the target refuses: each written alone in
-        a savepoint, and every write rolled back after (only ever on a batch the target refused)."""
+        a savepoint, and every write rolled back after (only ever on a batch the target refused).
+
+        A refusal is its events' whatever its error while the target takes other events' writes: a trigger or a
+        row security policy may raise any SQLSTATE (a privilege error, a lock timeout) for one row, and taken as
+        the system's, that event would never be charged and would head every batch. A target that takes none of
+        them and refuses with an infrastructure failure (a missing privilege, a read-only server, a full disk) is
+        the system's: raised, after the first three such refusals, or after the last target."""
         refused: dict[int, str] = {}
+        failures: list[psycopg.Error] = []  # the infrastructure failures met while the target took nothing
+        taken = False
         with conn.transaction(force_rollback=True):
             for o in outcomes:
                 if o.target is None:
@@ -399,10 +408,17 @@ class Worker:
                 try:
                     with conn.transaction():
                         _write_targets(conn, [o.target, *o.more])
+                    taken = True
                 except psycopg.Error as exc:
-                    if is_infrastructure_failure(exc) and not refused_for_its_rows(conn, exc):
+                    if conn.broken or conn.closed:
                         raise
+                    if not taken and is_infrastructure_failure(exc):
+                        failures.append(exc)
+                        if len(failures) == _INFRASTRUCTURE_AFTER:
+                            raise exc
                     refused[o.event_id] = str(exc).strip()
+        if failures and not taken:
+            raise failures[-1]
         return refused
 
     def _complete(self, conn: psycopg.Connection[Any], lease: uuid.UUID, outcomes: list[Outcome]) -> dict[int, str]:
