@@ -348,9 +348,17 @@ def test_the_legacy_upgrade_takes_deep_nesting_and_flags_duplicate_keys_in_metad
            RETURN NEW; END $$;
            CREATE TRIGGER enrich_failed_logins BEFORE INSERT ON raw_events
                FOR EACH ROW EXECUTE FUNCTION enrich_failed_logins()""",
+        # a refusal at COMMIT would fail the whole batch: the worker checks constraints as each statement ends
+        """CREATE FUNCTION late_refusal() RETURNS trigger LANGUAGE plpgsql AS $$
+           BEGIN IF NEW.eventid = 'cowrie.login.failed' THEN RAISE EXCEPTION 'at commit'; END IF; RETURN NULL; END $$;
+           CREATE CONSTRAINT TRIGGER late_refusal AFTER INSERT ON raw_events DEFERRABLE INITIALLY DEFERRED
+               FOR EACH ROW EXECUTE FUNCTION late_refusal()""",
     ],
-    ids=["constraint", "trigger", "silent_trigger", "privilege_trigger", "lock_trigger", "missing_function"],
-)
+    ids=[
+        "constraint", "trigger", "silent_trigger", "privilege_trigger", "lock_trigger", "missing_function",
+        "deferred_trigger",
+    ],
+)  # fmt: skip
 @pytest.mark.parametrize("lease_mode", LEASE_MODES)
 def test_a_target_refusing_one_event_charges_that_event_only(
     db_url: str, conn: psycopg.Connection, refusal: str, lease_mode: str
@@ -369,6 +377,30 @@ def test_a_target_refusing_one_event_charges_that_event_only(
     assert conn.execute("SELECT state, failure_count FROM dlq_circuit_breaker_state").fetchone() == ("closed", 1)
     written = conn.execute("SELECT count(*), count(*) FILTER (WHERE dlq_event_id = %s) FROM raw_events", (refused,))
     assert written.fetchone() == (10, 0)
+
+
+@pytest.mark.parametrize("lease_mode", LEASE_MODES)
+def test_another_events_row_at_the_position_is_not_this_events(
+    db_url: str, conn: psycopg.Connection, lease_mode: str
+) -> None:
+    """Two dead letters claiming one position with different contents: the idempotent write finds a row there,
+    but not this event's; resolving it would leave its data nowhere. The same event again is idempotent."""
+    at = {"source": "/var/log/cowrie.json", "source_inode": "7", "source_offset": 1000}
+    mine, same = {**VALID, "n": 1}, {**VALID, "n": 2}
+    conn.execute(
+        "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload) VALUES "
+        "(%s, %s, %s, 'cowrie.login.failed', %s), (%s, %s, 1001, 'cowrie.login.failed', %s)",
+        (at["source"], at["source_inode"], at["source_offset"], json.dumps({**VALID, "n": 0}),
+         at["source"], at["source_inode"], json.dumps(same)),
+    )  # fmt: skip
+    other = insert_dead_letter(conn, mine, **at)
+    again = insert_dead_letter(conn, same, **{**at, "source_offset": 1001})
+    report = Worker(db_url, WorkerConfig(**SMALL, lease_mode=lease_mode)).run()
+    assert (report.resolved, report.retried) == (1, 1)
+    rows = conn.execute(
+        "SELECT id, resolved, error_history -> -1 ->> 'error_class' FROM dead_letter_events ORDER BY id"
+    ).fetchall()
+    assert rows == [(other, False, "target_write_failed"), (again, True, None)]
 
 
 @pytest.mark.parametrize("lease_mode", LEASE_MODES)

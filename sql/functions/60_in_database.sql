@@ -135,13 +135,16 @@ BEGIN
       FROM unnest(v_write, v_sources, v_inodes, v_offsets) AS t(id, source, inode, off)
       JOIN dead_letter_events e ON e.id = t.id
     ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING;
-    -- A target that takes the insert and stores no row at a position (a trigger returning NULL, a rule) would leave
-    -- its event resolved with nothing written: such an event fails as a refused write does (target_write_failed,
-    -- a failing system for the breaker), and is tried again after its backoff.
+    -- A target that takes the insert and stores no row at a position (a trigger returning NULL, a rule), or holds
+    -- another event's row there (two dead letters claiming one position with different contents), would leave the
+    -- event resolved with nothing written: such an event fails as a refused write does (target_write_failed, a
+    -- failing system for the breaker), and is tried again after its backoff.
     SELECT coalesce(array_agg(t.id), '{}') INTO v_missing
       FROM unnest(v_write, v_sources, v_inodes, v_offsets) AS t(id, source, inode, off)
+      JOIN dead_letter_events e ON e.id = t.id
      WHERE NOT EXISTS (SELECT FROM raw_events r
-                        WHERE r.source = t.source AND r.source_inode = t.inode AND r.source_offset = t.off);
+                        WHERE r.source = t.source AND r.source_inode = t.inode AND r.source_offset = t.off
+                          AND r.payload = e.payload);
     IF cardinality(v_missing) > 0 THEN
         FOR i IN 1 .. cardinality(v_ids) LOOP
             IF v_ids[i] = ANY (v_missing) THEN
@@ -161,7 +164,7 @@ BEGIN
 
     -- Invalid payloads are data faults, not a failing system: they reset nothing and count nothing here. A target
     -- that refuses a write with an error aborts the whole batch (this transaction: nothing is claimed or charged);
-    -- one that drops rows silently counts its events as failures.
+    -- one that keeps no row with an event counts that event as a failure.
     PERFORM dlq_breaker_record(p_circuit_breaker_name, v_successes, cardinality(v_missing), v_probe);
     processed := cardinality(v_ids) - coalesce((v_states ->> 'released')::integer, 0);
     repaired := coalesce((v_states ->> 'resolved')::integer, 0);

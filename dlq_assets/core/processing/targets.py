@@ -24,14 +24,19 @@ _INSERT_TARGETS = f"""
 
 
 class TargetRowsMissing(psycopg.DataError):
-    """The target took the statement but stored no row at some positions (a trigger returning NULL, a rule): an
-    event resolved there would have no target row, so the write counts as refused."""
+    """The target took the statement but holds no row with the event at some positions (a trigger returning NULL,
+    a rule, another event's row there already): an event resolved there would have no target row, so the write
+    counts as refused."""
 
 
-_MISSING = """
-    SELECT t.source, t.off FROM unnest(%s::text[], %s::text[], %s::bigint[]) AS t(source, inode, off)
+# Positions holding no row with the event's payload: none at all, or another event's (two dead letters claiming one
+# position with different contents: the idempotent insert would take the other's row for this event's).
+_MISSING = f"""
+    SELECT t.source, t.off FROM unnest(%s::text[], %s::text[], %s::bigint[], {JSON_TEXTS_SQL})
+                                AS t(source, inode, off, payload)
      WHERE NOT EXISTS (SELECT FROM raw_events r
-                        WHERE r.source = t.source AND r.source_inode = t.inode AND r.source_offset = t.off)
+                        WHERE r.source = t.source AND r.source_inode = t.inode AND r.source_offset = t.off
+                          AND r.payload = t.payload::jsonb)
 """
 
 
@@ -42,8 +47,9 @@ def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
     Idempotent by position: a plain INSERT in a savepoint first, and only when a position is in raw_events
     already (a redrive, a duplicate dead letter) the batch again with ON CONFLICT DO NOTHING. ON CONFLICT makes
     every row a speculative insertion: 3 ms more per 1,000 rows, paid for the rare conflict. Fewer rows than
-    targets (a conflict, or a target that drops rows silently) are looked up: a position still absent raises
-    ``TargetRowsMissing``, and its events are failed like any refused write."""
+    targets (a conflict, or a target that drops rows silently) are looked up: a position holding no row with the
+    event's payload (none, or another event's) raises ``TargetRowsMissing``, and its events are failed like any
+    refused write."""
     if not targets:
         return 0
     events, sources, inodes, offsets, dlq_ids, strategies, texts = zip(*targets, strict=True)
@@ -58,8 +64,10 @@ def _write_targets(conn: psycopg.Connection[Any], targets: list[Target]) -> int:
         conflict = "ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING"
         written = conn.execute(_INSERT_TARGETS + conflict, params).rowcount
     if written < len(targets):  # positions already there, or rows the target dropped without an error
-        missing = conn.execute(_MISSING, params[:3]).fetchall()
+        missing = conn.execute(_MISSING, params[:4]).fetchall()
         if missing:
             source, offset = missing[0]
-            raise TargetRowsMissing(f"the target stored no row at {len(missing)} position(s), {source}:{offset} first")
+            raise TargetRowsMissing(
+                f"the target holds no row with the event at {len(missing)} position(s), {source}:{offset} first"
+            )
     return written

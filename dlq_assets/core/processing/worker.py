@@ -52,6 +52,10 @@ from dlq_assets.core.processing.targets import _write_targets
 _T = TypeVar("_T")
 
 PROCESSING_METHOD = "python_worker"
+# The target's deferred constraints and constraint triggers check each write when its statement ends, inside the
+# refusal handling, not at COMMIT, where one event's refusal would fail the whole batch (every event of it then
+# charged when its lease ended). Set in every transaction or savepoint that writes: a savepoint rolled back undoes it.
+_IMMEDIATE = "SET CONSTRAINTS ALL IMMEDIATE"
 _INFRASTRUCTURE_AFTER = 3  # infrastructure refusals of a batch's first targets, none taken: the system's failure
 
 
@@ -380,6 +384,7 @@ class Worker:
         again with the rest. Returns the outcomes it ran with, the refused events and the step's result."""
         try:
             with conn.transaction():
+                conn.execute(_IMMEDIATE)
                 return outcomes, {}, step(outcomes, False)
         except psycopg.Error:
             if conn.broken or conn.closed:
@@ -387,6 +392,7 @@ class Worker:
         refused = self._refused_targets(conn, outcomes)
         outcomes = _fail_refused(outcomes, refused)
         with conn.transaction():
+            conn.execute(_IMMEDIATE)
             return outcomes, refused, step(outcomes, True)
 
     def _refused_targets(self, conn: psycopg.Connection[Any], outcomes: list[Outcome]) -> dict[int, str]:
@@ -402,6 +408,7 @@ class Worker:
         failures: list[psycopg.Error] = []  # the infrastructure failures met while the target took nothing
         taken = False
         with conn.transaction(force_rollback=True):
+            conn.execute(_IMMEDIATE)
             for o in outcomes:
                 if o.target is None:
                     continue

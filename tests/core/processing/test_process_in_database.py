@@ -174,6 +174,22 @@ def test_a_target_that_drops_a_row_silently_leaves_its_event_failed_not_resolved
     assert conn.execute("SELECT failure_count FROM dlq_circuit_breaker_state").fetchone() == (2,)
 
 
+def test_another_events_row_at_the_position_leaves_the_event_failed(conn: psycopg.Connection) -> None:
+    conn.execute(
+        "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload) "
+        "VALUES ('/log', '9', 100, 'cowrie.login.failed', %s)",
+        (json.dumps({**VALID, "n": 0}),),
+    )
+    other = insert(conn, {**VALID, "n": 1}, source="/log", source_inode="9", source_offset=100)
+    result = run(conn, 10)
+    assert (result["repaired"], result["failed"]) == (0, 1)
+    row = conn.execute(
+        "SELECT resolved, retry_count, error_history -> -1 ->> 'error_class' FROM dead_letter_events WHERE id = %s",
+        (other,),
+    ).fetchone()
+    assert row == (False, 1, "target_write_failed")
+
+
 def test_tampering_is_quarantined_and_filters_apply(conn: psycopg.Connection) -> None:
     tampered = insert(conn, VALID, priority=1)
     conn.execute("UPDATE dead_letter_events SET payload = payload || '{\"x\": 1}' WHERE id = %s", (tampered,))

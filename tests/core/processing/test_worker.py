@@ -293,19 +293,26 @@ def test_a_transaction_lease_completes_its_rows_without_a_multixact(db_url: str,
 
 def test_a_position_already_in_raw_events_is_written_once(db_url: str, conn: psycopg.Connection) -> None:
     """Plain INSERT first, ON CONFLICT DO NOTHING again only on a conflict: the batch's other events are written,
-    what is there stays, and two dead letters of one position (in one batch) leave one row."""
+    what is there stays, and the same event again is resolved by the row already there. An event whose position
+    holds another's row (a different record claiming it, or the second of two twins in one batch) is not: its data
+    would be nowhere. It fails as a refused write, kept for an operator."""
     at = {"source": "/var/log/cowrie.json", "source_inode": "7"}
     written = {**VALID, "n": "first"}
     conn.execute(
         "INSERT INTO raw_events (source, source_inode, source_offset, eventid, payload) VALUES (%s, %s, 1, %s, %s)",
         (at["source"], at["source_inode"], VALID["eventid"], json.dumps(written)),
     )
-    for offset, n in ((1, "again"), (2, "fresh"), (3, "twin a"), (3, "twin b")):
+    for offset, n in ((1, "first"), (1, "again"), (2, "fresh"), (3, "twin a"), (3, "twin b")):
         insert_dead_letter(conn, {**VALID, "n": n}, source_offset=offset, **at)
     report = process(db_url, WorkerConfig(**SMALL))
-    assert (report.resolved, report.failed) == (4, 0)
+    assert (report.resolved, report.retried) == (3, 2)
     rows = conn.execute("SELECT source_offset, payload ->> 'n' FROM raw_events ORDER BY source_offset").fetchall()
-    assert [offset for offset, _ in rows] == [1, 2, 3] and rows[:2] == [(1, "first"), (2, "fresh")]
+    assert rows[:2] == [(1, "first"), (2, "fresh")] and rows[2][0] == 3 and len(rows) == 3
+    failed = conn.execute(
+        "SELECT payload ->> 'n', error_history -> -1 ->> 'error_class' FROM dead_letter_events WHERE NOT resolved"
+    ).fetchall()
+    other_twin = ({"twin a", "twin b"} - {rows[2][1]}).pop()
+    assert sorted(failed) == [("again", "target_write_failed"), (other_twin, "target_write_failed")]
 
 
 def test_a_reason_without_a_handler_is_poisoned(db_url: str, conn: psycopg.Connection) -> None:
