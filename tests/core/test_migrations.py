@@ -161,7 +161,8 @@ def test_a_malicious_classification_spelt_otherwise_is_hidden_on_upgrade_and_ref
     shutil.copytree(migrations.sql_dir(), before)
     (before / "migrations" / "0027_classification_spelt_exactly.sql").unlink()
     migrate(empty_db_url, directory=before)
-    spellings = ["Malicious", " malicious\n", "MALICIOUS", "maliciousness", "malicious", None]
+    spellings = ["Malicious", " malicious\n", "MALICIOUS", "malicious\x0b", "\u00a0malicious", "mali\u00adcious",
+                 "malicious\u200b", "\ufeffmalicious\u3000", "maliciousness", "malicious", None]  # fmt: skip
     with psycopg.connect(empty_db_url, autocommit=True) as conn:
         for n, spelling in enumerate(spellings):
             conn.execute(
@@ -170,9 +171,10 @@ def test_a_malicious_classification_spelt_otherwise_is_hidden_on_upgrade_and_ref
             )
         migrate(empty_db_url)
         stored = conn.execute("SELECT classification FROM dead_letter_events ORDER BY id").fetchall()
-        assert [c for (c,) in stored] == ["malicious"] * 3 + ["maliciousness", "malicious", None]
-        with pytest.raises(psycopg.errors.CheckViolation, match="malicious_spelt_exactly"):
-            conn.execute("UPDATE dead_letter_events SET classification = 'Malicious '")
+        assert [c for (c,) in stored] == ["malicious"] * 8 + ["maliciousness", "malicious", None]
+        for spelling in spellings[:8]:
+            with pytest.raises(psycopg.errors.CheckViolation, match="malicious_spelt_exactly"):
+                conn.execute("UPDATE dead_letter_events SET classification = %s", (spelling,))
         checked = conn.execute(
             "SELECT conrelid::regclass::text FROM pg_constraint WHERE conname LIKE '%malicious_spelt_exactly' "
             "AND convalidated AND conrelid IN ('dead_letter_events'::regclass, 'dlq_poison_events'::regclass) "
