@@ -155,17 +155,24 @@ DECLARE
     v_ids     bigint[];
     v_total   integer := 0;
 BEGIN
+    -- One releaser at a time: two taking the same expired leases in different orders deadlocked, and the second
+    -- counted what the first had released. The others skip: the leases are being released.
+    IF NOT pg_try_advisory_xact_lock(hashtext('dlq_release_stale_leases')) THEN
+        RETURN 0;
+    END IF;
     FOR v_lease, v_ids IN
-        SELECT processing_lock, array_agg(id)
+        SELECT processing_lock, array_agg(id ORDER BY id)
           FROM dead_letter_events
          WHERE processing_lock IS NOT NULL AND lock_expires_at <= now() AND NOT resolved
          GROUP BY processing_lock
+         ORDER BY processing_lock
     LOOP
-        PERFORM dlq_complete_batch(v_lease, v_ids, array_fill('failed'::text, ARRAY[cardinality(v_ids)]),
-                                   NULL, array_fill('lease_expired'::text, ARRAY[cardinality(v_ids)]),
-                                   array_fill('the lease expired before the batch completed'::text,
-                                              ARRAY[cardinality(v_ids)]));
-        v_total := v_total + cardinality(v_ids);
+        v_total := v_total + (
+            SELECT count(*) FROM dlq_complete_batch(
+                v_lease, v_ids, array_fill('failed'::text, ARRAY[cardinality(v_ids)]), NULL,
+                array_fill('lease_expired'::text, ARRAY[cardinality(v_ids)]),
+                array_fill('the lease expired before the batch completed'::text, ARRAY[cardinality(v_ids)])) c
+             WHERE c.final_state <> 'not_owned');  -- a row taken meanwhile by a claim is that claim's
     END LOOP;
     RETURN v_total;
 END

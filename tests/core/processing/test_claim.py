@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import re
+import threading
+import time
 from typing import Any
 
 import psycopg
@@ -211,3 +213,33 @@ def test_claims_refuse_leases_and_priorities_out_of_range(conn: psycopg.Connecti
     with pytest.raises(psycopg.errors.InvalidParameterValue), conn.transaction():
         conn.execute(call)
     assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE processing_lock IS NOT NULL").fetchone() == (0,)
+
+
+def test_releasers_at_once_release_each_expired_lease_once(conn: psycopg.Connection, db_url: str) -> None:
+    """Two sessions releasing the same expired leases at once deadlocked (each took them in its own order) or
+    counted twice what one released; one releases while the others skip."""
+    fill_backlog(conn, 200)
+    conn.execute(
+        "UPDATE dead_letter_events SET processing_lock = ('00000000-0000-4000-8000-' || lpad((id % 20)::text, 12, '0'))"
+        "::uuid, lock_expires_at = now() - interval '1 minute' WHERE NOT resolved"
+    )
+    (expired,) = conn.execute("SELECT count(*) FROM dead_letter_events WHERE processing_lock IS NOT NULL").fetchone()
+    start, totals, errors = threading.Barrier(4), [], []
+
+    def release() -> None:
+        try:
+            with psycopg.connect(db_url) as mine:
+                start.wait()
+                totals.append(mine.execute("SELECT dlq_release_stale_leases()").fetchone()[0])
+                time.sleep(0.3)  # the transaction stays open: the others meet its row locks
+        except psycopg.Error as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=release) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == [] and sum(totals) == expired
+    charged = "SELECT count(*) FROM dead_letter_events WHERE retry_count = 1 AND processing_lock IS NULL"
+    assert conn.execute(charged).fetchone() == (expired,)
