@@ -128,6 +128,9 @@ BEGIN
       INTO v_write, v_sources, v_inodes, v_offsets
       FROM dead_letter_events e
      WHERE e.id = ANY (v_write) AND e.processing_lock = v_lease;
+    -- The target's deferred constraint triggers run as the insert ends, before the check below, not at COMMIT
+    -- (for the rest of the caller's transaction too: it is the batch's).
+    SET CONSTRAINTS ALL IMMEDIATE;
     INSERT INTO raw_events (source, source_inode, source_offset, eventid, session, src_ip, event_timestamp, payload,
                             dlq_event_id, repair_strategy)
     SELECT t.source, t.inode, t.off, e.payload ->> 'eventid', e.payload ->> 'session', (e.payload ->> 'src_ip')::inet,

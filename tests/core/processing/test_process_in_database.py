@@ -162,16 +162,23 @@ def test_a_target_that_drops_a_row_silently_leaves_its_event_failed_not_resolved
            BEGIN IF NEW.eventid = 'cowrie.login.success' THEN RETURN NULL; END IF; RETURN NEW; END $$;
            CREATE TRIGGER drop_successes BEFORE INSERT ON raw_events FOR EACH ROW EXECUTE FUNCTION drop_successes()"""
     )
+    conn.execute(  # and one that removes a row when its transaction commits
+        """CREATE FUNCTION drop_late() RETURNS trigger LANGUAGE plpgsql SECURITY DEFINER AS $$
+           BEGIN IF NEW.source_offset = 200 THEN DELETE FROM raw_events WHERE id = NEW.id; END IF; RETURN NULL; END $$;
+           CREATE CONSTRAINT TRIGGER drop_late AFTER INSERT ON raw_events DEFERRABLE INITIALLY DEFERRED
+               FOR EACH ROW EXECUTE FUNCTION drop_late()"""
+    )
+    late = kept.pop()
     result = run(conn, 100)
-    assert (result["repaired"], result["failed"]) == (3, 2)
+    assert (result["repaired"], result["failed"]) == (2, 3)
     states = conn.execute(
         "SELECT id, resolved, retry_count, error_history -> -1 ->> 'error_class' FROM dead_letter_events "
         "WHERE id = ANY(%s) ORDER BY id",
-        ([dropped, no_source],),
+        ([late, dropped, no_source],),
     ).fetchall()
-    assert states == [(dropped, False, 1, "target_write_failed"), (no_source, False, 1, "target_write_failed")]
+    assert states == [(i, False, 1, "target_write_failed") for i in (late, dropped, no_source)]
     assert conn.execute("SELECT array_agg(dlq_event_id ORDER BY dlq_event_id) FROM raw_events").fetchone() == (kept,)
-    assert conn.execute("SELECT failure_count FROM dlq_circuit_breaker_state").fetchone() == (2,)
+    assert conn.execute("SELECT failure_count FROM dlq_circuit_breaker_state").fetchone() == (3,)
 
 
 def test_another_events_row_at_the_position_leaves_the_event_failed(conn: psycopg.Connection) -> None:
