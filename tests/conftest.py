@@ -7,10 +7,12 @@ import contextlib
 import os
 import shutil
 import tempfile
+import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import psycopg
 import pytest
@@ -19,6 +21,8 @@ from psycopg import sql
 from dlq_assets.core.db import normalize_url, with_database
 from dlq_assets.core.migrations import migrate
 from dlq_assets.devtools.embedded import EmbeddedServer, remove_cluster
+
+T = TypeVar("T")
 
 TEST_URL_ENV = "DLQ_TEST_DATABASE_URL"
 TESTS_DIR = Path(__file__).resolve().parent
@@ -140,3 +144,25 @@ def left_alone(*paths: Path) -> None:
     moment = time.time() - BEING_WRITTEN_SECONDS - 60
     for path in paths:
         os.utime(path, (moment, moment))
+
+
+def at_once(count: int, work: Callable[[], T]) -> tuple[list[T], list[BaseException]]:
+    """``work`` on ``count`` threads released together: what they returned, and what they raised (checked by the
+    test, in its own thread)."""
+    start = threading.Barrier(count)
+    results: list[T] = []
+    errors: list[BaseException] = []
+
+    def one() -> None:
+        start.wait()
+        try:
+            results.append(work())
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=one) for _ in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results, errors

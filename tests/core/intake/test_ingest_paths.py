@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from dlq_assets.core.intake.ingest import IngestReport, ingest_paths
 from dlq_assets.core.intake.reader import read_records
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.cli.test_cli import run
-from tests.conftest import left_alone
+from tests.conftest import at_once, left_alone
 from tests.core.intake.test_ingest import CONNECT, dumps, rows, write_log
 
 TABLES = ("raw_events", "dead_letter_events")
@@ -513,22 +512,7 @@ def test_two_ingests_of_one_file_at_once_in_threads_store_each_record_once(db_ur
     """Both read the file as unseen and copy: the second COPY of a batch waits on the first's positions, fails on
     them once they commit, and falls back to the insert path, which skips them."""
     log = tricky_log(tmp_path / "cowrie.json", 8, n_events=3000)
-    start = threading.Barrier(2)
-    reports: list[IngestReport] = []
-    errors: list[BaseException] = []
-
-    def one() -> None:
-        start.wait()
-        try:
-            reports.append(ingest_paths([log], url=db_url, batch_size=25))
-        except BaseException as exc:  # checked below, in the test's thread
-            errors.append(exc)
-
-    threads = [threading.Thread(target=one) for _ in range(2)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    reports, errors = at_once(2, lambda: ingest_paths([log], url=db_url, batch_size=25))
     assert errors == []
     assert_each_record_once(db_url, log, reports)
 

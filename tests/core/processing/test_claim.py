@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import json
 import re
-import threading
 import time
 from typing import Any
 
 import psycopg
 import pytest
+
+from tests.conftest import at_once
 
 BACKLOG = 120_000
 
@@ -224,22 +225,14 @@ def test_releasers_at_once_release_each_expired_lease_once(conn: psycopg.Connect
         "::uuid, lock_expires_at = now() - interval '1 minute' WHERE NOT resolved"
     )
     (expired,) = conn.execute("SELECT count(*) FROM dead_letter_events WHERE processing_lock IS NOT NULL").fetchone()
-    start, totals, errors = threading.Barrier(4), [], []
 
-    def release() -> None:
-        try:
-            with psycopg.connect(db_url) as mine:
-                start.wait()
-                totals.append(mine.execute("SELECT dlq_release_stale_leases()").fetchone()[0])
-                time.sleep(0.3)  # the transaction stays open: the others meet its row locks
-        except psycopg.Error as exc:
-            errors.append(exc)
+    def release() -> int:
+        with psycopg.connect(db_url) as mine:
+            (released,) = mine.execute("SELECT dlq_release_stale_leases()").fetchone()
+            time.sleep(0.3)  # the transaction stays open: the others meet its row locks
+            return released
 
-    threads = [threading.Thread(target=release) for _ in range(4)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
+    totals, errors = at_once(4, release)
     assert errors == [] and sum(totals) == expired
     charged = "SELECT count(*) FROM dead_letter_events WHERE retry_count = 1 AND processing_lock IS NULL"
     assert conn.execute(charged).fetchone() == (expired,)
