@@ -1,8 +1,8 @@
 -- 'malicious' is the one classification every exclusion names: claims, row security, the claim index, health. A
 -- value that means it but is spelt otherwise ('Malicious', ' malicious', 'malicious' with a no-break or zero-width
--- space, a soft hyphen or a byte-order mark in it) escaped them all: such an event was claimed and its payload
+-- space, a soft hyphen or a byte-order mark in it) escapes them all: such an event would be claimed and its payload
 -- written where readers see it. Rows holding one are classified 'malicious' exactly (hidden, as meant), and the
--- tables refuse any other spelling from now on. What is read: the value lower-cased, without Unicode's spaces
+-- tables refuse any other spelling. What is read: the value lower-cased, without Unicode's spaces
 -- (Zs), line and paragraph separators, ASCII and C1 blanks, and the invisible format characters (soft hyphen,
 -- zero-width and directional marks, word joiner, byte-order mark): one translate(), cheap on every update.
 -- Look-alike letters of other scripts are not folded.
