@@ -155,8 +155,8 @@ DECLARE
     v_ids     bigint[];
     v_total   integer := 0;
 BEGIN
-    -- One releaser at a time: two taking the same expired leases in different orders deadlocked, and the second
-    -- counted what the first had released. The others skip: the leases are being released.
+    -- One releaser at a time: two taking the same expired leases in different orders would deadlock, and the second
+    -- would count what the first released. The others skip: the leases are being released.
     IF NOT pg_try_advisory_xact_lock(hashtext('dlq_release_stale_leases')) THEN
         RETURN 0;
     END IF;

@@ -154,7 +154,7 @@ BEGIN
                 v_outcomes[i] := 'failed';
                 v_methods[i] := NULL;
                 v_classes[i] := 'target_write_failed';
-                v_messages[i] := 'target write failed: the target stored no row at the event''s position';
+                v_messages[i] := 'target write failed: the target holds no row with the event at its position';
             END IF;
         END LOOP;
         v_successes := 0;

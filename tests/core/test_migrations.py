@@ -155,8 +155,8 @@ def test_a_database_not_in_utf8_is_refused_by_name(server_url: str) -> None:
 def test_a_malicious_classification_spelt_otherwise_is_hidden_on_upgrade_and_refused_after(
     empty_db_url: str, tmp_path: Path
 ) -> None:
-    """'Malicious' escaped every exclusion written for 'malicious' (claims, row security): the upgrade hides such
-    rows under the exact spelling, and the tables refuse any other from then on."""
+    """'Malicious' escapes every exclusion written for 'malicious' (claims, row security): the upgrade hides such
+    rows under the exact spelling, and the tables refuse any other after it."""
     before = tmp_path / "sql"
     shutil.copytree(migrations.sql_dir(), before)
     (before / "migrations" / "0027_classification_spelt_exactly.sql").unlink()

@@ -217,8 +217,8 @@ def test_claims_refuse_leases_and_priorities_out_of_range(conn: psycopg.Connecti
 
 
 def test_releasers_at_once_release_each_expired_lease_once(conn: psycopg.Connection, db_url: str) -> None:
-    """Two sessions releasing the same expired leases at once deadlocked (each took them in its own order) or
-    counted twice what one released; one releases while the others skip."""
+    """Sessions releasing the same expired leases at once would deadlock (each taking them in its own order) or
+    count again what one released; one releases while the others skip."""
     fill_backlog(conn, 200)
     conn.execute(
         "UPDATE dead_letter_events SET processing_lock = ('00000000-0000-4000-8000-' || lpad((id % 20)::text, 12, '0'))"
