@@ -25,7 +25,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from datetime import UTC, datetime
 from types import FrameType
 from typing import Any, TypeVar
@@ -34,7 +34,7 @@ import psycopg
 
 from dlq_assets.core.db import bigint_array, database_url, text_array
 from dlq_assets.core.processing.breaker import ensure_breaker, is_infrastructure_failure
-from dlq_assets.core.processing.claims import _BatchSession, _checksum_ok, _claim_rows, _claimed
+from dlq_assets.core.processing.claims import _BatchSession, _checksum_ok, _claim_rows, _claimed, _Journal
 from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.handlers import (
     ClaimedEvent,
@@ -138,7 +138,7 @@ class Worker:
     def _loop(
         self,
         conn: psycopg.Connection[Any],
-        journal: psycopg.Connection[Any] | None,
+        journal: _Journal | None,
         heartbeat: _Heartbeat,
         report: ProcessReport,
         limiter: RateLimiter,
@@ -170,18 +170,18 @@ class Worker:
             batch_size = next_batch_size(batch_size, elapsed, self.config) if claimed >= size else batch_size
 
     @contextmanager
-    def _journal_connection(self) -> Iterator[psycopg.Connection[Any] | None]:
+    def _journal_connection(self) -> Iterator[_Journal | None]:
         """The second connection a transaction lease journals its batches through (commits on its own)."""
         if self.config.lease_mode != "transaction":
             yield None
             return
         with psycopg.connect(self.url, autocommit=True) as journal:
-            yield journal
+            yield _Journal(journal)
 
     def _run_batch(
         self,
         conn: psycopg.Connection[Any],
-        journal: psycopg.Connection[Any] | None,
+        journal: _Journal | None,
         size: int,
         report: ProcessReport,
         limiter: RateLimiter,
@@ -226,6 +226,7 @@ class Worker:
                 outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
                 neighbours = {e.id for e in session.neighbours + session.tampered}
                 unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
+                session.settle()  # completion accepts only what the journal holds
                 write_failures = self._write_and_complete(
                     conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
                 )
@@ -247,6 +248,9 @@ class Worker:
         worker's would be."""
         message = f"{type(exc).__name__}: {str(exc).strip()}"
         session = self._in_flight
+        if session is not None:
+            with suppress(psycopg.Error):  # refused or lost: nothing of it to forget, or forgotten below
+                session.settle()  # an entry still in flight would land after the forget below
         try:
             with psycopg.connect(self.url, autocommit=True) as fresh:
                 if session is not None and session.journal_conn is not None:
@@ -318,7 +322,7 @@ class Worker:
                 with session.conn.transaction() if session.journal_conn is not None else nullcontext():
                     results = handler.handle(group, session)
             except Exception as exc:  # a handler bug fails its events (recorded), it does not kill the worker
-                if is_infrastructure_failure(exc):
+                if is_infrastructure_failure(exc) or session.journal_failed(exc):
                     raise
                 del session.neighbours[taken[0] :], session.tampered[taken[1] :]  # their claims rolled back
                 message = f"{type(exc).__name__}: {exc}"

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import uuid
 from collections.abc import Iterator
 from contextlib import closing
@@ -11,9 +13,11 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.pool import process
+from dlq_assets.core.processing.worker import Worker
 from tests.conftest import TESTS_DIR
 from tests.core.processing.test_claim import BACKLOG, claimed_plans, fill_backlog
 from tests.core.test_security import PROCESSOR, as_role
@@ -352,3 +356,75 @@ def test_journalled_ids_are_stored_uncompressed(conn: psycopg.Connection, other:
         ).fetchone()
         assert compression is None and size >= 8 * len(ids)
         batch.rollback()
+
+
+DIES_AT_ONCE = """
+import os, sys
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.handlers import HandlerRegistry
+from dlq_assets.core.processing.worker import Worker
+
+class Dies:
+    name = "dies"
+
+    def handle(self, events, claimer):
+        os._exit(3)  # no cleanup, no flush: the moment its events reach a handler
+
+config = WorkerConfig(batch_size=5, min_batch_size=5, max_batch_size=5)
+Worker(sys.argv[1], config, HandlerRegistry(default=Dies())).run()
+"""
+
+
+def test_a_worker_dying_as_its_handler_starts_has_its_batch_on_record(conn: psycopg.Connection, db_url: str) -> None:
+    """The journal entry is sent before any handler runs and committed by the server whether or not the worker
+    reads the answer: a worker its first event kills is charged for its batch like any other dead worker."""
+    ids = events(conn, 5)
+    died = subprocess.run([sys.executable, "-c", DIES_AT_ONCE, db_url], capture_output=True, text=True, timeout=60)
+    assert died.returncode == 3, died.stderr
+    journalled = wait_until(
+        lambda: conn.execute("SELECT array_agg(i ORDER BY i) FROM dlq_batch_leases, unnest(event_ids) i").fetchone()[0],
+        "the dead worker's journal entry",
+        timeout=10,
+    )
+    assert journalled == sorted(ids)
+    assert conn.execute("SELECT dlq_release_dead_batches()").fetchone() == (5,)
+    charged = conn.execute(
+        "SELECT count(*) FROM dead_letter_events WHERE retry_count = 1 AND error_history -> 0 ->> 'error_class' = "
+        "'lease_expired'"
+    ).fetchone()
+    assert charged == (5,)
+
+
+@pytest.mark.parametrize("record", ["valid", "fragment"])
+def test_a_refused_journal_entry_stops_the_batch_and_charges_nothing(
+    conn: psycopg.Connection, db_url: str, record: str
+) -> None:
+    """A journal entry the server refuses is the batch's failure wherever the worker collects it: before the
+    completion (valid events) or inside the stitching handler, which claims neighbours only of journalled events
+    (a fragment). Raised from the run, as it is, never taken for a handler's error."""
+    if record == "valid":
+        (event_id,) = events(conn, 1)
+    else:
+        cut = '{"eventid": "cowrie.session.connect", "src_ip": "203.0'
+        metadata = Jsonb({"payload_form": "raw_text", "record_bytes": len(cut)})
+        event_id = insert_dead_letter(
+            conn, {"raw_text": cut}, reason="json_parse_error", source="/var/log/cowrie/cowrie.json",
+            source_inode="7", source_offset=0, metadata_json=metadata,
+        )  # fmt: skip
+    conn.execute(
+        """
+        CREATE FUNCTION refuse_journal() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'journal refused' USING ERRCODE = 'check_violation'; END $$;
+        CREATE TRIGGER refuse_journal BEFORE INSERT ON dlq_batch_leases
+            FOR EACH ROW EXECUTE FUNCTION refuse_journal();
+        """
+    )
+    with pytest.raises(psycopg.errors.CheckViolation, match="journal refused"):
+        Worker(db_url, WorkerConfig(batch_size=10, min_batch_size=10, max_batch_size=10)).run()
+    row = conn.execute(
+        "SELECT resolved, retry_count, error_history, processing_lock FROM dead_letter_events WHERE id = %s",
+        (event_id,),
+    ).fetchone()
+    assert row == (False, 0, [], None)
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases").fetchone() == (0,)
+    assert conn.execute("SELECT count(*) FROM raw_events").fetchone() == (0,)

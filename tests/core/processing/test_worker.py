@@ -25,6 +25,7 @@ from dlq_assets.core.processing.pacing import RateLimiter, next_batch_size
 from dlq_assets.core.processing.pool import process
 from dlq_assets.core.processing.worker import Worker
 from dlq_assets.devtools.generator import write_corrupted_log
+from tests.reliability.conftest import wait_until
 
 SMALL = {"batch_size": 50, "min_batch_size": 10, "max_batch_size": 200}
 VALID = {
@@ -186,7 +187,9 @@ def test_a_worker_killed_mid_batch_loses_nothing(
         victim = start_slow_worker(db_url, sleep=60, lease_seconds=2, lease_mode=lease_mode)
         victim.send_signal(signal.SIGKILL)
         victim.wait(30)
-        assert states(conn)["leased"] > 0  # a committed lease, or a transaction lease's journal entry
+        # a committed lease, or a transaction lease's journal entry: sent before the handler ran, committed by the
+        # server whether or not the worker lived to read the answer
+        wait_until(lambda: states(conn)["leased"] > 0, "the killed worker's batch on record", timeout=10)
         if lease_mode == "committed":
             time.sleep(2.5)  # the lease expires (a transaction lease ended with its connection)
     report = process(db_url, WorkerConfig(**SMALL))
