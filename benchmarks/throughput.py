@@ -909,7 +909,7 @@ def benchmark(
         "postgres": version,
         "synchronous_commit": sync,
         "cpus": os.cpu_count(),
-        **({"top_statements": runs[0]["top_statements"]} if sql_stats else {}),
+        **({"top_statements": runs[0].get("top_statements", [])} if sql_stats else {}),
         **({"realistic": built} if built is not None else {}),
     }
 
@@ -946,6 +946,8 @@ def _run_once(
     ceiling_rows, ceiling_seconds = ceiling_run() if ceiling_first else (None, None)
     load_seconds = load_backlog(conn)
     stats = sql_stats and _reset_statements(conn)
+    if sql_stats and not stats:  # said at once, not a failure after the runs
+        print("--sql-stats: pg_stat_statements is not preloaded on this server", file=sys.stderr)
     engine = run_engine(url, workers, batch_size, lease_mode)
     top = _top_statements(conn) if stats else None
     checked = verify_realistic(conn) if mix == "realistic" else verify(conn)
