@@ -8,6 +8,7 @@ The claim columns are ClaimedEvent's fields in order (the lease last), so a row 
 from __future__ import annotations
 
 import hashlib
+import select
 import uuid
 from collections.abc import Sequence
 from typing import Any, LiteralString
@@ -52,8 +53,8 @@ class _Journal:
     A batch's entry is sent when the batch is claimed and its commit collected when the batch next needs it (to
     claim neighbours, which checks the journal, or to complete). The server commits a statement it was sent
     whether or not the worker lives to read the answer, so a worker that dies while it repairs has its batch on
-    record as before; meanwhile it repairs instead of waiting for the commit's WAL flush (3-4 ms a batch on a
-    disk that syncs, 4-5% of the engine's time in benchmarks/README.md)."""
+    record; meanwhile it repairs instead of waiting for the commit's WAL flush (3-4 ms a batch on a disk that
+    syncs, 4-5% of the engine's time in benchmarks/README.md)."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
@@ -64,7 +65,11 @@ class _Journal:
         """Send an entry; the one before is settled first (one statement at a time on a connection)."""
         self.settle()
         params = [str(lease).encode(), bigint_array(ids).encode(), None if worker is None else worker.encode()]
-        self.conn.pgconn.send_query_params(_JOURNAL_BATCH, params)
+        try:
+            self.conn.pgconn.send_query_params(_JOURNAL_BATCH, params)
+        except psycopg.Error as exc:
+            self.error = exc
+            raise
         self._sent = True
 
     def settle(self) -> None:
@@ -72,14 +77,23 @@ class _Journal:
         if not self._sent:
             return
         self._sent = False
+        try:
+            self._collect()
+        except psycopg.Error as exc:
+            self.error = exc
+            raise
+
+    def _collect(self) -> None:
         pgconn, error = self.conn.pgconn, None
+        while pgconn.is_busy():  # waiting in select(), not in libpq: the heartbeat thread runs meanwhile
+            select.select([pgconn.socket], [], [])
+            pgconn.consume_input()
         while (result := pgconn.get_result()) is not None:
             if result.status != pq.ExecStatus.TUPLES_OK and error is None:
                 error = psycopg.errors.error_from_result(result, encoding=self.conn.info.encoding)
         if pgconn.status == pq.ConnStatus.BAD:  # libpq's own error (no SQLSTATE): the connection is gone
-            error = psycopg.OperationalError(f"the journal's connection failed: {pgconn.get_error_message()}")
+            raise psycopg.OperationalError(f"the journal's connection failed: {pgconn.get_error_message()}")
         if error is not None:
-            self.error = error
             raise error
 
     def execute(self, query: LiteralString) -> None:

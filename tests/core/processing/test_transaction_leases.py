@@ -15,6 +15,8 @@ import psycopg
 import pytest
 from psycopg.types.json import Jsonb
 
+from dlq_assets.core.processing.breaker import is_infrastructure_failure
+from dlq_assets.core.processing.claims import _Journal
 from dlq_assets.core.processing.config import WorkerConfig
 from dlq_assets.core.processing.pool import process
 from dlq_assets.core.processing.worker import Worker
@@ -428,3 +430,17 @@ def test_a_refused_journal_entry_stops_the_batch_and_charges_nothing(
     assert row == (False, 0, [], None)
     assert conn.execute("SELECT count(*) FROM dlq_batch_leases").fetchone() == (0,)
     assert conn.execute("SELECT count(*) FROM raw_events").fetchone() == (0,)
+
+
+def test_a_journal_whose_session_is_gone_says_so_as_an_infrastructure_failure(
+    conn: psycopg.Connection, other: psycopg.Connection[Any]
+) -> None:
+    """The entry is sent without waiting; its session ended meanwhile, collecting it raises the connection's
+    failure (an infrastructure failure: the breaker opens, no event is charged), kept as the journal's error."""
+    journal = _Journal(other)
+    terminate(conn, other)
+    with pytest.raises(psycopg.OperationalError) as failed:
+        journal.send(uuid.uuid4(), [1, 2], "test-worker")
+        journal.settle()
+    assert is_infrastructure_failure(failed.value)
+    assert journal.error is failed.value
