@@ -283,6 +283,10 @@ CREATE OR REPLACE FUNCTION dlq_claim_fragment_chains(
 AS $$
 BEGIN
     PERFORM dlq_check_lease_seconds(p_lease_seconds);
+    IF p_window_bytes IS NULL OR p_window_bytes NOT BETWEEN 0 AND 1073741824 THEN
+        RAISE EXCEPTION 'p_window_bytes must be between 0 and 1073741824, got %', coalesce(p_window_bytes::text, 'NULL')
+            USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     RETURN QUERY WITH RECURSIVE held AS (
         SELECT coalesce(dlq_lease_holder(p_lease) = pg_backend_pid(), false) AS by_transaction
     ), mine AS (
@@ -297,7 +301,8 @@ BEGIN
          WHERE e.id = ANY (p_ids) AND e.source IS NOT NULL
            AND (e.processing_lock = p_lease
                 OR (e.processing_lock IS NULL AND e.id = ANY (ARRAY(SELECT m.id FROM mine m))))
-           AND e.source_offset IS NOT NULL AND dlq_record_bytes(e.metadata_json) IS NOT NULL
+           AND e.source_offset BETWEEN 0 AND 4611686018427387903  -- 2^62: no file is that long, and the window's
+           AND dlq_record_bytes(e.metadata_json) IS NOT NULL   -- bounds stay in bigint (a forged offset: no seed)
         UNION
         SELECT n.id, n.source, n.source_inode, n.source_offset,
                n.source_offset + dlq_record_bytes(n.metadata_json), c.min_lo, c.max_hi

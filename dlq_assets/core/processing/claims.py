@@ -50,11 +50,10 @@ _JOURNAL_BATCH = b"SELECT dlq_journal_batch($1::uuid, $2::bigint[], $3::text)"
 class _Journal:
     """A transaction lease's journal: the worker's second session, whose statements commit at once.
 
-    A batch's entry is sent when the batch is claimed and its commit collected when the batch next needs it (to
-    claim neighbours, which checks the journal, or to complete). The server commits a statement it was sent
-    whether or not the worker lives to read the answer, so a worker that dies while it repairs has its batch on
-    record; meanwhile it repairs instead of waiting for the commit's WAL flush (3-4 ms a batch on a disk that
-    syncs, 4-5% of the engine's time in benchmarks/README.md)."""
+    A batch's entry is sent as soon as the batch is claimed and its commit collected before any handler sees an
+    event: the worker builds and verifies the events meanwhile instead of waiting for the commit's WAL flush. Not
+    later: the holder's own session ending (a worker killed) releases the lease's lock, and an entry that reaches
+    the server after that is refused as not held, so a worker an event kills would go uncharged."""
 
     def __init__(self, conn: psycopg.Connection[Any]) -> None:
         self.conn = conn
@@ -147,12 +146,13 @@ class _BatchSession:
             "dlq_claim_fragment_chains(%s, %s::bigint[], %s, %s)",
             (self.lease, bigint_array(ids), window_bytes, self.lease_seconds),
         )
+        self.journal([r[0] for r in rows])
         found = [_claimed(r) for r in rows]
-        self.journal([e.id for e in found])
         verified: list[ClaimedEvent] = []
         for event in found:
             (verified if _checksum_ok(event) else self.tampered).append(event)
         self.neighbours.extend(verified)
+        self.settle()  # on record before the handler sees them
         return verified
 
     def unresolved_next_to_any(self, spans: Sequence[tuple[str, str | None, int, int]]) -> set[int]:

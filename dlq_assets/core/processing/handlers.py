@@ -190,7 +190,7 @@ class CowrieRepairHandler:
     def _stitch(self, unrepaired: list[tuple[ClaimedEvent, str]], claimer: Claimer) -> dict[int, Outcome]:
         by_source: dict[tuple[str, str], dict[int, ClaimedEvent]] = defaultdict(dict)
         for event, _ in unrepaired:
-            if event.source is not None and event.source_offset is not None:
+            if event.source is not None and _is_position(event.source_offset):
                 by_source[(event.source, event.source_inode or "")][event.id] = event
         if by_source:
             seeds = [event for members in by_source.values() for event in members.values()]
@@ -217,12 +217,18 @@ def _is_length(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 10**15
 
 
+def _is_position(offset: int | None) -> bool:
+    """A byte offset a file can have, as dlq_claim_fragment_chains takes one (below 2^62): a forged one is no
+    fragment's, and the arithmetic on it stays within bigint."""
+    return offset is not None and 0 <= offset < 2**62
+
+
 def _waiting_for_fragments(events: list[ClaimedEvent], claimer: Claimer) -> set[int]:
     """Ids of events whose chain of adjacent records (within this batch) follows an unresolved record elsewhere."""
     spans = {
         e.id: (e.source_offset, e.source_offset + e.metadata["record_bytes"])
         for e in events
-        if e.source is not None and e.source_offset is not None and _is_length(e.metadata.get("record_bytes"))
+        if e.source is not None and _is_position(e.source_offset) and _is_length(e.metadata.get("record_bytes"))
     }
     by_source: dict[tuple[str, str | None], list[ClaimedEvent]] = defaultdict(list)
     for event in events:

@@ -126,6 +126,7 @@ class Worker:
                     self._loop(conn, journal, heartbeat, report, limiter, started)
                 except Exception as exc:  # the batch's transaction, if any, has rolled back on its way out
                     if not is_infrastructure_failure(exc):
+                        self._forget_refused_journal(exc)
                         raise
                     self._infrastructure_failed(report, exc)
         finally:
@@ -219,14 +220,14 @@ class Worker:
                 if probe is not None:  # nothing to probe with: give the probe back by closing on an empty success
                     conn.execute("SELECT dlq_breaker_record(%s, 1, 0, %s)", (self.config.breaker_name, probe))
                 return 0
-            events = sorted((_claimed(r) for r in rows), key=lambda e: (e.priority, e.created_at, e.id))
             session = self._in_flight = _BatchSession(conn, lease, self.config.lease_seconds, journal, self.worker_name)
-            session.journal([e.id for e in events])
+            session.journal([r[0] for r in rows])  # sent; committed while the events are built and verified
+            events = sorted((_claimed(r) for r in rows), key=lambda e: (e.priority, e.created_at, e.id))
             with heartbeat.holding(lease):
                 outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
                 neighbours = {e.id for e in session.neighbours + session.tampered}
                 unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
-                session.settle()  # completion accepts only what the journal holds
+                session.settle()  # completion accepts only what the journal holds (settled already)
                 write_failures = self._write_and_complete(
                     conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
                 )
@@ -263,6 +264,15 @@ class Worker:
             message += f" (and then {type(also).__name__}: {str(also).strip()}: a batch held waits for its lease)"
         report.infrastructure_error = message
 
+    def _forget_refused_journal(self, exc: Exception) -> None:
+        """A batch stopped by its journal's refusal: the entries the journal did take are forgotten, not charged
+        (no holder died, and no event is at fault)."""
+        session = self._in_flight
+        if session is None or not session.journal_failed(exc):
+            return
+        with suppress(psycopg.Error), psycopg.connect(self.url, autocommit=True) as fresh:
+            fresh.execute("SELECT dlq_forget_batch(%s)", (session.lease,))
+
     def _decide(
         self, events: list[ClaimedEvent], session: _BatchSession, limiter: RateLimiter
     ) -> tuple[list[Outcome], bool, int, int]:
@@ -280,6 +290,9 @@ class Worker:
                 ordered.append(event)
             else:
                 outcomes.append(Outcome(event.id, "quarantined", message="payload checksum mismatch"))
+        # Every event on record before any handler sees one: a worker an event kills is charged for it. Collected
+        # after the claim's checksums, not before them: the journal's commit overlaps that work.
+        session.settle()
         handled = self._handle(ordered, session)
         outcomes += [Outcome(e.id, "quarantined", message="payload checksum mismatch") for e in session.tampered]
         consecutive = failure_count if failure_count else 0

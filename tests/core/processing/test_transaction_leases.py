@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import random
 import subprocess
 import sys
@@ -432,6 +433,42 @@ def test_a_refused_journal_entry_stops_the_batch_and_charges_nothing(
     assert conn.execute("SELECT count(*) FROM raw_events").fetchone() == (0,)
 
 
+def test_a_batch_stopped_by_its_journal_leaves_no_entry_to_charge(conn: psycopg.Connection, db_url: str) -> None:
+    """The batch's own entry taken, its neighbours' refused: the worker stops, and the entry it left is forgotten,
+    not charged at the next claim as a dead holder's (nobody died, no event is at fault)."""
+    record = json.dumps({**VALID, "eventid": "cowrie.session.connect", "protocol": "ssh"})
+    cut = record.index("203.0") + 3
+    for offset, text in ((0, record[:cut]), (cut + 1, record[cut:])):  # a record split by a newline into two
+        metadata = Jsonb({"payload_form": "raw_text", "record_bytes": len(text.encode())})
+        insert_dead_letter(
+            conn, {"raw_text": text}, reason="json_parse_error", source="/var/log/cowrie/cowrie.json",
+            source_inode="7", source_offset=offset, metadata_json=metadata,
+        )  # fmt: skip
+    conn.execute(
+        """
+        CREATE FUNCTION refuse_second_entry() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF EXISTS (SELECT FROM dlq_batch_leases WHERE lease = NEW.lease) THEN
+                RAISE EXCEPTION 'second entry refused' USING ERRCODE = 'check_violation';
+            END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER refuse_second_entry BEFORE INSERT ON dlq_batch_leases
+            FOR EACH ROW EXECUTE FUNCTION refuse_second_entry();
+        """
+    )
+    with pytest.raises(psycopg.errors.CheckViolation, match="second entry refused"):
+        Worker(db_url, WorkerConfig(batch_size=1, min_batch_size=1, max_batch_size=1)).run()
+    assert conn.execute("SELECT count(*) FROM dlq_batch_leases").fetchone() == (0,)
+    assert conn.execute("SELECT dlq_release_dead_batches()").fetchone() == (0,)
+    assert conn.execute(
+        "SELECT sum(retry_count), count(*) FILTER (WHERE resolved) FROM dead_letter_events"
+    ).fetchone() == (
+        0,
+        0,
+    )
+
+
 def test_a_journal_whose_session_is_gone_says_so_as_an_infrastructure_failure(
     conn: psycopg.Connection, other: psycopg.Connection[Any]
 ) -> None:
@@ -444,3 +481,10 @@ def test_a_journal_whose_session_is_gone_says_so_as_an_infrastructure_failure(
         journal.settle()
     assert is_infrastructure_failure(failed.value)
     assert journal.error is failed.value
+
+
+@pytest.mark.parametrize("window", [-1, 1073741825, None])
+def test_a_stitching_window_out_of_range_is_refused(conn: psycopg.Connection, window: int | None) -> None:
+    """0 to 1 GiB: the window's bounds stay within bigint for any offset a seed may have."""
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_window_bytes must be between"):
+        conn.execute("SELECT * FROM dlq_claim_fragment_chains(%s, '{}', %s)", (uuid.uuid4(), window))

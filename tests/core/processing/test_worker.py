@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 import pytest
+from psycopg.types.json import Jsonb
 
 from dlq_assets.core import jsonutil
 from dlq_assets.core.intake.ingest import ingest_paths
@@ -461,3 +462,29 @@ def test_of_two_adjacent_fragments_held_apart_only_the_later_waits(
         assert retries == 1 and report.released == 0  # tried: failed for now, a neighbour of the later one's retry
     else:
         assert retries == 0 and report.released == 1  # handed back untouched, to stitch once the earlier is done
+
+
+@pytest.mark.parametrize("offset", [9223372036854775000, -9223372036854775000])
+def test_a_forged_offset_is_no_fragment_and_fails_alone(conn: psycopg.Connection, db_url: str, offset: int) -> None:
+    """A dead letter whose offset no file has (written by hand) seeds no neighbour claim and no probe, whose
+    window arithmetic would leave bigint and fail its whole handler group: it fails alone, the record split into
+    the two fragments beside it is stitched, and nothing is charged a handler error."""
+    head_text = json.dumps({**VALID, "message": "first line"})[:-2]  # a newline inside the message split the record
+
+    def fragment(text: str, at: int) -> int:
+        metadata = Jsonb({"payload_form": "raw_text", "record_bytes": len(text.encode())})
+        return insert_dead_letter(
+            conn, {"raw_text": text}, "json_parse_error", source="/var/log/cowrie/cowrie.json", source_inode="7",
+            source_offset=at, metadata_json=metadata,
+        )  # fmt: skip
+
+    head, tail = fragment(head_text, 0), fragment('second line"}', len(head_text) + 1)
+    forged = fragment(head_text, offset)
+    Worker(db_url, WorkerConfig(batch_size=10, min_batch_size=10, max_batch_size=10)).run()
+    rows = conn.execute(
+        "SELECT id, resolved, error_history -> -1 ->> 'error_class' FROM dead_letter_events WHERE id = ANY (%s)",
+        ([head, tail, forged],),
+    ).fetchall()
+    ended = {event_id: (resolved, error) for event_id, resolved, error in rows}
+    assert ended[head] == ended[tail] == (True, None)
+    assert ended[forged] == (False, "unrepairable")
