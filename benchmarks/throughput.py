@@ -56,7 +56,14 @@ MIX = {
     "tampered": 4,
     "malicious": 1,
 }
-RESOLVED_KINDS = ("trailing_comma", "missing_brace", "transient")
+# The kinds that must end resolved, and how: the dead letter's resolution_method and the raw_events row's
+# repair_strategy (a closed truncation is stored partial, nothing else is).
+RESOLVED_AS = {
+    "trailing_comma": ("repair:tokenizer_fix", "tokenizer_fix"),
+    "missing_brace": ("repair:truncation_closed", "truncation_closed"),
+    "transient": ("replay", "replay"),
+}
+RESOLVED_KINDS = tuple(RESOLVED_AS)
 VARIANTS = 20  # templates per mix slot: 2,000 distinct Cowrie events
 SOURCES = 7  # log files the dead letters come from (coprime with 100: every file gets the whole mix)
 VALID_RECORD_BYTES = 460  # a dead letter is followed by 0-3 valid records of about this size in its file
@@ -707,19 +714,35 @@ def _ends_without_raw_event(absent: str) -> dict[str, str]:
     }
 
 
+# A raw_events row "r" holds what the engine derives from its payload "x" (eventid, session, source address and
+# time), is partial exactly when a truncation was closed, and has no text or duplicate keys of its own.
+_DERIVED_AS_PAYLOAD = """
+    r.eventid = x ->> 'eventid' AND r.session IS NOT DISTINCT FROM x ->> 'session'
+    AND r.src_ip IS NOT DISTINCT FROM (x ->> 'src_ip')::inet
+    AND r.event_timestamp IS NOT DISTINCT FROM (x ->> 'timestamp')::timestamptz
+    AND r.partial = (r.repair_strategy = 'truncation_closed') AND r.original_text IS NULL AND NOT r.duplicate_keys
+"""
+
+
 def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
     """Every event against its ground truth; returns {kind: [correct, total]} and the global checks."""
     rows = conn.execute(
         """
         WITH raw AS (
             SELECT source, source_inode, source_offset, count(*) AS copies, min(payload::text) AS payload,
-                   min(payload_checksum) AS checksum
-              FROM raw_events GROUP BY 1, 2, 3)
+                   min(payload_checksum) AS checksum, min(dlq_event_id) AS dlq_event_id,
+                   min(repair_strategy) AS repair_strategy,
+                   bool_and({derived}) AS derived_ok
+              FROM (SELECT r.*, r.payload AS x FROM raw_events r) r GROUP BY 1, 2, 3
+        ), resolved_as (kind, method, strategy) AS (
+            SELECT * FROM unnest(%(resolved)s::text[], %(methods)s::text[], %(strategies)s::text[]))
         SELECT b.kind, count(*),
                count(*) FILTER (WHERE coalesce(d.processing_lock IS NULL, true) AND CASE
                    WHEN b.kind = ANY (%(resolved)s) THEN
                        d.resolved AND r.copies = 1 AND r.payload = t.expected::text
                        AND r.checksum = dlq_payload_checksum(t.expected) AND p.id IS NULL
+                       AND r.dlq_event_id = d.id AND r.derived_ok
+                       AND (d.resolution_method, r.repair_strategy) = (a.method, a.strategy)
                    WHEN b.kind = 'tampered' THEN
                        d.quarantined_at IS NOT NULL AND d.classification = 'tampered' AND NOT d.resolved
                        AND r.copies IS NULL
@@ -734,9 +757,14 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                  ON p.source = b.source AND p.source_inode = b.source_inode AND p.source_offset = b.source_offset
           LEFT JOIN raw r
                  ON r.source = b.source AND r.source_inode = b.source_inode AND r.source_offset = b.source_offset
+          LEFT JOIN resolved_as a ON a.kind = b.kind
          GROUP BY b.kind ORDER BY b.kind
-        """.format(**_ends_without_raw_event("r.copies IS NULL")),
-        {"resolved": list(RESOLVED_KINDS)},
+        """.format(derived=_DERIVED_AS_PAYLOAD, **_ends_without_raw_event("r.copies IS NULL")),
+        {
+            "resolved": list(RESOLVED_AS),
+            "methods": [method for method, _ in RESOLVED_AS.values()],
+            "strategies": [strategy for _, strategy in RESOLVED_AS.values()],
+        },
     ).fetchall()
     kinds = {kind: [correct, total] for kind, total, correct in rows}
     events, raw, dead, poisoned = conn.execute(
@@ -769,9 +797,10 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         ), want AS (  -- the events each must give, each looked for at its offset with its payload and checksum
             SELECT b.i, count(*) AS n,
                    count(*) FILTER (WHERE r.payload::text = x.payload::text
-                                      AND r.payload_checksum = dlq_payload_checksum(x.payload)) AS exact
+                                      AND r.payload_checksum = dlq_payload_checksum(x.payload)
+                                      AND {derived}) AS exact
               FROM bench_truth b
-              JOIN bench_events x ON x.template_id = b.template_id
+              JOIN (SELECT e.*, e.payload AS x FROM bench_events e) x ON x.template_id = b.template_id
               LEFT JOIN raw_events r
                      ON r.source = b.source AND r.source_inode = b.source_inode
                     AND r.source_offset = b.source_offset + x.at
@@ -793,7 +822,7 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
           LEFT JOIN got ON got.i = b.i
           LEFT JOIN want ON want.i = b.i
          GROUP BY b.kind ORDER BY b.kind
-        """.format(**_ends_without_raw_event("got.n IS NULL"))
+        """.format(derived=_DERIVED_AS_PAYLOAD.replace("x ->>", "x.x ->>"), **_ends_without_raw_event("got.n IS NULL"))
     ).fetchall()
     kinds = {kind: [correct, total] for kind, total, correct in rows}
     events, raw, expected_raw, dead, poisoned = conn.execute(
@@ -1274,6 +1303,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.events < 1 or args.workers < 1 or args.repeat < 1:
         parser.error("--events, --workers and --repeat must be positive")
+    if not 1 <= args.batch_size <= 100_000 or not 1 <= args.retention_batch_size <= 100_000:
+        parser.error("--batch-size and --retention-batch-size must be between 1 and 100000 (a worker's batch limits)")
     with database(args.database_url) as url:
         if args.synchronous_commit:  # new sessions (workers, ceiling) pick it up; reset afterwards
             _set_database(url, "synchronous_commit", args.synchronous_commit)

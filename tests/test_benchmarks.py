@@ -26,6 +26,7 @@ from benchmarks.throughput import (
     prepare,
     probed,
     run_engine,
+    verify,
     verify_realistic,
 )
 
@@ -145,6 +146,40 @@ def test_the_realistic_verification_sees_an_event_gone_wrong(db_url: str) -> Non
         assert wrong() == 3
 
 
+def test_the_verification_sees_a_target_row_or_a_resolution_gone_wrong(db_url: str) -> None:
+    """Beyond the payload: the columns raw_events derives from it, its partial flag, its strategy and dead letter,
+    and the dead letter's resolution method are each checked."""
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        prepare(conn, "standard", 5, 600)
+        load_backlog(conn)
+        run_engine(db_url, 1, 500)
+        assert verify(conn)["all_states_correct"] is True
+
+        def wrong() -> int:
+            return sum(total - correct for correct, total in verify(conn)["kinds"].values())
+
+        one, whole = (
+            "(SELECT min(id) FROM raw_events WHERE partial)",
+            "(SELECT min(id) FROM raw_events WHERE NOT partial)",
+        )
+        for n, change in enumerate(
+            (
+                f"UPDATE raw_events SET partial = false WHERE id = {one}",
+                "UPDATE raw_events SET eventid = 'cowrie.bogus' WHERE id = (SELECT max(id) FROM raw_events)",
+                f"UPDATE raw_events SET src_ip = '0.0.0.0' WHERE id = {whole}",
+                "UPDATE raw_events SET dlq_event_id = NULL WHERE id = (SELECT max(id) FROM raw_events WHERE partial)",
+            ),
+            start=1,
+        ):
+            conn.execute(change)
+            assert wrong() == n, change
+        conn.execute(
+            "UPDATE dead_letter_events SET resolution_method = 'bogus' "
+            "WHERE id = (SELECT max(dlq_event_id) FROM raw_events WHERE NOT partial AND eventid <> 'cowrie.bogus')"
+        )
+        assert wrong() == 5 and verify(conn)["all_states_correct"] is False
+
+
 def test_health_mode_reports_its_numbers(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["--health", "--events", "1000", "--database-url", db_url, "--json"]) == 0
     result = last_json_line(capsys.readouterr().out)
@@ -155,6 +190,13 @@ def test_health_mode_reports_its_numbers(db_url: str, capsys: pytest.CaptureFixt
     assert result["probe_alone"]["probes"] > 0 and result["probe_beside_retention"]["probes"] > 0
     assert result["probe_beside_retention"]["lock_samples"] > 0
     assert 0 < result["retention_longest_batch_ms"] <= result["retention_seconds"] * 1000
+
+
+@pytest.mark.parametrize("argument", ["--batch-size=0", "--batch-size=100001", "--retention-batch-size=0"])
+def test_a_batch_size_no_worker_takes_is_a_usage_error(argument: str, capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        main([argument])
+    assert exited.value.code == 2 and "must be between 1 and 100000" in capsys.readouterr().err
 
 
 def test_a_database_that_holds_dead_letters_is_refused(db_url: str, conn: psycopg.Connection) -> None:
