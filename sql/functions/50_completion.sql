@@ -62,7 +62,7 @@ BEGIN
         RAISE EXCEPTION 'outcomes must be resolved, failed, quarantined or released'
             USING ERRCODE = 'invalid_parameter_value';
     END IF;
-    v_held := coalesce(dlq_lease_holder(p_lease) = pg_backend_pid(), false);
+    v_held := dlq_lease_mine(p_lease);
     IF v_held THEN
         SELECT array_agg(i), min(b.worker), min(b.claimed_at) INTO v_journal, v_worker, v_claimed_at
           FROM dlq_batch_leases b CROSS JOIN LATERAL unnest(b.event_ids) i WHERE b.lease = p_lease;

@@ -113,6 +113,8 @@ PURE_CALLS = {
     "dlq_is_port": ["SELECT dlq_is_port('22'::jsonb)"],
     "dlq_lease_key": ["SELECT dlq_lease_key('00000000-0000-4000-8000-00000000beef')"],
     "dlq_lease_holder": ["SELECT dlq_lease_holder('00000000-0000-4000-8000-00000000beef')"],
+    "dlq_lease_mine": ["SELECT dlq_lease_mine('00000000-0000-4000-8000-00000000beef')"],
+    "dlq_lease_take": ["SELECT dlq_lease_take(gen_random_uuid())"],
     "dlq_partition_name": ["SELECT dlq_partition_name(now())"],
     "dlq_payload_checksum": ["SELECT id, dlq_payload_checksum(payload) FROM dead_letter_events"],
     "dlq_record_bytes": ["SELECT id, dlq_record_bytes(metadata_json) FROM dead_letter_events"],
@@ -126,13 +128,15 @@ PROCESSOR_CALLS = {
                          "SELECT * FROM dlq_claim_events(100, 60, NULL, 'truncated')"],
     "dlq_claim_batch": ["SELECT * FROM dlq_claim_batch(gen_random_uuid(), 100)",
                         "SELECT * FROM dlq_claim_batch(gen_random_uuid(), 100, NULL, 'truncated')"],
-    # a forged journal: holding the lease's advisory lock, journal the malicious ids, then complete them
+    # a forged journal: holding the lease's advisory lock (and its record, set by hand), journal the malicious ids,
+    # then complete them
     "dlq_journal_batch": ["SELECT pg_advisory_lock(dlq_lease_key(%(lease)s))",
+                          "SELECT set_config('dlq.leases', %(lease)s::text, false)",
                           "SELECT dlq_journal_batch(%(lease)s, %(ids)s)",
                           "INSERT INTO dlq_batch_leases (lease, event_ids) VALUES (%(lease)s, %(ids)s)",
                           "SELECT * FROM dlq_complete_batch(%(lease)s, %(ids)s, "
                           "array_fill('resolved'::text, ARRAY[cardinality(%(ids)s)]))",
-                          "SELECT pg_advisory_unlock_all()"],
+                          "SELECT pg_advisory_unlock_all()", "RESET dlq.leases"],
     "dlq_check_lease_seconds": ["SELECT dlq_check_lease_seconds(60)"],  # a claim's argument checks
     "dlq_check_priority_max": ["SELECT dlq_check_priority_max(3)"],
     "dlq_due_events_sql": ["SELECT dlq_due_events_sql('c.id', 'true')"],  # the text of a claim's query, run by nothing
