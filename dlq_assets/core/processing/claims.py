@@ -120,13 +120,14 @@ class _BatchSession:
 
     def journal(self, ids: list[int]) -> None:
         """Record events a transaction lease holds, committed on their own, so a crash is counted (40_claims.sql);
-        sent, and settled before the batch next needs its journal (:meth:`settle`)."""
+        sent here, committed by :meth:`settle`."""
         self.held.extend(ids)
         if self.journal_conn is not None and ids:
             self.journal_conn.send(self.lease, ids, self.worker_name)
 
     def settle(self) -> None:
-        """The batch's journal entries committed (the neighbours' claim and the completion read them)."""
+        """The batch's journal entries committed: before a handler sees their events, and before the neighbours'
+        claim and the completion, which read them."""
         if self.journal_conn is not None:
             self.journal_conn.settle()
 
