@@ -7,8 +7,8 @@
 -- * Transaction lease (dlq_claim_batch, dlq_journal_batch, dlq_forget_batch, dlq_release_dead_batches): the
 --   batch is claimed FOR UPDATE SKIP LOCKED inside the transaction that completes it, and the row locks are the
 --   lease: one write per event, fenced by the locks, lost at once with the holder's transaction. A journal
---   (dlq_batch_leases), written from a second session, and an advisory lock keyed by the lease keep what a
---   committed lease gives: an entry whose advisory lock nobody holds belongs to a holder that died, and its
+--   (dlq_batch_leases), written from a second session, and an advisory lock keyed by the lease (dlq_lease_take,
+--   which also records the lease for the holder's own tests, dlq_lease_mine) keep what a committed lease gives: an entry whose advisory lock nobody holds belongs to a holder that died, and its
 --   events are counted one failed attempt (lease_expired) each, as for an expired committed lease, so an event
 --   that kills its worker every time is poisoned after the cap instead of looping. The Python worker's default.
 --
@@ -16,8 +16,8 @@
 --     session B: SELECT dlq_release_dead_batches();                   -- before each claim; commits on its own
 --     session A: BEGIN; SELECT * FROM dlq_claim_batch(lease, n, ...);
 --     session B: SELECT dlq_journal_batch(lease, ids, worker);        -- commits on its own
---     session A: ... dlq_claim_fragment_chains(lease, ...) (then journal those too), dlq_complete_batch(lease, ...),
---                target writes; COMMIT.
+--     session A: ... dlq_claim_fragment_chains(lease, ...) (then journal those too), target writes,
+--                dlq_complete_batch(lease, ...); COMMIT.
 
 -- The advisory lock key of a lease: its first 64 bits.
 CREATE OR REPLACE FUNCTION dlq_lease_key(p_lease uuid) RETURNS bigint
