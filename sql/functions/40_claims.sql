@@ -8,9 +8,11 @@
 --   batch is claimed FOR UPDATE SKIP LOCKED inside the transaction that completes it, and the row locks are the
 --   lease: one write per event, fenced by the locks, lost at once with the holder's transaction. A journal
 --   (dlq_batch_leases), written from a second session, and an advisory lock keyed by the lease (dlq_lease_take,
---   which also records the lease for the holder's own tests, dlq_lease_mine) keep what a committed lease gives: an entry whose advisory lock nobody holds belongs to a holder that died, and its
---   events are counted one failed attempt (lease_expired) each, as for an expired committed lease, so an event
---   that kills its worker every time is poisoned after the cap instead of looping. The Python worker's default.
+--   which also records the lease for the holder's own tests, dlq_lease_mine) keep what a committed lease
+--   gives: an entry whose advisory lock nobody holds belongs to a holder that died, and its events are counted
+--   one failed attempt (lease_expired) each, as for an expired committed lease, so an event that kills its
+--   worker every time is poisoned after the cap instead of looping. The Python worker's default. One batch per
+--   transaction, READ COMMITTED (the completion reads the journal committed after the claim).
 --
 --   Protocol (dlq_assets/core/processing/):
 --     session B: SELECT dlq_release_dead_batches();                   -- before each claim; commits on its own
@@ -24,25 +26,33 @@ CREATE OR REPLACE FUNCTION dlq_lease_key(p_lease uuid) RETURNS bigint
     LANGUAGE sql IMMUTABLE STRICT PARALLEL SAFE
 AS $$ SELECT ('x' || translate(left(p_lease::text, 18), '-', ''))::bit(64)::bigint $$;
 
--- The backend holding a lease's advisory lock, or NULL: its holder is gone, or the lease was never claimed.
+-- The backend holding a lease's advisory lock, 0 for a prepared transaction (it has none), or NULL: its holder is
+-- gone, or the lease was never claimed.
 CREATE OR REPLACE FUNCTION dlq_lease_holder(p_lease uuid) RETURNS integer
     LANGUAGE sql STABLE STRICT SET search_path = public, pg_temp
 AS $$
-    SELECT l.pid FROM pg_locks l
+    SELECT coalesce(l.pid, 0) FROM pg_locks l
      WHERE l.locktype = 'advisory' AND l.granted AND l.objsubid = 1
        AND l.classid::bigint = (dlq_lease_key(p_lease) >> 32) & 4294967295
        AND l.objid::bigint = dlq_lease_key(p_lease) & 4294967295
      LIMIT 1
 $$;
 
--- Whether this transaction holds the lease (dlq_lease_take records it in a transaction-local setting, which
--- ends with the transaction, or with a savepoint rolled back, as the lease's lock does): the holder's own test,
--- without reading pg_locks (0.16-0.42 ms a read, every lock of every session; several a batch). A session could
--- set it by hand, as it could take the lease's advisory lock by hand: the fence keeps out a holder whose
--- transaction ended, not a forger.
+-- Whether this transaction holds the lease: dlq_lease_take records "<transaction id>:<lease>" in a
+-- transaction-local setting, which ends with the transaction, or with a savepoint rolled back, as the lease's
+-- lock does, and names the transaction, so a value left or set in the session outside it counts for nothing.
+-- The holder's own test without reading pg_locks (0.16-0.42 ms a read, every lock of every session; several a
+-- batch). Not a defence against a forger, who can take the lease's advisory lock by hand as well.
 CREATE OR REPLACE FUNCTION dlq_lease_mine(p_lease uuid) RETURNS boolean
-    LANGUAGE sql STABLE STRICT
-AS $$ SELECT position(p_lease::text IN coalesce(current_setting('dlq.leases', true), '')) > 0 $$;
+    LANGUAGE sql VOLATILE STRICT
+AS $$
+    SELECT position(' ' || pg_current_xact_id() || ':' || p_lease IN coalesce(current_setting('dlq.leases', true), '')) > 0
+$$;
+
+-- Whether this transaction holds any lease (a batch transaction).
+CREATE OR REPLACE FUNCTION dlq_lease_any_mine() RETURNS boolean
+    LANGUAGE sql VOLATILE
+AS $$ SELECT position(' ' || pg_current_xact_id() || ':' IN coalesce(current_setting('dlq.leases', true), '')) > 0 $$;
 
 -- Take a lease for this transaction: its advisory lock, and the record dlq_lease_mine reads. False when another
 -- session holds it.
@@ -53,7 +63,9 @@ BEGIN
     IF NOT pg_try_advisory_xact_lock(dlq_lease_key(p_lease)) THEN
         RETURN false;
     END IF;
-    PERFORM set_config('dlq.leases', coalesce(current_setting('dlq.leases', true), '') || p_lease::text || ' ', true);
+    PERFORM set_config('dlq.leases',
+                       coalesce(current_setting('dlq.leases', true), '') || ' ' || pg_current_xact_id() || ':' || p_lease,
+                       true);
     RETURN true;
 END
 $$;
@@ -217,6 +229,22 @@ BEGIN
         RAISE EXCEPTION 'p_limit must be between 1 and 100000, got %', p_limit USING ERRCODE = 'invalid_parameter_value';
     END IF;
     PERFORM dlq_check_priority_max(p_priority_max);
+    -- A random (version 4) lease: its lock key is its first 64 bits, which time-ordered UUIDs made together share.
+    IF substr(p_lease::text, 15, 1) <> '4' THEN
+        RAISE EXCEPTION 'a lease must be a random (version 4) UUID, got %', p_lease USING ERRCODE = 'invalid_parameter_value';
+    END IF;
+    -- One batch per transaction: a second claim would take this transaction's own locked rows again (SKIP LOCKED
+    -- skips other sessions' locks only), and a death would charge them once per lease.
+    IF dlq_lease_any_mine() THEN
+        RAISE EXCEPTION 'this transaction holds a batch already: claim one batch per transaction'
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
+    -- The journal, committed from another session after the claim, must be visible to the completion: a snapshot
+    -- taken for the whole transaction (REPEATABLE READ, SERIALIZABLE) would never see it.
+    IF current_setting('transaction_isolation') <> 'read committed' THEN
+        RAISE EXCEPTION 'a batch is claimed in a READ COMMITTED transaction, not %', current_setting('transaction_isolation')
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
     IF NOT dlq_lease_take(p_lease) THEN
         RAISE EXCEPTION 'lease % is held by another session', p_lease USING ERRCODE = 'lock_not_available';
     END IF;
@@ -229,9 +257,14 @@ CREATE OR REPLACE FUNCTION dlq_journal_batch(p_lease uuid, p_ids bigint[], p_wor
     LANGUAGE plpgsql SET search_path = public, pg_temp
 AS $$
 BEGIN
+    -- From the batch's own transaction the entry would die with it, and a crash would go uncounted.
+    IF dlq_lease_mine(p_lease) THEN
+        RAISE EXCEPTION 'journal lease % from another session than the one that claimed it', p_lease
+            USING ERRCODE = 'invalid_transaction_state';
+    END IF;
     -- Held by another session when a shared lock on it is refused (taken, it is released with this statement's
     -- error); one test of the lease's lock instead of a read of every lock (pg_locks).
-    IF NOT dlq_lease_mine(p_lease) AND pg_try_advisory_xact_lock_shared(dlq_lease_key(p_lease)) THEN
+    IF pg_try_advisory_xact_lock_shared(dlq_lease_key(p_lease)) THEN
         RAISE EXCEPTION 'lease % is not held: claim with dlq_claim_batch inside a transaction, then journal from '
                         'another session', p_lease USING ERRCODE = 'invalid_parameter_value';
     END IF;
@@ -270,6 +303,9 @@ DECLARE
     v_ids   bigint[];
     v_total integer := 0;
 BEGIN
+    IF dlq_lease_any_mine() THEN  -- its own locked rows are not skipped: they would be charged with the dead ones
+        RAISE EXCEPTION 'release dead batches outside a batch transaction' USING ERRCODE = 'invalid_transaction_state';
+    END IF;
     FOR v_lease IN SELECT DISTINCT lease FROM dlq_batch_leases LOOP
         -- Alive: its holder has the lock (this session included). Dead: the lock is ours until we commit.
         CONTINUE WHEN dlq_lease_mine(v_lease) OR NOT dlq_lease_take(v_lease);

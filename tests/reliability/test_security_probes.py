@@ -115,6 +115,7 @@ PURE_CALLS = {
     "dlq_lease_holder": ["SELECT dlq_lease_holder('00000000-0000-4000-8000-00000000beef')"],
     "dlq_lease_mine": ["SELECT dlq_lease_mine('00000000-0000-4000-8000-00000000beef')"],
     "dlq_lease_take": ["SELECT dlq_lease_take(gen_random_uuid())"],
+    "dlq_lease_any_mine": ["SELECT dlq_lease_any_mine()"],
     "dlq_partition_name": ["SELECT dlq_partition_name(now())"],
     "dlq_payload_checksum": ["SELECT id, dlq_payload_checksum(payload) FROM dead_letter_events"],
     "dlq_record_bytes": ["SELECT id, dlq_record_bytes(metadata_json) FROM dead_letter_events"],
@@ -128,10 +129,10 @@ PROCESSOR_CALLS = {
                          "SELECT * FROM dlq_claim_events(100, 60, NULL, 'truncated')"],
     "dlq_claim_batch": ["SELECT * FROM dlq_claim_batch(gen_random_uuid(), 100)",
                         "SELECT * FROM dlq_claim_batch(gen_random_uuid(), 100, NULL, 'truncated')"],
-    # a forged journal: holding the lease's advisory lock (and its record, set by hand), journal the malicious ids,
-    # then complete them
+    # a forged journal: holding the lease's advisory lock, journal the malicious ids, then complete them (a lease
+    # record set in the session counts for no transaction but the one named in it)
     "dlq_journal_batch": ["SELECT pg_advisory_lock(dlq_lease_key(%(lease)s))",
-                          "SELECT set_config('dlq.leases', %(lease)s::text, false)",
+                          "SELECT set_config('dlq.leases', ' ' || pg_current_xact_id() || ':' || %(lease)s, false)",
                           "SELECT dlq_journal_batch(%(lease)s, %(ids)s)",
                           "INSERT INTO dlq_batch_leases (lease, event_ids) VALUES (%(lease)s, %(ids)s)",
                           "SELECT * FROM dlq_complete_batch(%(lease)s, %(ids)s, "

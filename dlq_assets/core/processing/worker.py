@@ -152,6 +152,9 @@ class Worker:
         # Claimed rows' created_at load as UTC datetimes, the same instants: psycopg converts a named zone
         # (the server's Etc/UTC, say) through zoneinfo, 0.75 µs a value against 0.16 for UTC.
         conn.execute("SET TimeZone = 'UTC'")
+        # A transaction lease's completion reads the journal committed after its claim: each statement's own
+        # snapshot, whatever the database's default isolation (dlq_claim_batch refuses any other).
+        conn.execute("SET default_transaction_isolation = 'read committed'")
         config = self.config
         ensure_breaker(conn, config.breaker_name, config.breaker_threshold, config.breaker_timeout_seconds)
         while not self.stop.event.is_set():

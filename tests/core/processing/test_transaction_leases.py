@@ -488,3 +488,74 @@ def test_a_stitching_window_out_of_range_is_refused(conn: psycopg.Connection, wi
     """0 to 1 GiB: the window's bounds stay within bigint for any offset a seed may have."""
     with pytest.raises(psycopg.errors.InvalidParameterValue, match="p_window_bytes must be between"):
         conn.execute("SELECT * FROM dlq_claim_fragment_chains(%s, '{}', %s)", (uuid.uuid4(), window))
+
+
+def test_a_batch_is_claimed_only_in_read_committed(conn: psycopg.Connection, batch: psycopg.Connection[Any]) -> None:
+    """The journal is committed after the claim: a transaction-long snapshot would keep it from the completion,
+    every event of the batch would come back not_owned, and the batch be charged as a dead holder's."""
+    events(conn, 2)
+    batch.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+    with pytest.raises(psycopg.errors.InvalidTransactionState, match="READ COMMITTED"):
+        batch.execute(CLAIM, (uuid.uuid4(), 2))
+
+
+def test_the_worker_claims_in_read_committed_whatever_the_database_default(
+    conn: psycopg.Connection, db_url: str
+) -> None:
+    ids = events(conn, 30)
+    conn.execute(f"ALTER DATABASE {conn.info.dbname} SET default_transaction_isolation = 'repeatable read'")
+    report = process(db_url, WorkerConfig(batch_size=10, min_batch_size=10, max_batch_size=10))
+    assert report.resolved == len(ids) and report.not_owned == 0
+    assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE retry_count > 0").fetchone() == (0,)
+
+
+def test_one_batch_per_transaction(conn: psycopg.Connection, batch: psycopg.Connection[Any]) -> None:
+    """A second claim would take the transaction's own locked rows again, and one death would be charged twice."""
+    events(conn, 4)
+    first = uuid.uuid4()
+    batch.execute(CLAIM, (first, 2))
+    for lease in (uuid.uuid4(), first):  # another lease, or the same one again
+        batch.execute("SAVEPOINT again")
+        with pytest.raises(psycopg.errors.InvalidTransactionState, match="one batch per transaction"):
+            batch.execute(CLAIM, (lease, 2))
+        batch.execute("ROLLBACK TO SAVEPOINT again")
+
+
+def test_a_lease_is_journalled_from_another_session_and_released_outside_a_batch(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any]
+) -> None:
+    """From the batch's own transaction the entry would die with it (a crash uncounted), and a release would
+    charge the transaction's own locked rows with the dead ones."""
+    events(conn, 2)
+    lease = uuid.uuid4()
+    ids = [i for (i,) in batch.execute(CLAIM, (lease, 2))]
+    batch.execute("SAVEPOINT s")
+    with pytest.raises(psycopg.errors.InvalidTransactionState, match="from another session"):
+        batch.execute(JOURNAL, (lease, ids))
+    batch.execute("ROLLBACK TO SAVEPOINT s")
+    with pytest.raises(psycopg.errors.InvalidTransactionState, match="outside a batch transaction"):
+        batch.execute("SELECT dlq_release_dead_batches()")
+
+
+def test_a_lease_must_be_random(conn: psycopg.Connection, batch: psycopg.Connection[Any]) -> None:
+    """The lock key is a lease's first 64 bits, which time-ordered (version 7) UUIDs made together share."""
+    events(conn, 1)
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="version 4"):
+        batch.execute(CLAIM, ("01890a5d-ac96-774b-bcce-b302099a8057", 1))
+
+
+def test_a_lease_record_left_in_the_session_counts_for_no_other_transaction(
+    conn: psycopg.Connection, batch: psycopg.Connection[Any], other: psycopg.Connection[Any]
+) -> None:
+    """A caller that keeps the record of a batch whose transaction ended, and sets it again, completes nothing."""
+    events(conn, 2)
+    lease, ids = claim(batch, other, 2)
+    (record,) = batch.execute("SELECT current_setting('dlq.leases')").fetchone()
+    batch.rollback()
+    batch.execute("SELECT set_config('dlq.leases', %s, false)", (record,))
+    states = batch.execute(
+        "SELECT final_state FROM dlq_complete_batch(%s, %s, array_fill('resolved'::text, ARRAY[2]))", (lease, ids)
+    ).fetchall()
+    assert states == [("not_owned",), ("not_owned",)]
+    batch.rollback()
+    assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE resolved").fetchone() == (0,)
