@@ -45,6 +45,12 @@ def _checksum_ok(event: ClaimedEvent) -> bool:
 
 
 _JOURNAL_BATCH = b"SELECT dlq_journal_batch($1::uuid, $2::bigint[], $3::text)"
+# A neighbours' entry: committed without waiting for its WAL flush (the batch's own COMMIT flushes it). A server
+# crash before that loses it, and with it the neighbours' charge for that batch; the batch's own events, whose
+# entry is flushed, are charged, and a neighbour is a batch's own event when it comes up in turn.
+_JOURNAL_NEIGHBOURS = (
+    b"SELECT set_config('synchronous_commit', 'off', true), dlq_journal_batch($1::uuid, $2::bigint[], $3::text)"
+)
 
 
 class _Journal:
@@ -60,12 +66,13 @@ class _Journal:
         self.error: psycopg.Error | None = None  # what the last entry failed with, raised by settle()
         self._sent = False
 
-    def send(self, lease: uuid.UUID, ids: Sequence[int], worker: str | None) -> None:
-        """Send an entry; the one before is settled first (one statement at a time on a connection)."""
+    def send(self, lease: uuid.UUID, ids: Sequence[int], worker: str | None, *, flushed: bool = True) -> None:
+        """Send an entry; the one before is settled first (one statement at a time on a connection). ``flushed``:
+        its commit waits for the WAL flush (see _JOURNAL_NEIGHBOURS for the entries that do not)."""
         self.settle()
         params = [str(lease).encode(), bigint_array(ids).encode(), None if worker is None else worker.encode()]
         try:
-            self.conn.pgconn.send_query_params(_JOURNAL_BATCH, params)
+            self.conn.pgconn.send_query_params(_JOURNAL_BATCH if flushed else _JOURNAL_NEIGHBOURS, params)
         except psycopg.Error as exc:
             self.error = exc
             raise
@@ -118,12 +125,12 @@ class _BatchSession:
         self.tampered: list[ClaimedEvent] = []  # neighbours whose checksum failed: quarantined, never handed on
         self.held: list[int] = []  # every event this lease holds (a transaction lease writes no lock column)
 
-    def journal(self, ids: list[int]) -> None:
+    def journal(self, ids: list[int], *, flushed: bool = True) -> None:
         """Record events a transaction lease holds, committed on their own, so a crash is counted (40_claims.sql);
         sent here, committed by :meth:`settle`."""
         self.held.extend(ids)
         if self.journal_conn is not None and ids:
-            self.journal_conn.send(self.lease, ids, self.worker_name)
+            self.journal_conn.send(self.lease, ids, self.worker_name, flushed=flushed)
 
     def settle(self) -> None:
         """The batch's journal entries committed: before a handler sees their events, and before the neighbours'
@@ -147,7 +154,7 @@ class _BatchSession:
             "dlq_claim_fragment_chains(%s, %s::bigint[], %s, %s)",
             (self.lease, bigint_array(ids), window_bytes, self.lease_seconds),
         )
-        self.journal([r[0] for r in rows])
+        self.journal([r[0] for r in rows], flushed=False)
         found = [_claimed(r) for r in rows]
         verified: list[ClaimedEvent] = []
         for event in found:

@@ -559,3 +559,44 @@ def test_a_lease_record_left_in_the_session_counts_for_no_other_transaction(
     assert states == [("not_owned",), ("not_owned",)]
     batch.rollback()
     assert conn.execute("SELECT count(*) FROM dead_letter_events WHERE resolved").fetchone() == (0,)
+
+
+DIES_WITH_NEIGHBOURS = """
+import os, sys
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.handlers import HandlerRegistry
+from dlq_assets.core.processing.worker import Worker
+
+class Dies:
+    name = "dies"
+
+    def handle(self, events, claimer):
+        claimer.claim_neighbours_of(events, 8192)
+        os._exit(3)  # the moment the neighbours are in hand
+
+config = WorkerConfig(batch_size=1, min_batch_size=1, max_batch_size=1)
+Worker(sys.argv[1], config, HandlerRegistry(default=Dies())).run()
+"""
+
+
+def test_a_worker_dying_with_neighbours_in_hand_has_them_on_record(conn: psycopg.Connection, db_url: str) -> None:
+    """The neighbours' entry commits before the handler gets them (without waiting for its WAL flush, which the
+    batch's own commit does): a worker killed then is charged for them too."""
+    head_text = json.dumps({**VALID, "message": "first line"})[:-2]
+    ids = []
+    for offset, text in ((0, head_text), (len(head_text) + 1, 'second line"}')):
+        metadata = Jsonb({"payload_form": "raw_text", "record_bytes": len(text.encode())})
+        ids.append(insert_dead_letter(
+            conn, {"raw_text": text}, reason="json_parse_error", source="/var/log/cowrie/cowrie.json",
+            source_inode="7", source_offset=offset, metadata_json=metadata,
+        ))  # fmt: skip
+    died = subprocess.run(
+        [sys.executable, "-c", DIES_WITH_NEIGHBOURS, db_url], capture_output=True, text=True, timeout=60
+    )
+    assert died.returncode == 3, died.stderr
+    assert conn.execute("SELECT dlq_release_dead_batches()").fetchone() == (2,)
+    charged = conn.execute(
+        "SELECT array_agg(id ORDER BY id) FROM dead_letter_events WHERE error_history -> -1 ->> 'error_class' = "
+        "'lease_expired'"
+    ).fetchone()
+    assert charged == (sorted(ids),)
