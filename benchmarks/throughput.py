@@ -703,15 +703,37 @@ def _parallel(url: str, workers: int, batch: Any) -> tuple[int, float]:
 def _ends_without_raw_event(absent: str) -> dict[str, str]:
     """The states of an event that must give nothing to raw_events (``absent``: that it gave none), in both mixes'
     checks: a malicious one untouched (never claimed until security_admin reviews it), any other pending with a
-    backoff or poisoned."""
+    backoff or poisoned. Pending after exactly one attempt: every failure these mixes meet waits an hour before the
+    next (dlq_retry_policies), longer than a run, so a second attempt in a run would be a charge twice."""
     return {
         "untouched": f"""d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
-                       AND d.processing_attempts = '[]' AND {absent}""",
+                       AND d.processing_attempts = '[]' AND d.error_history = '[]' AND {absent}""",
         "unresolved": f"""{absent} AND (
-                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
-                        AND d.next_attempt_at > now())
-                       OR (d.id IS NULL AND p.id IS NOT NULL))""",
+                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count = 1
+                        AND d.next_attempt_at > now() AND d.next_attempt_at < now() + interval '3 days'
+                        AND {_attempts_on_record("d")})
+                       OR (d.id IS NULL AND p.id IS NOT NULL AND p.poison_reason IS NOT NULL
+                           AND {_attempts_on_record("p")}))""",
     }
+
+
+def _attempts_on_record(row: str) -> str:
+    """Each attempt of a dead letter (or poisoned event) ``row`` on record: one error per attempt, a claim entry
+    for each (more when it was also claimed and given back unused: as a neighbour, or waiting for a fragment), and
+    no death charged (no worker dies in a run: a lease_expired would be a charge no crash caused)."""
+    return f"""jsonb_array_length({row}.error_history) = {row}.retry_count
+               AND jsonb_array_length({row}.processing_attempts) >= {row}.retry_count
+               AND NOT {row}.error_history @> '[{{"error_class": "lease_expired"}}]'"""
+
+
+# A resolved dead letter "d": its attempts on record (the last one, which resolved it, with a claim entry and no
+# error), not quarantined, with its resolution time.
+_RESOLVED_ON_RECORD = """
+    d.resolved AND d.resolved_at IS NOT NULL AND d.quarantined_at IS NULL
+    AND jsonb_array_length(d.processing_attempts) >= d.retry_count + 1
+    AND jsonb_array_length(d.error_history) = d.retry_count
+    AND NOT d.error_history @> '[{"error_class": "lease_expired"}]'
+"""
 
 
 # A raw_events row "r" holds what the engine derives from its payload "x" (eventid, session, source address and
@@ -739,7 +761,7 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         SELECT b.kind, count(*),
                count(*) FILTER (WHERE coalesce(d.processing_lock IS NULL, true) AND CASE
                    WHEN b.kind = ANY (%(resolved)s) THEN
-                       d.resolved AND r.copies = 1 AND r.payload = t.expected::text
+                       {resolved_on_record} AND r.copies = 1 AND r.payload = t.expected::text
                        AND r.checksum = dlq_payload_checksum(t.expected) AND p.id IS NULL
                        AND r.dlq_event_id = d.id AND r.derived_ok
                        AND (d.resolution_method, r.repair_strategy) = (a.method, a.strategy)
@@ -759,7 +781,11 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
                  ON r.source = b.source AND r.source_inode = b.source_inode AND r.source_offset = b.source_offset
           LEFT JOIN resolved_as a ON a.kind = b.kind
          GROUP BY b.kind ORDER BY b.kind
-        """.format(derived=_DERIVED_AS_PAYLOAD, **_ends_without_raw_event("r.copies IS NULL")),
+        """.format(
+            derived=_DERIVED_AS_PAYLOAD,
+            resolved_on_record=_RESOLVED_ON_RECORD,
+            **_ends_without_raw_event("r.copies IS NULL"),
+        ),
         {
             "resolved": list(RESOLVED_AS),
             "methods": [method for method, _ in RESOLVED_AS.values()],
@@ -767,12 +793,15 @@ def verify(conn: psycopg.Connection[Any]) -> dict[str, Any]:
         },
     ).fetchall()
     kinds = {kind: [correct, total] for kind, total, correct in rows}
-    events, raw, dead, poisoned = conn.execute(
+    events, raw, dead, poisoned, journalled = conn.execute(
         "SELECT (SELECT count(*) FROM bench_truth), (SELECT count(*) FROM raw_events), "
-        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events)"
+        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events), "
+        "(SELECT count(*) FROM dlq_batch_leases)"
     ).fetchone()
     expected_raw = sum(total for kind, (_, total) in kinds.items() if kind in RESOLVED_KINDS)
+    # a journal entry left behind would charge its events at the next claim, though nobody died
     ok = all(c == t for c, t in kinds.values()) and raw == expected_raw and dead + poisoned == events
+    ok = ok and journalled == 0
     return {"kinds": kinds, "events": events, "raw_events": raw, "expected_raw_events": expected_raw,
             "all_states_correct": ok}  # fmt: skip
 
@@ -798,18 +827,21 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             SELECT b.i, count(*) AS n,
                    count(*) FILTER (WHERE r.payload::text = x.payload::text
                                       AND r.payload_checksum = dlq_payload_checksum(x.payload)
-                                      AND {derived}) AS exact
+                                      AND {derived} AND dd.resolved  -- the row's dead letter, resolved by its method
+                                      AND dd.resolution_method = CASE r.repair_strategy WHEN 'replay' THEN 'replay'
+                                                                 ELSE 'repair:' || r.repair_strategy END) AS exact
               FROM bench_truth b
               JOIN (SELECT e.*, e.payload AS x FROM bench_events e) x ON x.template_id = b.template_id
               LEFT JOIN raw_events r
                      ON r.source = b.source AND r.source_inode = b.source_inode
                     AND r.source_offset = b.source_offset + x.at
+              LEFT JOIN dead_letter_events dd ON dd.id = r.dlq_event_id
              GROUP BY b.i
         )
         SELECT b.kind, count(*),
                count(*) FILTER (WHERE coalesce(d.processing_lock IS NULL, true) AND CASE b.expect
                    WHEN 'resolved' THEN
-                       d.resolved AND p.id IS NULL
+                       {resolved_on_record} AND p.id IS NULL
                        AND coalesce(got.n, 0) = coalesce(want.n, 0) AND coalesce(want.exact, 0) = coalesce(want.n, 0)
                    WHEN 'untouched' THEN {untouched}
                    ELSE {unresolved}
@@ -822,15 +854,21 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
           LEFT JOIN got ON got.i = b.i
           LEFT JOIN want ON want.i = b.i
          GROUP BY b.kind ORDER BY b.kind
-        """.format(derived=_DERIVED_AS_PAYLOAD.replace("x ->>", "x.x ->>"), **_ends_without_raw_event("got.n IS NULL"))
+        """.format(
+            derived=_DERIVED_AS_PAYLOAD.replace("x ->>", "x.x ->>"),
+            resolved_on_record=_RESOLVED_ON_RECORD,
+            **_ends_without_raw_event("got.n IS NULL"),
+        ),
     ).fetchall()
     kinds = {kind: [correct, total] for kind, total, correct in rows}
-    events, raw, expected_raw, dead, poisoned = conn.execute(
+    events, raw, expected_raw, dead, poisoned, journalled = conn.execute(
         "SELECT (SELECT count(*) FROM bench_truth), (SELECT count(*) FROM raw_events), "
         "(SELECT count(*) FROM bench_truth b JOIN bench_events x ON x.template_id = b.template_id), "
-        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events)"
+        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events), "
+        "(SELECT count(*) FROM dlq_batch_leases)"
     ).fetchone()
     ok = all(c == t for c, t in kinds.values()) and raw == expected_raw and dead + poisoned == events
+    ok = ok and journalled == 0  # an entry left behind would charge its events at the next claim
     return {"kinds": kinds, "events": events, "raw_events": raw, "expected_raw_events": expected_raw,
             "all_states_correct": ok}  # fmt: skip
 

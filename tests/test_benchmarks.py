@@ -144,6 +144,11 @@ def test_the_realistic_verification_sees_an_event_gone_wrong(db_url: str) -> Non
             "WHERE id = (SELECT min(id) FROM dead_letter_events WHERE NOT resolved)"
         )
         assert wrong() == 3
+        conn.execute(  # a resolved event's row says one strategy, its dead letter another method
+            "UPDATE dead_letter_events SET resolution_method = 'bogus' "
+            "WHERE id = (SELECT max(dlq_event_id) FROM raw_events)"
+        )
+        assert wrong() == 4
 
 
 def test_the_verification_sees_a_target_row_or_a_resolution_gone_wrong(db_url: str) -> None:
@@ -178,6 +183,30 @@ def test_the_verification_sees_a_target_row_or_a_resolution_gone_wrong(db_url: s
             "WHERE id = (SELECT max(dlq_event_id) FROM raw_events WHERE NOT partial AND eventid <> 'cowrie.bogus')"
         )
         assert wrong() == 5 and verify(conn)["all_states_correct"] is False
+        pending = (  # a pending event still right
+            "(SELECT min(id) FROM dead_letter_events WHERE NOT resolved AND retry_count = 1 AND error_history <> '[]' "
+            "AND next_attempt_at < now() + interval '1 day')"
+        )
+        for n, change in enumerate(
+            (
+                f"UPDATE dead_letter_events SET retry_count = 2, error_history = error_history || error_history "
+                f"WHERE id = {pending}",  # charged twice
+                f"UPDATE dead_letter_events SET error_history = '[]' WHERE id = {pending}",  # its attempt forgotten
+                f"UPDATE dead_letter_events SET next_attempt_at = now() + interval '100 years' WHERE id = {pending}",
+                "UPDATE dead_letter_events SET resolved_at = NULL WHERE id = (SELECT min(id) FROM dead_letter_events "
+                "WHERE resolved AND resolved_at IS NOT NULL)",
+            ),
+            start=6,
+        ):
+            conn.execute(change)
+            assert wrong() == n, change
+        # a journal entry left behind (its events would be charged at the next claim) fails the run as a whole
+        conn.execute(
+            "INSERT INTO dlq_batch_leases (lease, event_ids) "
+            "SELECT gen_random_uuid(), array_agg(id) FROM dead_letter_events WHERE NOT resolved"
+        )
+        checked = verify(conn)
+        assert wrong() == 9 and checked["all_states_correct"] is False
 
 
 def test_health_mode_reports_its_numbers(db_url: str, capsys: pytest.CaptureFixture[str]) -> None:

@@ -230,7 +230,7 @@ BEGIN
     END IF;
     PERFORM dlq_check_priority_max(p_priority_max);
     -- A random (version 4) lease: its lock key is its first 64 bits, which time-ordered UUIDs made together share.
-    IF substr(p_lease::text, 15, 1) <> '4' THEN
+    IF substr(p_lease::text, 15, 1) <> '4' OR substr(p_lease::text, 20, 1) NOT IN ('8', '9', 'a', 'b') THEN
         RAISE EXCEPTION 'a lease must be a random (version 4) UUID, got %', p_lease USING ERRCODE = 'invalid_parameter_value';
     END IF;
     -- One batch per transaction: a second claim would take this transaction's own locked rows again (SKIP LOCKED
@@ -257,6 +257,9 @@ CREATE OR REPLACE FUNCTION dlq_journal_batch(p_lease uuid, p_ids bigint[], p_wor
     LANGUAGE plpgsql SET search_path = public, pg_temp
 AS $$
 BEGIN
+    IF p_lease IS NULL THEN
+        RAISE EXCEPTION 'a lease is required' USING ERRCODE = 'invalid_parameter_value';
+    END IF;
     -- From the batch's own transaction the entry would die with it, and a crash would go uncounted.
     IF dlq_lease_mine(p_lease) THEN
         RAISE EXCEPTION 'journal lease % from another session than the one that claimed it', p_lease

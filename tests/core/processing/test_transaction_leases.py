@@ -540,8 +540,16 @@ def test_a_lease_is_journalled_from_another_session_and_released_outside_a_batch
 def test_a_lease_must_be_random(conn: psycopg.Connection, batch: psycopg.Connection[Any]) -> None:
     """The lock key is a lease's first 64 bits, which time-ordered (version 7) UUIDs made together share."""
     events(conn, 1)
-    with pytest.raises(psycopg.errors.InvalidParameterValue, match="version 4"):
-        batch.execute(CLAIM, ("01890a5d-ac96-774b-bcce-b302099a8057", 1))
+    for lease in ("01890a5d-ac96-774b-bcce-b302099a8057", "00000000-0000-4000-0000-000000000000"):  # v7, no variant
+        batch.execute("SAVEPOINT s")
+        with pytest.raises(psycopg.errors.InvalidParameterValue, match="version 4"):
+            batch.execute(CLAIM, (lease, 1))
+        batch.execute("ROLLBACK TO SAVEPOINT s")
+
+
+def test_a_journal_entry_needs_a_lease(other: psycopg.Connection[Any]) -> None:
+    with pytest.raises(psycopg.errors.InvalidParameterValue, match="a lease is required"):
+        other.execute(JOURNAL, (None, [1]))
 
 
 def test_a_lease_record_left_in_the_session_counts_for_no_other_transaction(
