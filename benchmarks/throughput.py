@@ -706,24 +706,19 @@ def _ends_without_raw_event(absent: str, *, strict: bool = True) -> dict[str, st
     backoff or poisoned. Pending after exactly one attempt: every failure these mixes meet waits an hour before the
     next (dlq_retry_policies), longer than a run, so a second attempt in a run would be a charge twice.
     ``strict=False`` (the realistic mix): the state alone, without the attempts on record."""
-    if not strict:
-        return {
-            "untouched": f"""d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
-                           AND d.processing_attempts = '[]' AND {absent}""",
-            "unresolved": f"""{absent} AND (
-                           (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
-                            AND d.next_attempt_at > now())
-                           OR (d.id IS NULL AND p.id IS NOT NULL))""",
-        }
+    untouched, pending, poisoned = (  # strict: no error, exactly one attempt on record, a poison reason
+        ("d.error_history = '[]'",
+         f"d.retry_count = 1 AND d.next_attempt_at < now() + interval '3 days' AND {_attempts_on_record('d')}",
+         f"p.poison_reason IS NOT NULL AND {_attempts_on_record('p')}")
+        if strict else ("true", "true", "true")
+    )  # fmt: skip
     return {
         "untouched": f"""d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
-                       AND d.processing_attempts = '[]' AND d.error_history = '[]' AND {absent}""",
+                       AND d.processing_attempts = '[]' AND {untouched} AND {absent}""",
         "unresolved": f"""{absent} AND (
-                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count = 1
-                        AND d.next_attempt_at > now() AND d.next_attempt_at < now() + interval '3 days'
-                        AND {_attempts_on_record("d")})
-                       OR (d.id IS NULL AND p.id IS NOT NULL AND p.poison_reason IS NOT NULL
-                           AND {_attempts_on_record("p")}))""",
+                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
+                        AND d.next_attempt_at > now() AND {pending})
+                       OR (d.id IS NULL AND p.id IS NOT NULL AND {poisoned}))""",
     }
 
 
@@ -738,11 +733,9 @@ def _attempts_on_record(row: str) -> str:
 
 # A resolved dead letter "d": its attempts on record (the last one, which resolved it, with a claim entry and no
 # error), not quarantined, with its resolution time.
-_RESOLVED_ON_RECORD = """
+_RESOLVED_ON_RECORD = f"""
     d.resolved AND d.resolved_at IS NOT NULL AND d.quarantined_at IS NULL
-    AND jsonb_array_length(d.processing_attempts) >= d.retry_count + 1
-    AND jsonb_array_length(d.error_history) = d.retry_count
-    AND NOT d.error_history @> '[{"error_class": "lease_expired"}]'
+    AND jsonb_array_length(d.processing_attempts) >= d.retry_count + 1 AND {_attempts_on_record("d")}
 """
 
 

@@ -230,7 +230,6 @@ class Worker:
                 outcomes, breaker_tripped, successes, tail_failures = self._decide(events, session, limiter)
                 neighbours = {e.id for e in session.neighbours + session.tampered}
                 unused = {o.event_id for o in outcomes if o.event_id in neighbours and o.outcome == "released"}
-                session.settle()  # completion accepts only what the journal holds (settled already)
                 write_failures = self._write_and_complete(
                     conn, lease, outcomes, report, started_at, t0, breaker_tripped, uncounted=unused
                 )
