@@ -396,36 +396,39 @@ def _write(
     try:
         with conn.transaction():
             if _unseen(conn, source, inode, batch.first, batch.last):
+                superseded = _supersede(conn, source, inode, batch)
                 raw = _copy(conn, _COPY_RAW, batch.event_copy) if batch.events else 0
                 dead = _copy(conn, _COPY_DEAD, batch.letter_copy) if batch.letters else 0
-                return raw, dead, _supersede(conn, source, inode, batch)
+                return raw, dead, superseded
     except psycopg.errors.UniqueViolation:
         pass
     with conn.transaction():
+        superseded = _supersede(conn, source, inode, batch)
         return (
             _insert_raw(conn, source, inode, batch.events),
             _insert_dead_letters(conn, source, inode, ingest_id, batch.letters),
-            _supersede(conn, source, inode, batch),
+            superseded,
         )
 
 
 def _supersede(conn: psycopg.Connection[Any], source: str, inode: str, batch: _Batch) -> int:
     """Resolve the dead letters an earlier read left where this one reads a whole event: a file left alone with a
     cut end (stored as a dead letter) that its writer completed later. The record is kept once, in raw_events; the
-    cut read is resolved ``superseded``. One index probe when the range holds no unresolved dead letter."""
+    cut read is resolved ``superseded``. Run before the batch stores its own dead letters, so that one index probe
+    of the batch's range answers for almost every batch: no earlier read left a dead letter there."""
     if not batch.events:
         return 0
     probe = """SELECT EXISTS (SELECT FROM dead_letter_events WHERE source = %s AND source_offset BETWEEN %s AND %s
                                  AND NOT resolved AND source_inode = %s)"""
     if not conn.execute(probe, (source, batch.first, batch.last, inode)).fetchone()[0]:
         return 0
-    return conn.execute(
+    return conn.execute(  # the range again, so the (source, source_offset) index drives it whatever the statistics
         """UPDATE dead_letter_events
               SET resolved = true, resolved_at = now(), resolution_method = 'superseded', last_processed_at = now(),
                   processing_lock = NULL, lock_expires_at = NULL
-            WHERE source = %s AND source_inode = %s AND source_offset = ANY (%s) AND NOT resolved
-              AND quarantined_at IS NULL""",
-        (source, inode, [e.offset for e in batch.events]),
+            WHERE source = %s AND source_offset BETWEEN %s AND %s AND source_offset = ANY (%s) AND NOT resolved
+              AND source_inode = %s AND quarantined_at IS NULL""",
+        (source, batch.first, batch.last, [e.offset for e in batch.events], inode),
     ).rowcount
 
 

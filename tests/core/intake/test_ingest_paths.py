@@ -481,6 +481,42 @@ def test_a_finished_cut_end_completed_later_ends_in_one_place(db_url: str, tmp_p
     assert ingest_paths([log], url=db_url).dlq_superseded == 0
 
 
+class _Statements(psycopg.Connection[Any]):
+    """A connection that keeps the text of every statement it executes."""
+
+    executed: list[str]
+
+    def execute(self, query: Any, *args: Any, **kwargs: Any) -> Any:
+        self.__dict__.setdefault("executed", []).append(str(query))
+        return super().execute(query, *args, **kwargs)
+
+
+@pytest.mark.parametrize("path", ["copy", "insert"])
+def test_a_first_read_finds_no_earlier_dead_letter_to_supersede_and_updates_nothing(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str
+) -> None:
+    """Superseding looks for the dead letters an earlier read left among a batch's events. A batch's own dead
+    letters are stored after that probe: a first read with dead letters in every batch runs no UPDATE (each would
+    cost what the planner makes of young statistics, on a large file a scan of every pending dead letter)."""
+    lines = [dumps({**CONNECT, "src_port": i}) if i % 3 else f"junk {i}" for i in range(60)]
+    log = write_log(tmp_path / "log.json", *lines)
+    connections: list[_Statements] = []
+
+    def connect(url: str) -> psycopg.Connection[Any]:
+        conn = _Statements.connect(url, autocommit=True)
+        connections.append(conn)
+        return conn
+
+    monkeypatch.setattr(ingest, "_connect", connect)
+    if path == "insert":
+        force_insert_path(monkeypatch)
+    report = ingest_paths([log], url=db_url, batch_size=10)
+    executed = [q for conn in connections for q in conn.executed]
+    assert report.dlq_inserted == 20 and report.dlq_superseded == 0
+    assert sum("SELECT EXISTS (SELECT FROM dead_letter_events" in q for q in executed) == 6  # a probe a batch
+    assert not [q for q in executed if "UPDATE dead_letter_events" in q]
+
+
 def test_a_gzip_file_being_compressed_is_read_up_to_its_cut_and_the_rest_later(db_url: str, tmp_path: Path) -> None:
     """A rotated log read while it is being compressed: its records so far, the cut held back; once whole, the
     rest, each record in one place and no dead letter for the cut."""
