@@ -16,7 +16,7 @@ from dlq_assets.cli.output import emit, print_fields
 
 @main.command()
 @click.argument("paths", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path))
-@click.option("--batch-size", default=1000, show_default=True, type=click.IntRange(1, 50_000))
+@click.option("--batch-size", default=2000, show_default=True, type=click.IntRange(1, 50_000))
 @click.option(
     "--workers", default=1, show_default=True, type=click.IntRange(1, 64),
     help="Files ingested at a time, each by a process of its own (a file is always read by one).",

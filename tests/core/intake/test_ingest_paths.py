@@ -676,6 +676,30 @@ def test_a_database_error_in_the_writer_is_raised_and_leaves_earlier_batches_com
     assert placed(db_url) == [(str(log.resolve()), offset) for offset in offsets[:40]]
 
 
+@pytest.mark.parametrize("path", ["copy", "insert"])
+@pytest.mark.parametrize(("records", "batches"), [(45, 5), (7, 1)])
+def test_only_the_last_batch_of_a_file_waits_for_its_wal_flush(
+    db_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, path: str, records: int, batches: int
+) -> None:
+    """Every batch but a file's last commits without waiting for its WAL to reach disk; the last one's commit waits,
+    and, the WAL being one sequence, for theirs too: a file reported ingested is on disk whole."""
+    lines = [dumps({**CONNECT, "src_port": i}) if i % 2 == 0 else f"junk {i}" for i in range(records)]
+    log = write_log(tmp_path / "log.json", *lines)
+    in_force: list[str] = []
+    supersede = ingest._supersede
+
+    def spy(conn: psycopg.Connection[Any], source: str, inode: str, batch: ingest._Batch) -> int:
+        in_force.append(conn.execute("SHOW synchronous_commit").fetchone()[0])  # inside the batch's transaction
+        return supersede(conn, source, inode, batch)
+
+    monkeypatch.setattr(ingest, "_supersede", spy)
+    if path == "insert":
+        force_insert_path(monkeypatch)
+    report = ingest_paths([log], url=db_url, batch_size=10)
+    assert in_force == ["off"] * (batches - 1) + ["on"]
+    assert report.raw_inserted + report.dlq_inserted == records
+
+
 def test_a_database_error_in_a_worker_process_is_raised_and_the_other_file_is_ingested(
     db_url: str, conn: psycopg.Connection, tmp_path: Path
 ) -> None:
