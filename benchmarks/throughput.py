@@ -700,25 +700,20 @@ def _parallel(url: str, workers: int, batch: Any) -> tuple[int, float]:
     return sum(done), seconds
 
 
-def _ends_without_raw_event(absent: str, *, strict: bool = True) -> dict[str, str]:
+def _ends_without_raw_event(absent: str) -> dict[str, str]:
     """The states of an event that must give nothing to raw_events (``absent``: that it gave none), in both mixes'
     checks: a malicious one untouched (never claimed until security_admin reviews it), any other pending with a
     backoff or poisoned. Pending after exactly one attempt: every failure these mixes meet waits an hour before the
-    next (dlq_retry_policies), longer than a run, so a second attempt in a run would be a charge twice.
-    ``strict=False`` (the realistic mix): the state alone, without the attempts on record."""
-    untouched, pending, poisoned = (  # strict: no error, exactly one attempt on record, a poison reason
-        ("d.error_history = '[]'",
-         f"d.retry_count = 1 AND d.next_attempt_at < now() + interval '3 days' AND {_attempts_on_record('d')}",
-         f"p.poison_reason IS NOT NULL AND {_attempts_on_record('p')}")
-        if strict else ("true", "true", "true")
-    )  # fmt: skip
+    next (dlq_retry_policies), longer than a run, so a second attempt in a run would be a charge twice."""
     return {
         "untouched": f"""d.classification = 'malicious' AND NOT d.resolved AND d.retry_count = 0
-                       AND d.processing_attempts = '[]' AND {untouched} AND {absent}""",
+                       AND d.processing_attempts = '[]' AND d.error_history = '[]' AND {absent}""",
         "unresolved": f"""{absent} AND (
-                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count >= 1
-                        AND d.next_attempt_at > now() AND {pending})
-                       OR (d.id IS NULL AND p.id IS NOT NULL AND {poisoned}))""",
+                       (d.id IS NOT NULL AND NOT d.resolved AND d.quarantined_at IS NULL AND d.retry_count = 1
+                        AND d.next_attempt_at > now() AND d.next_attempt_at < now() + interval '3 days'
+                        AND {_attempts_on_record("d")})
+                       OR (d.id IS NULL AND p.id IS NOT NULL AND p.poison_reason IS NOT NULL
+                           AND {_attempts_on_record("p")}))""",
     }
 
 
@@ -830,18 +825,21 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
             SELECT b.i, count(*) AS n,
                    count(*) FILTER (WHERE r.payload::text = x.payload::text
                                       AND r.payload_checksum = dlq_payload_checksum(x.payload)
-                                      AND {derived}) AS exact
+                                      AND {derived} AND dd.resolved  -- the row's dead letter, resolved by its method
+                                      AND dd.resolution_method = CASE r.repair_strategy WHEN 'replay' THEN 'replay'
+                                                                 ELSE 'repair:' || r.repair_strategy END) AS exact
               FROM bench_truth b
               JOIN (SELECT e.*, e.payload AS x FROM bench_events e) x ON x.template_id = b.template_id
               LEFT JOIN raw_events r
                      ON r.source = b.source AND r.source_inode = b.source_inode
                     AND r.source_offset = b.source_offset + x.at
+              LEFT JOIN dead_letter_events dd ON dd.id = r.dlq_event_id
              GROUP BY b.i
         )
         SELECT b.kind, count(*),
                count(*) FILTER (WHERE coalesce(d.processing_lock IS NULL, true) AND CASE b.expect
                    WHEN 'resolved' THEN
-                       d.resolved AND p.id IS NULL
+                       {resolved_on_record} AND p.id IS NULL
                        AND coalesce(got.n, 0) = coalesce(want.n, 0) AND coalesce(want.exact, 0) = coalesce(want.n, 0)
                    WHEN 'untouched' THEN {untouched}
                    ELSE {unresolved}
@@ -856,16 +854,19 @@ def verify_realistic(conn: psycopg.Connection[Any]) -> dict[str, Any]:
          GROUP BY b.kind ORDER BY b.kind
         """.format(
             derived=_DERIVED_AS_PAYLOAD.replace("x ->>", "x.x ->>"),
-            **_ends_without_raw_event("got.n IS NULL", strict=False),
+            resolved_on_record=_RESOLVED_ON_RECORD,
+            **_ends_without_raw_event("got.n IS NULL"),
         )
     ).fetchall()
     kinds = {kind: [correct, total] for kind, total, correct in rows}
-    events, raw, expected_raw, dead, poisoned = conn.execute(
+    events, raw, expected_raw, dead, poisoned, journalled = conn.execute(
         "SELECT (SELECT count(*) FROM bench_truth), (SELECT count(*) FROM raw_events), "
         "(SELECT count(*) FROM bench_truth b JOIN bench_events x ON x.template_id = b.template_id), "
-        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events)"
+        "(SELECT count(*) FROM dead_letter_events), (SELECT count(*) FROM dlq_poison_events), "
+        "(SELECT count(*) FROM dlq_batch_leases)"
     ).fetchone()
     ok = all(c == t for c, t in kinds.values()) and raw == expected_raw and dead + poisoned == events
+    ok = ok and journalled == 0  # an entry left behind would charge its events at the next claim
     return {"kinds": kinds, "events": events, "raw_events": raw, "expected_raw_events": expected_raw,
             "all_states_correct": ok}  # fmt: skip
 

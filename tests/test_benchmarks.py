@@ -122,7 +122,8 @@ def test_a_tiny_realistic_run_puts_every_event_where_its_truth_says(
 
 
 def test_the_realistic_verification_sees_an_event_gone_wrong(db_url: str) -> None:
-    """No formality: a payload changed, a resolved event's row gone, an unrecoverable one resolved all fail."""
+    """No formality: a payload changed, a resolved event's row gone, an unrecoverable one resolved, a pending one
+    charged twice, a resolved one's dead letter resolved by another method, a journal entry left all fail."""
     with psycopg.connect(db_url, autocommit=True) as conn:
         prepare(conn, "realistic", 5, 600)
         load_backlog(conn)
@@ -144,6 +145,18 @@ def test_the_realistic_verification_sees_an_event_gone_wrong(db_url: str) -> Non
             "WHERE id = (SELECT min(id) FROM dead_letter_events WHERE NOT resolved)"
         )
         assert wrong() == 3
+        conn.execute(  # a pending one charged twice
+            "UPDATE dead_letter_events SET retry_count = 2, error_history = error_history || error_history "
+            "WHERE id = (SELECT max(id) FROM dead_letter_events WHERE NOT resolved AND retry_count = 1)"
+        )
+        assert wrong() == 4
+        conn.execute(  # a resolved one's row linked to a dead letter resolved another way
+            "UPDATE dead_letter_events SET resolution_method = 'replay' WHERE id = (SELECT max(dlq_event_id) "
+            "FROM raw_events WHERE repair_strategy <> 'replay')"
+        )
+        assert wrong() == 5
+        conn.execute("INSERT INTO dlq_batch_leases (lease, event_ids) VALUES (gen_random_uuid(), '{1}')")
+        assert verify_realistic(conn)["all_states_correct"] is False and wrong() == 5  # a journal entry left
 
 
 def test_the_verification_sees_a_target_row_or_a_resolution_gone_wrong(db_url: str) -> None:

@@ -32,6 +32,9 @@ class WorkerConfig:
     # "transaction": the batch's row locks are its lease, one write per event; "committed": the lease
     # is written and committed before any work (visible to others, two writes per event; sql/functions/40_claims.sql).
     lease_mode: str = "transaction"
+    # With nothing to claim, how long to wait for another batch in flight to end (it gives back or settles what it
+    # holds: a later fragment waits for the earlier one a batch holds) before the run stops.
+    peer_wait_seconds: float = 60.0
 
     def __post_init__(self) -> None:
         if self.lease_mode not in LEASE_MODES:
@@ -47,6 +50,8 @@ class WorkerConfig:
             raise ValueError("priority_max must be between 1 and 10")
         if self.limit is not None and self.limit < 0:
             raise ValueError("limit must not be negative")
+        if not 0 <= self.peer_wait_seconds <= MAX_LEASE_SECONDS:  # also refuses nan
+            raise ValueError(f"peer_wait_seconds must be between 0 and {MAX_LEASE_SECONDS}")
         budget = self.time_budget_seconds
         if budget is not None and not budget > 0:  # also refuses nan: a budget of none at all runs nothing
             raise ValueError("time_budget_seconds must be positive")

@@ -57,6 +57,12 @@ PROCESSING_METHOD = "python_worker"
 # charged when its lease ended). Set in every transaction or savepoint that writes: a savepoint rolled back undoes it.
 _IMMEDIATE = "SET CONSTRAINTS ALL IMMEDIATE"
 _INFRASTRUCTURE_AFTER = 3  # infrastructure refusals of a batch's first targets, none taken: the system's failure
+# Other batches in flight: journalled transaction leases whose holder lives, committed leases not yet expired.
+_BATCHES_IN_FLIGHT = """
+    SELECT lease FROM dlq_batch_leases WHERE dlq_lease_holder(lease) <> 0
+    UNION
+    SELECT processing_lock FROM dead_letter_events WHERE processing_lock IS NOT NULL AND lock_expires_at > now()
+"""
 
 
 class _Stop:
@@ -157,6 +163,7 @@ class Worker:
         conn.execute("SET default_transaction_isolation = 'read committed'")
         config = self.config
         ensure_breaker(conn, config.breaker_name, config.breaker_threshold, config.breaker_timeout_seconds)
+        claimed_again = False
         while not self.stop.event.is_set():
             if self.config.time_budget_seconds and time.monotonic() - started >= self.config.time_budget_seconds:
                 break
@@ -168,10 +175,34 @@ class Worker:
             processed = report.processed
             claimed = self._run_batch(conn, journal, size, report, limiter, heartbeat)
             if claimed == 0 or report.processed == processed:
-                break  # nothing left, or all handed back (waiting for what others hold): claiming again spins
+                # Nothing claimable, or all handed back (waiting for a fragment another batch holds). Another batch
+                # in flight gives back or settles what it holds as it ends: claim again then. A claim that met a
+                # batch as it committed skipped what that batch gave back: one more claim once none is in flight.
+                wait = self.config.peer_wait_seconds
+                if self.config.time_budget_seconds:
+                    wait = min(wait, self.config.time_budget_seconds - (time.monotonic() - started))
+                if self._peer_batch_ended(conn, wait):
+                    continue
+                if claimed == 0 and not claimed_again:
+                    claimed_again = True
+                    continue
+                break
+            claimed_again = False
             elapsed = time.monotonic() - batch_started
             report.batch_seconds.append(elapsed)
             batch_size = next_batch_size(batch_size, elapsed, self.config) if claimed >= size else batch_size
+
+    def _peer_batch_ended(self, conn: psycopg.Connection[Any], wait: float) -> bool:
+        """Whether one of the other batches in flight ended within ``wait`` seconds (False at once when none is).
+        Two workers holding adjacent dead letters apart: the later one's is handed back while the earlier one's is
+        worked; stopping then would leave it unattempted until the next run."""
+        in_flight = {lease for (lease,) in conn.execute(_BATCHES_IN_FLIGHT)}
+        deadline, pause = time.monotonic() + wait, 0.002
+        while in_flight and time.monotonic() < deadline and not self.stop.event.wait(pause):
+            pause = min(pause * 2, 0.1)
+            if not in_flight <= {lease for (lease,) in conn.execute(_BATCHES_IN_FLIGHT)}:
+                return True
+        return False
 
     @contextmanager
     def _journal_connection(self) -> Iterator[_Journal | None]:

@@ -67,6 +67,14 @@ def terminate(conn: psycopg.Connection[Any], session: psycopg.Connection[Any]) -
     wait_until(lambda: not conn.execute("SELECT 1 FROM pg_stat_activity WHERE pid = %s", (pid,)).fetchone(), "exit")
 
 
+def released_once_dead(conn: psycopg.Connection[Any]) -> int:
+    """What dlq_release_dead_batches charges once a killed worker's backends are gone: a process that exits leaves
+    its sessions (and the lease's lock) to the server, which ends them a moment later."""
+    return wait_until(
+        lambda: conn.execute("SELECT dlq_release_dead_batches()").fetchone()[0], "the dead worker's sessions to end"
+    )
+
+
 def health(conn: psycopg.Connection[Any]) -> tuple[int, int]:
     return conn.execute("SELECT locked_events, stale_locks FROM dlq_health").fetchone()
 
@@ -390,7 +398,7 @@ def test_a_worker_dying_as_its_handler_starts_has_its_batch_on_record(conn: psyc
         timeout=10,
     )
     assert journalled == sorted(ids)
-    assert conn.execute("SELECT dlq_release_dead_batches()").fetchone() == (5,)
+    assert released_once_dead(conn) == 5
     charged = conn.execute(
         "SELECT count(*) FROM dead_letter_events WHERE retry_count = 1 AND error_history -> 0 ->> 'error_class' = "
         "'lease_expired'"
@@ -602,7 +610,7 @@ def test_a_worker_dying_with_neighbours_in_hand_has_them_on_record(conn: psycopg
         [sys.executable, "-c", DIES_WITH_NEIGHBOURS, db_url], capture_output=True, text=True, timeout=60
     )
     assert died.returncode == 3, died.stderr
-    assert conn.execute("SELECT dlq_release_dead_batches()").fetchone() == (2,)
+    assert released_once_dead(conn) == 2
     charged = conn.execute(
         "SELECT array_agg(id ORDER BY id) FROM dead_letter_events WHERE error_history -> -1 ->> 'error_class' = "
         "'lease_expired'"

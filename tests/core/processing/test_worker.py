@@ -10,6 +10,7 @@ import textwrap
 import threading
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -453,7 +454,7 @@ def test_of_two_adjacent_fragments_held_apart_only_the_later_waits(
         " WHERE source_offset = %s",
         (offsets[held],),
     )
-    report = Worker(db_url, WorkerConfig(**SMALL, lease_mode="committed")).run()
+    report = Worker(db_url, WorkerConfig(**SMALL, lease_mode="committed", peer_wait_seconds=0.2)).run()
     free = "later" if held == "earlier" else "earlier"
     (retries,) = conn.execute(
         "SELECT retry_count FROM dead_letter_events WHERE source_offset = %s", (offsets[free],)
@@ -462,6 +463,38 @@ def test_of_two_adjacent_fragments_held_apart_only_the_later_waits(
         assert retries == 1 and report.released == 0  # tried: failed for now, a neighbour of the later one's retry
     else:
         assert retries == 0 and report.released == 1  # handed back untouched, to stitch once the earlier is done
+
+
+@pytest.mark.parametrize("lease_mode", ["transaction", "committed"])
+def test_a_worker_out_of_work_waits_for_the_batch_holding_the_earlier_fragment_and_attempts_the_later(
+    db_url: str, conn: psycopg.Connection, tmp_path: Path, lease_mode: str
+) -> None:
+    """The later of two adjacent cut records is handed back while another batch holds the earlier one. The worker
+    then has nothing else to claim: it waits for that batch to end and claims again, rather than stop and leave
+    the later one unattempted until the next run."""
+    earlier = '{"eventid": "cowrie.session.connect", "timestamp": "2024-01-15T10:3'
+    later = '{"eventid": "cowrie.login.failed", "session": "3f2a9c0b1d4e", "src_ip": "10.0.'
+    log = tmp_path / "cowrie.json"
+    log.write_text(f"{earlier}\n{later}\n")
+    ingest_paths([log], url=db_url)
+    conn.execute(  # another worker's batch holds the earlier one
+        "UPDATE dead_letter_events SET processing_lock = gen_random_uuid(), lock_expires_at = now() + interval '1 hour'"
+        " WHERE source_offset = 0"
+    )
+    worker = Worker(db_url, WorkerConfig(**SMALL, lease_mode=lease_mode))
+    with ThreadPoolExecutor(1) as pool:
+        run = pool.submit(worker.run)
+        wait_until(lambda: conn.execute("SELECT count(*) FROM dlq_processing_metrics").fetchone()[0], "a first batch")
+        time.sleep(0.3)
+        assert not run.done()  # waiting, not stopped
+        conn.execute(  # that batch ends: the earlier one failed for now
+            "UPDATE dead_letter_events SET processing_lock = NULL, lock_expires_at = NULL, retry_count = 1,"
+            " next_attempt_at = now() + interval '1 hour' WHERE source_offset = 0"
+        )
+        report = run.result(timeout=30)
+    (retries,) = conn.execute("SELECT retry_count FROM dead_letter_events WHERE source_offset = %s",
+                              (len(earlier) + 1,)).fetchone()  # fmt: skip
+    assert retries == 1 and report.released == 1  # attempted once it could stitch or fail
 
 
 @pytest.mark.parametrize("offset", [9223372036854775000, -9223372036854775000])
