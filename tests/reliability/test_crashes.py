@@ -6,6 +6,8 @@ from __future__ import annotations
 import random
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -130,15 +132,25 @@ def test_a_terminated_worker_connection_loses_nothing(
     assert due(conn) == 0
 
 
-@pytest.mark.timeout(300)
-@pytest.mark.parametrize("lease_mode", STEPS)
-def test_a_postgres_restart_mid_run_loses_nothing(tmp_path: Path, lease_mode: str) -> None:
+@contextmanager
+def own_server() -> Iterator[tuple[EmbeddedServer, str]]:
+    """A migrated database on a cluster of the test's own, to stop and start (removed afterwards)."""
     data_dir = cluster_dir()
     server = EmbeddedServer(data_dir)
     try:
         ensure_database(server.start().url(), "dlq")
         url = server.status().url("dlq")
         migrate(url)
+        yield server, url
+    finally:
+        remove_cluster(data_dir)
+        shutil.rmtree(data_dir.parent, ignore_errors=True)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("lease_mode", STEPS)
+def test_a_postgres_restart_mid_run_loses_nothing(tmp_path: Path, lease_mode: str) -> None:
+    with own_server() as (server, url):
         backlog(url, tmp_path)
         before = take_ledger(url)
         for gate, batch, pause in (("1", 40, 0.0), ("0", 10, 0.2)):  # in a handler; then at a random point
@@ -156,9 +168,6 @@ def test_a_postgres_restart_mid_run_loses_nothing(tmp_path: Path, lease_mode: st
         with psycopg.connect(url) as conn:
             assert_processed_once_per_lease(conn)
             assert due(conn) == 0
-    finally:
-        remove_cluster(data_dir)
-        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 _STORED = """SELECT (SELECT count(*) FROM raw_events WHERE source = %(s)s),
@@ -216,12 +225,7 @@ def test_a_postgres_crash_mid_ingest_fails_it_and_a_rerun_stores_every_record_on
     """Batches before a file's last commit without waiting for their WAL flush: a server crash (no shutdown
     checkpoint) may undo some the ingest counted, or all. The ingest fails on its broken connection, and ingesting the
     file again stores exactly what the crash left out."""
-    data_dir = cluster_dir()
-    server = EmbeddedServer(data_dir)
-    try:
-        ensure_database(server.start().url(), "dlq")
-        url = server.status().url("dlq")
-        migrate(url)
+    with own_server() as (server, url):
         log = tmp_path / "big.json"
         write_corrupted_log(log, n_events=20_000 * SCALE, seed=9, corruption_rate=0.3)
         source = str(log.resolve())
@@ -231,9 +235,6 @@ def test_a_postgres_crash_mid_ingest_fails_it_and_a_rerun_stores_every_record_on
         assert proc.wait(60) != 0  # the ingest stops with its connection's error
         server.start()
         assert_resumed_to_exactly_once(url, log, stored(url, source))
-    finally:
-        remove_cluster(data_dir)
-        shutil.rmtree(data_dir.parent, ignore_errors=True)
 
 
 COMMITTED = WorkerConfig(batch_size=50, min_batch_size=10, max_batch_size=200, lease_mode="committed")
