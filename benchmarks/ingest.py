@@ -34,8 +34,8 @@ from psycopg import sql
 from benchmarks.throughput import _superuser, database
 from dlq_assets.core import jsonutil
 from dlq_assets.core.intake.compressed import open_log
-from dlq_assets.core.intake.ingest import is_cut_record, is_event
-from dlq_assets.core.intake.reader import read_records
+from dlq_assets.core.intake.ingest import _RawRow, is_cut_record, is_event, route
+from dlq_assets.core.intake.reader import Record, read_records
 
 # raw_events' columns but payload_checksum, which the table generates
 RAW_COLUMNS = ("source", "source_inode", "source_offset", "eventid", "session", "src_ip", "event_timestamp",
@@ -83,11 +83,12 @@ def run_ingest(url: str, paths: list[Path], workers: int) -> dict[str, Any]:
 
 
 def verify(conn: psycopg.Connection[Any], paths: list[Path]) -> dict[str, Any]:
-    """Every record the reader finds in exactly one place, byte-exact; no row for anything else."""
+    """Every record the reader finds in exactly one place, byte-exact, as ingest routes it; no row for anything
+    else."""
     records = wrong = 0
     examples: list[str] = []
     for path in paths:
-        rows = _stored(conn, str(path.resolve()))
+        rows = _stored(conn, str(path.resolve()), str(path.stat().st_ino))
         row = next(rows, None)
         with open_log(path) as stream:
             for record in read_records(stream, accept=is_event, is_cut=is_cut_record):
@@ -100,7 +101,7 @@ def verify(conn: psycopg.Connection[Any], paths: list[Path]) -> dict[str, Any]:
                 while row is not None and row[0] == record.offset:
                     stored.append(row)
                     row = next(rows, None)
-                if problem := _mismatch(record.raw, record.value if record.ok else None, stored):
+                if problem := _mismatch(record, stored):
                     wrong += 1
                     if len(examples) < 10:
                         examples.append(f"{path.name}@{record.offset}: {problem}")
@@ -111,36 +112,60 @@ def verify(conn: psycopg.Connection[Any], paths: list[Path]) -> dict[str, Any]:
     return {"records": records, "wrong": wrong, "examples": examples[:10], "all_records_correct": wrong == 0}
 
 
-def _stored(conn: psycopg.Connection[Any], source: str) -> Iterator[tuple[Any, ...]]:
-    """(offset, table, payload form, text, checksum recomputed by PostgreSQL) of every row of ``source``, by offset.
+def _stored(conn: psycopg.Connection[Any], source: str, inode: str) -> Iterator[tuple[Any, ...]]:
+    """(offset, table, payload form, text, checksum recomputed by PostgreSQL, how the row was written) of every row
+    of ``source``, by offset. An event's row: its derived columns as its payload says, written by ingest (not partial,
+    no repair, no dead letter), under the file's key, and whether it marks duplicate keys; a dead letter's: its
+    reason, priority, classification and length on record, pending as ingest leaves it, under the file's key.
     A server-side cursor: a million rows are streamed, never held."""
     query = """
-        SELECT source_offset, 'raw', NULL, original_text, dlq_payload_checksum(payload)
+        SELECT source_offset, 'raw', NULL, original_text, dlq_payload_checksum(payload),
+               jsonb_build_array(eventid = payload ->> 'eventid' AND session IS NOT DISTINCT FROM payload ->> 'session'
+                   AND src_ip IS NOT DISTINCT FROM (payload ->> 'src_ip')::inet
+                   AND event_timestamp IS NOT DISTINCT FROM (payload ->> 'timestamp')::timestamptz
+                   AND NOT partial AND repair_strategy IS NULL AND dlq_event_id IS NULL
+                   AND source_inode = %(inode)s, duplicate_keys)
           FROM raw_events WHERE source = %(source)s
         UNION ALL
         SELECT source_offset, 'dlq', metadata_json ->> 'payload_form',
-               coalesce(payload ->> 'raw_text', payload ->> 'raw_base64'), dlq_payload_checksum(payload)
+               coalesce(payload ->> 'raw_text', payload ->> 'raw_base64'), dlq_payload_checksum(payload),
+               jsonb_build_array(reason, priority, classification, (metadata_json ->> 'record_bytes')::bigint,
+                   NOT resolved AND resolved_at IS NULL AND resolution_method IS NULL AND retry_count = 0
+                   AND quarantined_at IS NULL AND processing_lock IS NULL AND error_history = '[]'
+                   AND source_inode = %(inode)s)
           FROM dead_letter_events WHERE source = %(source)s
         ORDER BY 1
     """
     with conn.transaction(), conn.cursor(name="stored") as cur:
         cur.itersize = 5000
-        cur.execute(query, {"source": source})
+        cur.execute(query, {"source": source, "inode": inode})
         yield from cur
 
 
-def _mismatch(raw: bytes, value: Any, stored: list[tuple[Any, ...]]) -> str | None:
+def _mismatch(record: Record, stored: list[tuple[Any, ...]]) -> str | None:
     if len(stored) != 1:
         return f"in {len(stored)} places"
-    _, table, form, text, checksum = stored[0]
+    _, table, form, text, checksum, written = stored[0]
+    routed = route(record)
+    if table == "raw":
+        if not isinstance(routed, _RawRow):
+            return "an event row for a record ingest sends to the DLQ"
+        if written != [True, routed.duplicate_keys]:
+            return f"event row written as {written}: derived columns, provenance, key or duplicate_keys wrong"
+    else:
+        if isinstance(routed, _RawRow):
+            return "a dead letter for a record ingest stores as an event"
+        expected = [routed.reason, routed.priority, routed.classification, len(record.raw), True]
+        if written != expected:
+            return f"dead letter written as {written}, expected {expected}"
     if table == "raw" and text is not None:  # kept as its text beside the payload (duplicate keys, NUL dropped)
-        return None if text.encode("utf-8") == raw else "original_text differs"
+        return None if text.encode("utf-8") == record.raw else "original_text differs"
     if form == "raw_text":
-        return None if text.encode("utf-8") == raw else "raw_text differs"
+        return None if text.encode("utf-8") == record.raw else "raw_text differs"
     if form == "raw_base64":
-        return None if base64.b64decode(text) == raw else "raw_base64 differs"
-    expected = jsonutil.canonical_with_checksum(value)[1] if value is not None else None
-    return None if checksum == expected else f"{table} payload differs from the record's value"
+        return None if base64.b64decode(text) == record.raw else "raw_base64 differs"
+    value = routed.event if isinstance(routed, _RawRow) else routed.payload
+    return None if checksum == jsonutil.canonical_with_checksum(value)[1] else f"{table} payload differs"
 
 
 def dump(conn: psycopg.Connection[Any], folder: Path) -> dict[str, Path]:

@@ -307,3 +307,36 @@ def test_the_ingest_harness_sees_a_record_stored_wrong(db_url: str, tmp_path: Pa
         )
         checked = ingest.verify(conn, paths)
         assert checked["wrong"] == 2 and any("in 2 places" in e for e in checked["examples"]), checked
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        "UPDATE raw_events SET event_timestamp = event_timestamp + interval '1 hour' WHERE id = {raw}",
+        "UPDATE raw_events SET session = 'ffffffffffff' WHERE id = {raw}",
+        "UPDATE raw_events SET eventid = 'cowrie.bogus' WHERE id = {raw}",
+        "UPDATE raw_events SET src_ip = '192.0.2.1' WHERE id = {raw}",
+        "UPDATE raw_events SET partial = true WHERE id = {raw}",
+        "UPDATE raw_events SET source_inode = source_inode || '.2' WHERE id = {raw}",
+        "UPDATE dead_letter_events SET reason = 'truncated' WHERE id = {dead}",
+        "UPDATE dead_letter_events SET priority = 1 WHERE id = {dead}",
+        "UPDATE dead_letter_events SET classification = 'benign' WHERE id = {dead}",
+        "UPDATE dead_letter_events SET resolved = true, resolved_at = now(), resolution_method = 'superseded' "
+        "WHERE id = {dead}",
+        "UPDATE dead_letter_events SET metadata_json = metadata_json || '{{\"record_bytes\": 1}}' WHERE id = {dead}",
+    ],
+)
+def test_the_ingest_harness_sees_a_row_written_wrong(db_url: str, tmp_path: Path, change: str) -> None:
+    """Beyond the bytes: the columns an event's row derives from its payload, its provenance and key, and a dead
+    letter's reason, priority, classification, length and pending state are each checked."""
+    from benchmarks import ingest
+    from dlq_assets.core.intake.ingest import ingest_paths
+
+    paths = ingest.write_logs(tmp_path, 400, 0.3, seed=5)
+    ingest_paths(paths, url=db_url)
+    with psycopg.connect(db_url, autocommit=True) as conn:
+        raw = "(SELECT max(id) FROM raw_events WHERE session IS NOT NULL AND src_ip IS NOT NULL)"
+        dead = "(SELECT min(id) FROM dead_letter_events WHERE reason = 'json_parse_error' AND priority > 1)"
+        conn.execute(change.format(raw=raw, dead=dead))
+        checked = ingest.verify(conn, paths)
+        assert checked["wrong"] == 1, checked
