@@ -247,7 +247,8 @@ def _rendered(row: _RawRow | _DeadLetter) -> _Event | _Letter:
 
 
 def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: list[_Event]) -> int:
-    """Insert events, skipping positions stored already."""
+    """Insert events, skipping positions stored already, but for a partial event there (a cut record an earlier read
+    stored as a dead letter, closed by repair): the whole record read since replaces it."""
     if not rows:
         return 0
     cur = conn.execute(
@@ -259,7 +260,12 @@ def _insert_raw(conn: psycopg.Connection[Any], source: str, inode: str, rows: li
           FROM unnest(%(offsets)s::bigint[], %(eventids)s::text[], %(sessions)s::text[], %(ips)s::text[],
                       %(timestamps)s::text[], %(payloads)b::text[], %(originals)b::text[], %(duplicates)s::boolean[])
                AS r(off, eventid, session, src_ip, ts, payload, original, duplicate_keys)
-        ON CONFLICT ON CONSTRAINT raw_events_source_position DO NOTHING
+        ON CONFLICT ON CONSTRAINT raw_events_source_position DO UPDATE
+           SET eventid = EXCLUDED.eventid, session = EXCLUDED.session, src_ip = EXCLUDED.src_ip,
+               event_timestamp = EXCLUDED.event_timestamp, payload = EXCLUDED.payload,
+               original_text = EXCLUDED.original_text, duplicate_keys = EXCLUDED.duplicate_keys, partial = false,
+               repair_strategy = NULL, ingested_at = now()
+         WHERE raw_events.partial
         """,
         {"source": source, "inode": inode} | dict(zip(
             ("offsets", "eventids", "sessions", "ips", "timestamps", "payloads", "originals", "duplicates"),

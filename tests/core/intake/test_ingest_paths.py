@@ -23,6 +23,8 @@ from dlq_assets.core.intake import ingest
 from dlq_assets.core.intake.compressed import open_log
 from dlq_assets.core.intake.ingest import IngestReport, ingest_paths
 from dlq_assets.core.intake.reader import read_records
+from dlq_assets.core.processing.config import WorkerConfig
+from dlq_assets.core.processing.worker import Worker
 from dlq_assets.devtools.generator import write_corrupted_log
 from tests.cli.test_cli import run
 from tests.conftest import at_once, left_alone
@@ -479,6 +481,37 @@ def test_a_finished_cut_end_completed_later_ends_in_one_place(db_url: str, tmp_p
     cut_at = 2 * (len(whole[0]) + 1)
     assert letter == [(cut_at, True, "superseded")] and pending == (0,)
     assert ingest_paths([log], url=db_url).dlq_superseded == 0
+
+
+def test_a_cut_end_closed_by_repair_is_replaced_by_the_whole_record_completed_later(
+    db_url: str, tmp_path: Path
+) -> None:
+    """A file left alone with its last record cut: the dead letter is repaired into a partial event (the record
+    closed where it was cut). Its writer completes the record later: the next ingest stores the whole record in
+    place of the partial one, not skip it as a duplicate."""
+    whole = {"eventid": "cowrie.session.connect", "sensor": "honeypot-1", "timestamp": "2024-01-15T10:30:00.123456Z",
+             "src_ip": "203.0.113.9", "session": "3f2a9c0b1d4e", "src_port": 50122, "dst_ip": "198.51.100.2",
+             "dst_port": 22, "protocol": "ssh", "message": "New connection"}  # fmt: skip
+    first, last = dumps({**CONNECT, "src_port": 1}), dumps(whole)
+    cut = last.index(', "src_port"')
+    log = tmp_path / "cowrie.json"
+    log.write_text(f"{first}\n{last[:cut]}")
+    left_alone(log)
+    assert ingest_paths([log], url=db_url).dlq_reasons == {"truncated": 1}
+    Worker(db_url, WorkerConfig(batch_size=10, min_batch_size=10, max_batch_size=10)).run()
+    at = len(first) + 1
+    with psycopg.connect(db_url) as conn:
+        query = "SELECT partial, payload, repair_strategy FROM raw_events WHERE source_offset = %s"
+        partial, payload, strategy = conn.execute(query, (at,)).fetchone()
+        assert partial and strategy == "truncation_closed" and "src_port" not in payload
+        with log.open("a") as out:
+            out.write(last[cut:] + "\n" + dumps({**CONNECT, "src_port": 3}) + "\n")
+        left_alone(log)
+        second = ingest_paths([log], url=db_url)
+        assert (second.raw_inserted, second.raw_duplicates, dict(second.dlq_reasons)) == (2, 1, {})
+        assert conn.execute(query, (at,)).fetchone() == (False, whole, None)
+        assert conn.execute("SELECT count(*) FROM raw_events").fetchone() == (3,)
+    assert ingest_paths([log], url=db_url).raw_inserted == 0  # whole now: nothing to replace
 
 
 class _Statements(psycopg.Connection[Any]):
