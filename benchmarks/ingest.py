@@ -31,7 +31,7 @@ from typing import Any
 import psycopg
 from psycopg import sql
 
-from benchmarks.throughput import _superuser, database
+from benchmarks.throughput import DERIVED_COLUMNS, _superuser, database
 from dlq_assets.core import jsonutil
 from dlq_assets.core.intake.compressed import open_log
 from dlq_assets.core.intake.ingest import _RawRow, is_cut_record, is_event, route
@@ -118,14 +118,12 @@ def _stored(conn: psycopg.Connection[Any], source: str, inode: str) -> Iterator[
     no repair, no dead letter), under the file's key, and whether it marks duplicate keys; a dead letter's: its
     reason, priority, classification and length on record, pending as ingest leaves it, under the file's key.
     A server-side cursor: a million rows are streamed, never held."""
-    query = """
-        SELECT source_offset, 'raw', NULL, original_text, dlq_payload_checksum(payload),
-               jsonb_build_array(eventid = payload ->> 'eventid' AND session IS NOT DISTINCT FROM payload ->> 'session'
-                   AND src_ip IS NOT DISTINCT FROM (payload ->> 'src_ip')::inet
-                   AND event_timestamp IS NOT DISTINCT FROM (payload ->> 'timestamp')::timestamptz
-                   AND NOT partial AND repair_strategy IS NULL AND dlq_event_id IS NULL
-                   AND source_inode = %(inode)s, duplicate_keys)
-          FROM raw_events WHERE source = %(source)s
+    query = f"""
+        SELECT r.source_offset, 'raw', NULL, r.original_text, dlq_payload_checksum(x),
+               jsonb_build_array({DERIVED_COLUMNS}
+                   AND NOT r.partial AND r.repair_strategy IS NULL AND r.dlq_event_id IS NULL
+                   AND r.source_inode = %(inode)s, r.duplicate_keys)
+          FROM raw_events r CROSS JOIN LATERAL (SELECT r.payload) AS p(x) WHERE r.source = %(source)s
         UNION ALL
         SELECT source_offset, 'dlq', metadata_json ->> 'payload_form',
                coalesce(payload ->> 'raw_text', payload ->> 'raw_base64'), dlq_payload_checksum(payload),

@@ -734,12 +734,15 @@ _RESOLVED_ON_RECORD = f"""
 """
 
 
-# A raw_events row "r" holds what the engine derives from its payload "x" (eventid, session, source address and
-# time), is partial exactly when a truncation was closed, and has no text or duplicate keys of its own.
-_DERIVED_AS_PAYLOAD = """
+# A raw_events row "r" holds what is derived from its payload "x": eventid, session, source address and time.
+DERIVED_COLUMNS = """
     r.eventid = x ->> 'eventid' AND r.session IS NOT DISTINCT FROM x ->> 'session'
     AND r.src_ip IS NOT DISTINCT FROM (x ->> 'src_ip')::inet
     AND r.event_timestamp IS NOT DISTINCT FROM (x ->> 'timestamp')::timestamptz
+"""
+# ... and, written by the engine, is partial exactly when a truncation was closed, with no text or duplicate keys of
+# its own.
+_DERIVED_AS_PAYLOAD = f"""{DERIVED_COLUMNS}
     AND r.partial = (r.repair_strategy = 'truncation_closed') AND r.original_text IS NULL AND NOT r.duplicate_keys
 """
 

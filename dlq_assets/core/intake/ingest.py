@@ -498,6 +498,19 @@ def _batches(records: Iterable[Record], size: int, budget: int) -> Iterator[_Bat
         yield batch
 
 
+def _with_last(batches: Iterable[_Batch], stream: LogStream) -> Iterator[tuple[_Batch, bool]]:
+    """Each batch with whether it is the file's last, known once the next is read (each stamped with the bytes
+    read when it was whole, for progress)."""
+    held: _Batch | None = None
+    for batch in batches:
+        batch.bytes_read = stream.bytes_read
+        if held is not None:
+            yield held, False
+        held = batch
+    if held is not None:
+        yield held, True
+
+
 _PROBE_PIECE = 1 << 20
 
 
@@ -733,28 +746,17 @@ def ingest_file(
             data = _Prefix(stream, opened.st_size)
         records = read_records(data, accept=is_event, is_cut=is_cut_record)
         records = _unless_being_written(records, stream, source, report)
-        # One batch is written (a thread, waiting on the server) while the next is read. A batch is handed to the
-        # writer once the one after it is read, so the last is known as last and written durable; it is rendered as
-        # COPY text once the batch before it is written, so one batch at a time is held twice (as rows and as text).
+        # One batch is written (a thread, waiting on the server) while the next is read; the last is written
+        # durable. A batch is rendered as COPY text once the batch before it is written, so one batch at a time is
+        # held twice (as rows and as text).
         with _writer_thread() as writer:
             writing: tuple[_Batch, Future[tuple[int, int, int]]] | None = None
-
-            def hand_over(batch: _Batch, durable: bool) -> None:
-                nonlocal writing, reported
+            for batch, last in _with_last(_batches(records, batch_size, batch_bytes), stream):
                 if writing is not None:
                     reported = _written(report, *writing, reported, on_batch)
                     writing = None
                 batch.seal(source, inode, report.ingest_id)
-                writing = batch, writer.submit(_write, conn, source, inode, report.ingest_id, batch, durable)
-
-            held: _Batch | None = None
-            for batch in _batches(records, batch_size, batch_bytes):
-                batch.bytes_read = stream.bytes_read
-                if held is not None:
-                    hand_over(held, False)
-                held = batch
-            if held is not None:
-                hand_over(held, True)
+                writing = batch, writer.submit(_write, conn, source, inode, report.ingest_id, batch, last)
             if writing is not None:
                 reported = _written(report, *writing, reported, on_batch)
         if stream.compression:
